@@ -1,0 +1,69 @@
+"""steerlab.interventions — the base layer.
+
+Sites and their architecture adapters, unit selection (positions, heads,
+dims), intervention types, the orthonormal map, ``Subspace``, the run graph
+and its hook engine, activation collection, patching sweeps and the one file
+format. Everything else in steerlab is built from these pieces.
+"""
+
+from steerlab.interventions.activation_cache import ActivationCache
+from steerlab.interventions.adapters import Architecture, register_architecture
+from steerlab.interventions.attachment import Attachment
+from steerlab.interventions.errors import *  # noqa: F403 - the error hierarchy is public
+from steerlab.interventions.errors import __all__ as _errors
+from steerlab.interventions.graph import Graph, GraphResult, Run, RunResult, SourceValue
+from steerlab.interventions.lab import Generation, Lab, wrap
+from steerlab.interventions.ops import (
+    Add,
+    BoundlessSubspaceInterchange,
+    Collect,
+    Interchange,
+    Intervention,
+    Lambda,
+    Mean,
+    Noise,
+    Scale,
+    SigmoidMask,
+    SubspaceInterchange,
+    Zero,
+    register,
+    registered,
+    subspace_edit,
+)
+from steerlab.interventions.orthonormal import Orthonormal
+from steerlab.interventions.prefix import Prefix
+from steerlab.interventions.units import Positions
+
+__all__ = [
+    "wrap",
+    "Lab",
+    "Generation",
+    "Architecture",
+    "register_architecture",
+    "Attachment",
+    "ActivationCache",
+    "Graph",
+    "Run",
+    "RunResult",
+    "GraphResult",
+    "SourceValue",
+    "Prefix",
+    "Positions",
+    "Orthonormal",
+    "Intervention",
+    "register",
+    "registered",
+    "subspace_edit",
+    "Interchange",
+    "SubspaceInterchange",
+    "BoundlessSubspaceInterchange",
+    "SigmoidMask",
+    "Add",
+    "Zero",
+    "Mean",
+    "Noise",
+    "Scale",
+    "Lambda",
+    "Collect",
+    *_errors,
+]

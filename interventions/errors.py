@@ -1,0 +1,118 @@
+"""Every error steerlab raises on purpose.
+
+One base, :class:`SteerlabError`; each subclass also subclasses the built-in
+exception a Python user would expect (``SiteNotFound`` is a ``KeyError``,
+``ShapeMismatch`` a ``ValueError``), so ``except KeyError`` keeps working.
+A message says what was given, what was expected and, where there is one, the
+likely fix. They are raised *before* any compute, so a model is never left
+half-modified.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "SteerlabError",
+    "SiteNotFound",
+    "UnitError",
+    "PositionOutOfRange",
+    "BatchMismatch",
+    "ShapeMismatch",
+    "SubspaceSizeError",
+    "SourceError",
+    "GraphError",
+    "NotSerialisable",
+    "FileFormatError",
+    "FingerprintMismatch",
+    "UnknownInterventionType",
+    "LifetimeError",
+    "ConfigError",
+    "DataError",
+    "CausalModelError",
+]
+
+
+class SteerlabError(Exception):
+    """Base of every error steerlab raises on purpose."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0]) if self.args else ""
+
+
+class SiteNotFound(SteerlabError, KeyError):
+    """A site name that the model's catalog does not have."""
+
+    def __init__(self, name: str, known: Iterable[str], *, reason: str | None = None):
+        known = list(known)
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        msg = f"unknown site {name!r}"
+        if reason:
+            msg += f": {reason}"
+        if close:
+            msg += f"; did you mean {', '.join(repr(c) for c in close)}?"
+        msg += " (`lab.sites` lists every site of this model)"
+        super().__init__(msg)
+        self.name = name
+        self.close_matches = close
+
+
+class UnitError(SteerlabError, ValueError):
+    """A unit selection (positions, heads, dims) that is malformed."""
+
+
+class PositionOutOfRange(UnitError, IndexError):
+    """A position that does not exist in (some example of) the sequence."""
+
+
+class BatchMismatch(SteerlabError, ValueError):
+    """Base and source (or inputs and positions) disagree on the batch size."""
+
+
+class ShapeMismatch(SteerlabError, ValueError):
+    """A tensor whose shape is not the one the site or intervention needs."""
+
+
+class SubspaceSizeError(SteerlabError, ValueError):
+    """A subspace (rank, size) that does not fit the site it lives at."""
+
+
+class SourceError(SteerlabError, ValueError):
+    """A sourced intervention without a source, or a source where none is allowed."""
+
+
+class GraphError(SteerlabError, ValueError):
+    """A run graph that cannot be executed (a cycle, a run of another graph)."""
+
+
+class NotSerialisable(SteerlabError, TypeError):
+    """Saving something that cannot be written as JSON + safetensors (``Lambda``)."""
+
+
+class FileFormatError(SteerlabError, ValueError):
+    """A steerlab directory that is corrupt, truncated, foreign or of another version."""
+
+
+class FingerprintMismatch(FileFormatError):
+    """A saved file made for another model (width, layer count, vocabulary, type)."""
+
+
+class UnknownInterventionType(FileFormatError, KeyError):
+    """A type name that no intervention class registered."""
+
+
+class LifetimeError(SteerlabError, RuntimeError):
+    """Attaching twice, detaching what is not attached, or mixing lifetimes unsafely."""
+
+
+class ConfigError(SteerlabError, ValueError):
+    """An argument or configuration value out of its allowed set."""
+
+
+class DataError(SteerlabError, ValueError):
+    """A dataset, batch or tokenizer that cannot be used as given."""
+
+
+class CausalModelError(SteerlabError, ValueError):
+    """A causal model that is cyclic, incomplete or inconsistent."""

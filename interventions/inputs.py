@@ -1,0 +1,127 @@
+"""What a run is run on: normalised model inputs.
+
+Accepted: a string or list of strings (tokenised with the lab's tokenizer,
+padded on the tokenizer's side), a ``dict`` / ``BatchEncoding`` of keyword
+arguments (``input_ids``, ``attention_mask``, ...), a ``LongTensor`` of token
+ids, or, for a plain ``nn.Module``, a tensor or tuple of positional arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from steerlab.interventions.errors import BatchMismatch, DataError
+from steerlab.interventions.units import MaskInfo
+
+__all__ = ["Inputs"]
+
+
+@dataclass
+class Inputs:
+    """Positional ``args`` and keyword ``kwargs`` for one model call."""
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    @staticmethod
+    def of(x, *, tokenizer=None, device: torch.device | None = None, is_lm: bool = True) -> Inputs:
+        if isinstance(x, Inputs):
+            return x
+        if isinstance(x, str):
+            x = [x]
+        if isinstance(x, (list, tuple)) and x and all(isinstance(s, str) for s in x):
+            if tokenizer is None:
+                raise DataError("text inputs need a tokenizer: wrap(model, tokenizer) or pass token ids")
+            if tokenizer.pad_token is None and len(x) > 1:
+                raise DataError(
+                    f"the tokenizer has no pad token, so a batch of {len(x)} texts cannot be padded; "
+                    "set tokenizer.pad_token (e.g. to tokenizer.eos_token)"
+                )
+            enc = tokenizer(list(x), return_tensors="pt", padding=True)
+            x = dict(enc)
+        if isinstance(x, Mapping):
+            kwargs = {k: v for k, v in x.items()}
+            inp = Inputs((), kwargs)
+        elif isinstance(x, Tensor) and is_lm and x.dtype in (torch.int64, torch.int32):
+            ids = x if x.dim() == 2 else x[None]
+            inp = Inputs((), {"input_ids": ids})
+        elif isinstance(x, Tensor):
+            inp = Inputs((x,), {})
+        elif isinstance(x, tuple):
+            inp = Inputs(tuple(x), {})
+        else:
+            raise DataError(
+                f"cannot use {type(x).__name__} as model inputs; expected text, a dict of tensors "
+                "(input_ids, attention_mask, ...), a LongTensor of token ids or a tensor"
+            )
+        return inp.to(device) if device is not None else inp
+
+    # -- shape ----------------------------------------------------------
+    @property
+    def _ref(self) -> Tensor:
+        for k in ("input_ids", "inputs_embeds"):
+            if isinstance(self.kwargs.get(k), Tensor):
+                return self.kwargs[k]
+        for a in self.args:
+            if isinstance(a, Tensor):
+                return a
+        for v in self.kwargs.values():
+            if isinstance(v, Tensor):
+                return v
+        raise DataError("inputs hold no tensor")
+
+    @property
+    def batch(self) -> int:
+        return self._ref.shape[0]
+
+    @property
+    def seq(self) -> int:
+        ref = self._ref
+        if "inputs_embeds" in self.kwargs or "input_ids" in self.kwargs:
+            return ref.shape[1]
+        return ref.shape[1] if ref.dim() >= 3 else 1
+
+    @property
+    def mask(self) -> Tensor | None:
+        m = self.kwargs.get("attention_mask")
+        return m if isinstance(m, Tensor) else None
+
+    def mask_info(self) -> MaskInfo:
+        return MaskInfo.from_mask(self.mask, self.batch, self.seq, self._ref.device)
+
+    def signature(self) -> tuple:
+        """Inputs with equal signatures can be concatenated into one batch."""
+        sig = tuple(
+            (k, tuple(v.shape[1:]), v.dtype) if isinstance(v, Tensor) else (k, repr(v)) for k, v in sorted(self.kwargs.items())
+        )
+        return sig + tuple((i, tuple(a.shape[1:]), a.dtype) if isinstance(a, Tensor) else (i, repr(a)) for i, a in enumerate(self.args))
+
+    # -- transforms -------------------------------------------------------
+    def to(self, device) -> Inputs:
+        mv = lambda v: v.to(device) if isinstance(v, Tensor) else v  # noqa: E731
+        return Inputs(tuple(mv(a) for a in self.args), {k: mv(v) for k, v in self.kwargs.items()})
+
+    def map(self, fn) -> Inputs:
+        mv = lambda v: fn(v) if isinstance(v, Tensor) and v.dim() >= 1 else v  # noqa: E731
+        return Inputs(tuple(mv(a) for a in self.args), {k: mv(v) for k, v in self.kwargs.items()})
+
+    def select(self, index) -> Inputs:
+        return self.map(lambda t: t[index])
+
+    def repeat(self, n: int) -> Inputs:
+        """``n`` copies stacked along the batch (copy-major: rows ``c*b .. c*b+b-1``)."""
+        return self.map(lambda t: t.repeat(n, *([1] * (t.dim() - 1))))
+
+    @staticmethod
+    def cat(parts: list[Inputs]) -> Inputs:
+        first = parts[0]
+        for p in parts[1:]:
+            if p.signature() != first.signature():
+                raise BatchMismatch("inputs of different shapes cannot be batched together")
+        args = tuple(torch.cat([p.args[i] for p in parts]) if isinstance(a, Tensor) else a for i, a in enumerate(first.args))
+        kwargs = {k: torch.cat([p.kwargs[k] for p in parts]) if isinstance(v, Tensor) else v for k, v in first.kwargs.items()}
+        return Inputs(args, kwargs)

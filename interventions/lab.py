@@ -1,0 +1,384 @@
+"""``wrap(model, tokenizer)``: a model with its sites discovered, ready for interventions.
+
+A :class:`Lab` is a thin handle, not a copy: it holds the model, its
+tokenizer, the site resolver and the list of attachments. Wrapping freezes
+the base model's parameters (as ``peft.get_peft_model`` does) so that only
+interventions train; :meth:`Lab.unwrap` restores each parameter's
+``requires_grad``. Nothing else about the model changes, and every call
+leaves the model's hook registries as it found them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor, nn
+
+from steerlab.interventions.activation_cache import ActivationCache
+from steerlab.interventions.adapters import ROOT_SITES, map_model
+from steerlab.interventions.attachment import Attachment
+from steerlab.interventions.engine import execute
+from steerlab.interventions.errors import LifetimeError, ShapeMismatch, SiteNotFound, UnitError
+from steerlab.interventions.graph import Graph, GraphResult, RunResult, SourceValue
+from steerlab.interventions.hooks import EarlyExit, _input_tensor, _output_tensor
+from steerlab.interventions.inputs import Inputs
+from steerlab.interventions.ops import Collect, Intervention
+from steerlab.interventions.prefix import Prefix, tuple_len_of
+from steerlab.interventions.sites import ResolvedSite, SiteCatalog, SiteResolver, canonical_names
+
+__all__ = ["Lab", "wrap", "Generation"]
+
+
+@dataclass
+class Generation:
+    """Output of :meth:`Lab.generate`: ``sequences`` (prompt + new tokens, the
+    prompt left-padded to ``prompt_length``) and the decoded new ``texts``."""
+
+    sequences: Int[Tensor, "batch total"]
+    prompt_length: int
+    texts: list[str] | None
+
+    @property
+    def new_tokens(self) -> Int[Tensor, "batch new"]:
+        return self.sequences[:, self.prompt_length :]
+
+
+class Lab:
+    """A wrapped model. Create with :func:`wrap`."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, *, freeze: bool = True, example_input=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"wrap() takes an nn.Module; got {type(model).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.map = map_model(model)
+        self.resolver = SiteResolver(model, self.map)
+        self.example_input = example_input
+        self._shapes: dict[str, tuple | None] = {}
+        self._tuple_len: int | None = None
+        self._attachments: list[Attachment] = []
+        self._grad_flags: dict[nn.Parameter, bool] | None = None
+        if freeze:
+            self._grad_flags = {p: p.requires_grad for p in model.parameters()}
+            for p in model.parameters():
+                p.requires_grad_(False)
+
+    # -- facts ----------------------------------------------------------------
+    @property
+    def is_hf(self) -> bool:
+        return self.map.model_type is not None
+
+    @property
+    def is_lm(self) -> bool:
+        return self.is_hf
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(self.model.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
+    @property
+    def n_layers(self) -> int:
+        return self.map.n_layers
+
+    @property
+    def d_model(self) -> int | None:
+        return self.map.dims.d_model if self.map.dims else None
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        if self.map.layers_path is None:
+            raise SiteNotFound("blocks", [], reason="this model has no layer list")
+        return self.model.get_submodule(self.map.layers_path)  # type: ignore[return-value]
+
+    def has_trainable_base(self) -> bool:
+        return any(p.requires_grad for p in self.model.parameters())
+
+    def fingerprint(self) -> dict:
+        """What a saved file records about the model it was made for."""
+        d = self.map.dims
+        return {
+            "model_type": self.map.model_type,
+            "width": d.d_model if d else None,
+            "n_layers": self.map.n_layers,
+            "vocab_size": d.vocab_size if d else None,
+        }
+
+    # -- sites ------------------------------------------------------------------
+    def resolve(self, name: str) -> ResolvedSite:
+        return self.resolver.resolve(name)
+
+    def expand(self, pattern: str) -> list[str]:
+        return self.resolver.expand(pattern)
+
+    def _probe_inputs(self) -> Inputs:
+        if self.example_input is not None:
+            return Inputs.of(self.example_input, tokenizer=self.tokenizer, device=self.device, is_lm=self.is_lm)
+        if not self.is_hf:
+            raise UnitError("this plain module's site shapes need an example: wrap(model, example_input=tensor)")
+        return Inputs((), {"input_ids": torch.tensor([[1, 2]], device=self.device)})
+
+    def _probe(self, sites: Sequence[ResolvedSite]) -> None:
+        """One tiny forward recording the raw shape at each site's port."""
+        todo = [s for s in sites if s.name not in self._shapes]
+        if not todo and self._tuple_len is not None:
+            return
+        seen: dict[str, tuple] = {}
+        handles = []
+
+        def rec(name, io):
+            if io == "input":
+                def pre(module, args, kwargs):
+                    seen.setdefault(name, tuple(_input_tensor(args, kwargs)[0].shape))
+                return pre
+            def post(module, args, out):
+                seen.setdefault(name, tuple(_output_tensor(out).shape))
+            return post
+
+        def block_out(module, args, out):
+            self._tuple_len = tuple_len_of(out)
+
+        try:
+            for s in todo:
+                f = rec(s.name, s.port.io)
+                handles.append(s.module.register_forward_pre_hook(f, with_kwargs=True) if s.port.io == "input" else s.module.register_forward_hook(f))
+            if self.map.layers_path is not None and self._tuple_len is None:
+                handles.append(self.layers[0].register_forward_hook(block_out))
+            with torch.no_grad():
+                inp = self._probe_inputs()
+                kwargs = {"use_cache": False} if self.is_hf else {}
+                self.model(*inp.args, **inp.kwargs, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        for s in todo:
+            self._shapes[s.name] = seen.get(s.name)
+
+    def raw_shape(self, site: ResolvedSite) -> tuple:
+        """The shape at the site's port in the probe forward (before heads/channels)."""
+        self._probe([site])
+        shape = self._shapes.get(site.name)
+        if shape is None:
+            raise SiteNotFound(site.name, self.resolver.known(), reason=f"its module {site.module_path!r} did not run in a forward")
+        return shape
+
+    def site_shape(self, site: ResolvedSite) -> tuple[int, ...]:
+        """Feature shape of the site's value (after batch and position): ``(d,)`` or ``(head, d_head)``."""
+        raw = self.raw_shape(site)
+        width = len(site.channels) if site.channels is not None else raw[-1]
+        if site.n_heads and site.d_head:
+            return (site.n_heads, width // site.n_heads)
+        return (width,)
+
+    def has_positions(self, site: ResolvedSite) -> bool:
+        return len(self.raw_shape(site)) >= 3
+
+    @property
+    def sites(self) -> SiteCatalog:
+        """Every site with its shape and port, and the canonical sites the model lacks."""
+        missing = self.resolver.missing()
+        resolved = []
+        names = canonical_names(self.map.n_layers) if self.map.arch is not None else []
+        for name in names:
+            try:
+                resolved.append(self.resolve(name))
+            except SiteNotFound:
+                continue
+        if not self.is_hf and self.example_input is None:
+            modules = [n for n, _ in self.model.named_modules() if n]
+            rows = [{"name": f"module:{m}:{io}", "shape": None, "module": m, "port": io} for m in modules for io in ("input", "output")]
+            return SiteCatalog(None, rows, missing, modules)
+        if not self.is_hf:
+            resolved = [self.resolve(f"module:{n}:{io}") for n, _ in self.model.named_modules() if n for io in ("input", "output")]
+        self._probe(resolved)
+        rows = []
+        for s in resolved:
+            raw = self._shapes.get(s.name)
+            if raw is None:
+                if s.name in ROOT_SITES or s.name.startswith("blocks."):
+                    key = s.name if s.name in ROOT_SITES else "blocks.*." + s.name.split(".", 2)[2]
+                    missing.setdefault(key, f"its module {s.module_path!r} did not run in a forward")
+                continue
+            feat = self.site_shape(s)
+            shape = ("batch",) + (("pos",) if len(raw) >= 3 else ()) + feat
+            rows.append({"name": s.name, "shape": shape, "module": s.module_path, "port": str(s.port)})
+        return SiteCatalog(self.map.model_type, rows, missing, [n for n, _ in self.model.named_modules() if n])
+
+    def prepare(self, iv: Intervention) -> ResolvedSite:
+        """Resolve ``iv``'s site, check its units, build it for the site's width and device."""
+        if not isinstance(iv, Intervention):
+            raise TypeError(f"expected an Intervention; got {type(iv).__name__}")
+        site = self.resolve(iv.site)
+        shape = self.site_shape(site)
+        if iv.heads is not None:
+            if not site.n_heads:
+                raise UnitError(f"heads={list(iv.heads)} given at {site.name!r}, which is not a per-head site (attn.q|k|v|z are)")
+            bad = [h for h in iv.heads if not 0 <= h < site.n_heads]
+            if bad:
+                raise UnitError(f"heads={bad} out of range at {site.name!r}, which has {site.n_heads} heads (0..{site.n_heads - 1})")
+        width = shape[-1]
+        if iv.dims is not None:
+            bad = [d for d in iv.dims if not 0 <= d < width]
+            if bad:
+                raise UnitError(f"dims={bad[:5]} out of range at {site.name!r}, whose width is {width} (0..{width - 1})")
+            width = len(iv.dims)
+        if not iv.built:
+            iv.build(width)
+        elif iv.width != width:
+            raise ShapeMismatch(f"{type(iv).__name__} was built for width {iv.width} but its slice of {site.name!r} has width {width}")
+        dev = next(site.module.parameters(), None)
+        iv.to(dev.device if dev is not None else self.device)
+        if not self.has_positions(site):
+            spec = iv.positions
+            if spec.kind != "all" and not (spec.kind == "static" and spec.static in ((0,), (-1,))):
+                raise UnitError(f"{site.name!r} has no position axis (its value is [batch, width]); positions must be None")
+        return site
+
+    # -- per-call execution ---------------------------------------------------------
+    def run(
+        self,
+        inputs: Any,
+        interventions: Sequence[Intervention] | Intervention = (),
+        *,
+        positions=None,
+        source_positions=None,
+        prefix: Prefix | None = None,
+        validate: bool = True,
+        **model_kwargs,
+    ) -> RunResult:
+        """Run the model on ``inputs`` with ``interventions`` (hooks for this call only).
+
+        ``positions`` / ``source_positions`` override every intervention's
+        positions for this call (e.g. per-example tensors from a collator);
+        ``prefix`` resumes from a cached :class:`Prefix`. Extra keyword
+        arguments go to the model's forward.
+        """
+        g = Graph()
+        base = g.run(inputs, [interventions] if isinstance(interventions, Intervention) else interventions, name="base")
+        return self.execute(g, positions=positions, source_positions=source_positions, prefix=prefix, validate=validate, **model_kwargs)[base]
+
+    def execute(self, graph: Graph, *, positions=None, source_positions=None, prefix: Prefix | None = None, validate: bool = True, **model_kwargs) -> GraphResult:
+        """Execute a run graph (see :mod:`steerlab.interventions.graph`)."""
+        return execute(self, graph, positions=positions, source_positions=source_positions, prefix=prefix, validate=validate, model_kwargs=model_kwargs)
+
+    def collect(self, inputs: Any, sites: str | Sequence[str], *, positions=None, heads=None, detach: bool = True) -> ActivationCache:
+        """Collect the values at ``sites`` (names or patterns like ``blocks.*.resid_post``)
+        in one forward that stops after the last of them."""
+        names = [n for s in ([sites] if isinstance(sites, str) else sites) for n in self.expand(s)]
+        ivs = [Collect(n, positions=positions, heads=heads, detach=detach) for n in names]
+        g = Graph()
+        node = g.run(inputs, ivs, name="collect")
+        node.output = True
+        from steerlab.interventions.engine import collect_only
+
+        return collect_only(self, g, node)
+
+    def source_value(self, iv: Intervention, inputs: Any = None) -> SourceValue:
+        """The slice ``iv`` would read from ``inputs`` (default: its ``source``), as a reusable :class:`SourceValue`."""
+        inputs = iv.source if inputs is None else inputs
+        site = iv.source_site or iv.site
+        cache = self.collect(inputs, site, positions=iv.effective_source_positions(), heads=iv.heads)
+        value = cache[self.resolve(site).name]
+        if iv.dims is not None:
+            value = value[..., list(iv.dims)]
+        return SourceValue(value)
+
+    def prefix(self, inputs: Any, layer: int) -> Prefix:
+        """The residual stream entering block ``layer`` for ``inputs``, computed once."""
+        site = f"blocks.{layer}.resid_pre"
+        cache = self.collect(inputs, site)
+        self._probe([])
+        return Prefix(layer % self.n_layers, cache[self.resolve(site).name], self._tuple_len or 0)
+
+    # -- attached lifetime --------------------------------------------------------------
+    def attach(self, interventions: Sequence[Intervention] | Intervention, *, decode: bool = False, positions=None) -> Attachment:
+        """Install ``interventions`` until :meth:`Attachment.detach` (or the ``with`` block ends)."""
+        ivs = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+        return Attachment(self, ivs, decode=decode, positions=positions).attach()
+
+    def generate(
+        self,
+        inputs: Any,
+        interventions: Sequence[Intervention] | Intervention = (),
+        *,
+        decode: bool = False,
+        positions=None,
+        **generate_kwargs,
+    ) -> Generation:
+        """Generate with interventions at prompt positions (at prefill), and with
+        ``decode=True`` also at each new token. Text prompts are left-padded."""
+        ivs = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        texts_in = isinstance(inputs, (list, tuple)) and inputs and all(isinstance(s, str) for s in inputs)
+        if texts_in:
+            if self.tokenizer is None:
+                raise UnitError("text prompts need a tokenizer: wrap(model, tokenizer)")
+            inp = Inputs((), dict(self.tokenizer(list(inputs), return_tensors="pt", padding=True, padding_side="left"))).to(self.device)
+        else:
+            inp = Inputs.of(inputs, tokenizer=self.tokenizer, device=self.device, is_lm=self.is_lm)
+        info = inp.mask_info()
+        for iv in ivs:
+            (iv.positions if positions is None else _positions(positions)).validate(info)
+        resolved = []
+        for iv in ivs:
+            if iv.sourced and not isinstance(iv.source, SourceValue):
+                iv = _with_source(iv, self.source_value(iv))
+            resolved.append(iv)
+        if self.tokenizer is not None and "pad_token_id" not in generate_kwargs and self.tokenizer.pad_token_id is not None:
+            generate_kwargs["pad_token_id"] = self.tokenizer.pad_token_id
+        with Attachment(self, resolved, decode=decode, positions=positions):
+            seqs = self.model.generate(**inp.kwargs, **generate_kwargs)
+        T = inp.seq
+        texts = self.tokenizer.batch_decode(seqs[:, T:], skip_special_tokens=True) if self.tokenizer is not None else None
+        return Generation(seqs, T, texts)
+
+    # -- housekeeping ---------------------------------------------------------------------
+    def unwrap(self) -> nn.Module:
+        """Detach every attachment and restore the parameters' ``requires_grad``; return the model."""
+        for att in list(self._attachments):
+            att.detach()
+        if self._grad_flags is not None:
+            for p, flag in self._grad_flags.items():
+                p.requires_grad_(flag)
+            self._grad_flags = None
+        return self.model
+
+    def __repr__(self) -> str:
+        return f"Lab({self.map.model_type or type(self.model).__name__}, layers={self.map.n_layers}, d_model={self.d_model})"
+
+
+def _positions(spec):
+    from steerlab.interventions.units import Positions
+
+    return Positions(spec)
+
+
+def _with_source(iv: Intervention, value: SourceValue) -> Intervention:
+    """A shallow copy of ``iv`` reading from ``value`` (parameters shared)."""
+    import copy
+
+    clone = copy.copy(iv)
+    clone.source = value
+    return clone
+
+
+def wrap(model: nn.Module, tokenizer=None, *, freeze: bool = True, example_input=None) -> Lab:
+    """Wrap ``model`` (any ``nn.Module``; a Hugging Face model gets canonical sites).
+
+    ``freeze`` sets ``requires_grad=False`` on the model's parameters, restored by
+    :meth:`Lab.unwrap`. ``example_input`` lets a plain module list its site shapes.
+    """
+    return Lab(model, tokenizer, freeze=freeze, example_input=example_input)
+
+
+_ = (LifetimeError, EarlyExit)

@@ -1,0 +1,31 @@
+"""Intervention types, one module each, registered by name."""
+
+from steerlab.interventions.ops._base import Intervention, intervention_class, register, registered
+from steerlab.interventions.ops._edit import subspace_edit
+from steerlab.interventions.ops.ablation import Mean, Noise, Zero
+from steerlab.interventions.ops.add import Add
+from steerlab.interventions.ops.collect import Collect
+from steerlab.interventions.ops.function import Lambda
+from steerlab.interventions.ops.interchange import Interchange
+from steerlab.interventions.ops.scale import Scale
+from steerlab.interventions.ops.sigmoid_mask import SigmoidMask
+from steerlab.interventions.ops.subspace_interchange import BoundlessSubspaceInterchange, SubspaceInterchange
+
+__all__ = [
+    "Intervention",
+    "register",
+    "registered",
+    "intervention_class",
+    "subspace_edit",
+    "Interchange",
+    "SubspaceInterchange",
+    "BoundlessSubspaceInterchange",
+    "SigmoidMask",
+    "Add",
+    "Zero",
+    "Mean",
+    "Noise",
+    "Scale",
+    "Lambda",
+    "Collect",
+]
