@@ -11,3 +11,7 @@ from steerlab.interventions import __all__ as _base
 __version__ = "0.1.0"
 
 __all__ = [*_base, "__version__"]
+
+from steerlab.models import load  # noqa: E402
+
+__all__ += ["load"]

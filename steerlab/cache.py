@@ -1,0 +1,74 @@
+"""steerlab's one cache directory, and atomic writes into it.
+
+``~/.cache/steerlab`` unless ``STEERLAB_CACHE`` names another directory. It
+holds the safetensors copy of each embedded model (converted once) and
+fetched dataset archives. Every write goes to a temporary name in the same
+directory and is renamed into place, so two processes filling the cache at
+once each see either nothing or a whole file or directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["cache_dir", "atomic_dir", "fill_once"]
+
+
+def cache_dir(*parts: str) -> Path:
+    root = Path(os.environ.get("STEERLAB_CACHE") or Path.home() / ".cache" / "steerlab")
+    path = root.joinpath(*parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def atomic_dir(target: Path):
+    """Yield a fresh temporary directory next to ``target``; on success it
+    replaces ``target`` in one rename (an existing ``target`` is moved aside
+    first and removed after)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old.{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def fill_once(target: Path, fill: Callable[[Path], None], *, marker: str = ".complete") -> Path:
+    """Make ``target`` (a directory) with ``fill(tmpdir)`` unless a complete copy exists.
+
+    Safe when two processes race: each fills its own temporary directory; the
+    first rename wins and the other process's copy is discarded.
+    """
+    target = Path(target)
+    if (target / marker).exists():
+        return target
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir()))
+    try:
+        fill(tmp)
+        (tmp / marker).write_text("ok\n")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / marker).exists():  # a stale, incomplete copy: replace it
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
