@@ -32,6 +32,7 @@ from steerlab.interventions.ops import (
 )
 from steerlab.interventions.orthonormal import Orthonormal
 from steerlab.interventions.prefix import Prefix
+from steerlab.interventions.subspace import Subspace
 from steerlab.interventions.units import Positions
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "GraphResult",
     "SourceValue",
     "Prefix",
+    "Subspace",
     "Positions",
     "Orthonormal",
     "Intervention",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -341,6 +342,27 @@ class Lab:
         T = inp.seq
         texts = self.tokenizer.batch_decode(seqs[:, T:], skip_special_tokens=True) if self.tokenizer is not None else None
         return Generation(seqs, T, texts)
+
+    # -- saving -------------------------------------------------------------------------
+    def save(self, directory, what) -> Path:
+        """Save a :class:`Graph` or a list of interventions in the one file format."""
+        from steerlab.interventions.serialize import save_graph, save_interventions
+
+        if isinstance(what, Graph):
+            return save_graph(directory, what, self)
+        ivs = [what] if isinstance(what, Intervention) else list(what)
+        return save_interventions(directory, ivs, fingerprint=self.fingerprint())
+
+    def load_interventions(self, directory) -> list[Intervention]:
+        """Interventions saved with :meth:`save`, checked against this model, on its device."""
+        from steerlab.interventions.serialize import load_interventions
+
+        return load_interventions(directory, fingerprint=self.fingerprint(), device=self.device)[0]
+
+    def load_graph(self, directory) -> Graph:
+        from steerlab.interventions.serialize import load_graph
+
+        return load_graph(directory, self)
 
     # -- housekeeping ---------------------------------------------------------------------
     def unwrap(self) -> nn.Module:

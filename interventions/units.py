@@ -13,6 +13,8 @@ indices through the attention mask (which must pad on one side only). Specs:
                           (a slot whose token would repeat another slot or does
                           not exist is left empty, never a padding token)
 ``LongTensor[batch, k]``  per example, real-token indices, padded with ``-1``
+``"per-call"``            given with each call (``positions=`` of ``run``, or
+                          ``intervention_positions=`` while attached)
 ========================  =====================================================
 
 Resolution gives ``LongTensor[batch, k]`` of padded indices (``-1`` = empty
@@ -85,6 +87,8 @@ class Positions:
             self.kind, self.static, self.first, self.last, self.tensor = spec.kind, spec.static, spec.first, spec.last, spec.tensor
         elif spec is None or (isinstance(spec, str) and spec == "all"):
             self.kind = "all"
+        elif isinstance(spec, str) and spec in ("per-call", "per-example"):
+            self.kind = "call"
         elif isinstance(spec, bool):
             raise UnitError(f"positions={spec!r}: expected an int, a list of ints, a slice, a spec like 'f7+l7', a LongTensor or None")
         elif isinstance(spec, int):
@@ -125,7 +129,7 @@ class Positions:
     @property
     def count(self) -> int | None:
         """Slots per example (``None`` for all positions)."""
-        if self.kind == "all":
+        if self.kind in ("all", "call"):
             return None
         if self.kind == "static":
             return len(self.static)
@@ -137,7 +141,7 @@ class Positions:
     @property
     def may_be_empty(self) -> bool:
         """Whether a slot can be empty (so scatter must guard it)."""
-        return self.kind in ("firstlast", "tensor")
+        return self.kind in ("firstlast", "tensor", "call")
 
     def to_json(self):
         if self.kind == "all":
@@ -146,7 +150,7 @@ class Positions:
             return list(self.static)
         if self.kind == "firstlast":
             return ("f%d" % self.first if self.first else "") + ("+" if self.first and self.last else "") + ("l%d" % self.last if self.last else "")
-        return "per-example"
+        return "per-call"  # per-example tensors are data: they come with each call
 
     def __repr__(self) -> str:
         return f"Positions({self.to_json()!r})"
@@ -164,6 +168,11 @@ class Positions:
     # -- validation and resolution --------------------------------------
     def validate(self, info: MaskInfo, what: str = "positions") -> None:
         """Raise :class:`PositionOutOfRange` where it can be told without a host sync."""
+        if self.kind == "call":
+            raise UnitError(
+                f"{what} are given per call, and this call gave none: pass positions= "
+                "(or intervention_positions= while attached)"
+            )
         lengths = info.lengths_cpu
         if self.kind == "tensor":
             assert self.tensor is not None
@@ -196,6 +205,8 @@ class Positions:
         """Padded indices ``[batch, k]`` (``-1`` for an empty slot); ``None`` for all positions."""
         if self.kind == "all":
             return None
+        if self.kind == "call":
+            raise UnitError("these positions are given per call: pass positions= to the call (or intervention_positions= while attached)")
         n = info.lengths[:, None]
         dev = info.starts.device
         if self.kind == "static":
