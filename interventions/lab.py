@@ -236,8 +236,10 @@ class Lab:
             iv.build(width)
         elif iv.width != width:
             raise ShapeMismatch(f"{type(iv).__name__} was built for width {iv.width} but its slice of {site.name!r} has width {width}")
-        dev = next(site.module.parameters(), None)
-        iv.to(dev.device if dev is not None else self.device)
+        p = next(site.module.parameters(), None)
+        device = p.device if p is not None else self.device
+        if any(t.device != device for t in [*iv.parameters(), *iv.buffers()]):
+            iv.to(device)  # each intervention lives on its site's device (models split with device_map)
         if not self.has_positions(site):
             spec = iv.positions
             if spec.kind != "all" and not (spec.kind == "static" and spec.static in ((0,), (-1,))):
