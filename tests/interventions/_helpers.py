@@ -1,0 +1,86 @@
+"""Small test helpers written independently of steerlab: manual hooks, padded indices, counting forwards."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+import steerlab as sl
+
+
+@contextmanager
+def wrapped(model, tokenizer=None, **kw):
+    """``sl.wrap`` for a shared (session) model, unwrapped afterwards so its ``requires_grad`` flags are restored."""
+    lab = sl.wrap(model, tokenizer, **kw)
+    try:
+        yield lab
+    finally:
+        lab.unwrap()
+
+
+def real_index(mask: Tensor, i: int, p: int) -> int:
+    """The padded index of example ``i``'s real token ``p`` (negative counts from its last real token)."""
+    where = [j for j, m in enumerate(mask[i].tolist()) if m]
+    return where[p]
+
+
+def hidden_arg(args, kwargs) -> Tensor:
+    return args[0] if args and isinstance(args[0], Tensor) else kwargs["hidden_states"]
+
+
+def replace_input(module: nn.Module, fn):
+    """A manual forward pre-hook replacing the module's first tensor input by ``fn(x)``."""
+
+    def hook(mod, args, kwargs):
+        if args and isinstance(args[0], Tensor):
+            return (fn(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def replace_output(module: nn.Module, fn):
+    """A manual forward hook replacing the module's output (or its first element) by ``fn(y)``."""
+
+    def hook(mod, args, out):
+        if isinstance(out, Tensor):
+            return fn(out)
+        return (fn(out[0]), *out[1:])
+
+    return module.register_forward_hook(hook)
+
+
+def read_input(module: nn.Module, store: dict, key):
+    def hook(mod, args, kwargs):
+        store[key] = hidden_arg(args, kwargs).detach().clone()
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def read_output(module: nn.Module, store: dict, key):
+    def hook(mod, args, out):
+        store[key] = (out if isinstance(out, Tensor) else out[0]).detach().clone()
+
+    return module.register_forward_hook(hook)
+
+
+@contextmanager
+def hooks(*handles):
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hook_counts(model: nn.Module) -> tuple:
+    """Sizes of every module's hook registries (to see that a call left them as it found them)."""
+    return tuple(
+        (name, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks), len(getattr(m, "_forward_hooks_with_kwargs", {})))
+        for name, m in model.named_modules()
+    )
+
+
+_ = torch
