@@ -1,1 +1,22 @@
-"""steerlab.viz"""
+"""steerlab.viz: plotly figures for steerlab's result objects, and their export.
+
+Each figure function takes a result object and returns a
+``plotly.graph_objects.Figure`` with a title, axis labels and hover text.
+:func:`save_html` always works (plotly.js embedded, offline); :func:`save_png`
+needs kaleido and a Chrome/Chromium browser; :func:`report` writes several
+figures, text and tables into one self-contained HTML file.
+"""
+
+from steerlab.viz.export import Pre, Section, find_browser, report, save, save_html, save_png
+from steerlab.viz.graph import run_graph
+
+__all__ = [
+    "run_graph",
+    "save",
+    "save_html",
+    "save_png",
+    "report",
+    "Section",
+    "Pre",
+    "find_browser",
+]

@@ -1,0 +1,297 @@
+"""The ``steerlab`` command (also ``python -m steerlab``).
+
+::
+
+    steerlab sites MODEL [--filter GLOB]            the site catalog as a table
+    steerlab patch MODEL --base TEXT --source TEXT --good TOK --bad TOK [--out sweep.html]
+    steerlab generate MODEL PROMPT... [--interventions DIR] [--compare]
+
+MODEL is an embedded name (``smollm2-135m``, ``minilm-l6``), a local
+directory, or a hub id where the network allows. Errors print one line on
+stderr, ``steerlab: error: ...``, and exit with 1 (2 for a malformed command
+line, as argparse does); ``--debug`` shows the traceback instead.
+
+A subcommand is a pair of functions: ``_add_<name>(subparsers)`` declares its
+arguments and sets ``func`` to ``_cmd_<name>(args) -> int``; list the adder
+in ``_COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from steerlab.interventions.errors import ConfigError, SteerlabError
+
+__all__ = ["main", "build_parser"]
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+# -- shared pieces ----------------------------------------------------------------
+
+
+def _model_arguments(p: argparse.ArgumentParser, *, task: bool = True) -> None:
+    p.add_argument("model", metavar="MODEL", help="embedded name (smollm2-135m, minilm-l6), local directory or hub id")
+    if task:
+        p.add_argument("--task", choices=("causal-lm", "encoder", "classification"), help="which head to load (default: the model's own)")
+    p.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype (default: float32)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+
+
+def _load_lab(args: argparse.Namespace):
+    """``wrap(*load(MODEL))``, with the reasons a model cannot be found said in one line."""
+    import torch
+
+    import steerlab as sl
+    from steerlab.models import EMBEDDED
+
+    name = args.model
+    if name not in EMBEDDED and not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ConfigError(
+            f"model {name!r} is not an embedded name ({', '.join(sorted(EMBEDDED))}) nor a local directory, "
+            "and the hub is offline (HF_HUB_OFFLINE=1)"
+        )
+    try:
+        model, tok = sl.load(name, dtype=getattr(torch, args.dtype), device=args.device, task=getattr(args, "task", None))
+    except OSError as e:  # transformers' "not a valid model identifier" and friends: several lines, keep the first
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ConfigError(f"cannot load model {name!r}: {first.strip()}") from e
+    return sl.wrap(model, tok)
+
+
+def _positions(text: str | None):
+    """``all`` | ``none`` | a spec (``l5``, ``f3+l3``) | a comma list of positions (``0,3,-1``)."""
+    if text is None:
+        return None
+    t = text.strip().lower()
+    if t == "all":
+        return "all"
+    if t == "none":
+        return None
+    if t and all(part.strip().lstrip("-").isdigit() for part in t.split(",")):
+        return [int(part) for part in t.split(",")]
+    return t
+
+
+def _heads(text: str | None):
+    if text is None:
+        return None
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return [int(h) for h in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--heads {text!r}: expected 'all' or a comma list of head indices such as 0,3,7") from None
+
+
+# -- sites --------------------------------------------------------------------------
+
+
+def _add_sites(sub) -> None:
+    p = sub.add_parser("sites", help="list a model's sites (name, shape, port) and the canonical sites it lacks",
+                       description="List every site of MODEL with its shape and the module port it hooks.")
+    _model_arguments(p)
+    p.add_argument("--filter", metavar="GLOB", help="only sites matching GLOB, e.g. 'blocks.0.*' or '*.attn.z'")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.set_defaults(func=_cmd_sites)
+
+
+def _cmd_sites(args: argparse.Namespace) -> int:
+    lab = _load_lab(args)
+    cat = lab.sites
+    rows = [r for r in cat.rows if args.filter is None or fnmatch.fnmatchcase(r["name"], args.filter)]
+    if args.filter is not None and not rows:
+        raise ConfigError(f"--filter {args.filter!r} matches no site of {args.model}; try 'blocks.0.*' (`steerlab sites {args.model}` lists them)")
+    if args.json:
+        out = [{**r, "shape": list(r["shape"]) if r["shape"] is not None else None} for r in rows]
+        print(json.dumps({"model_type": cat.model_type, "sites": out, "missing": cat.missing if args.filter is None else {}}, indent=1))
+        return 0
+    print(f"{args.model}: {cat.model_type}, {lab.n_layers} layers, d_model {lab.d_model}, {len(cat)} sites"
+          + (f" ({len(rows)} shown)" if args.filter is not None else ""))
+    view = type(cat)(cat.model_type, rows, cat.missing if args.filter is None else {}, cat.modules)
+    print(view.table())
+    return 0
+
+
+# -- patch ----------------------------------------------------------------------------
+
+
+def _add_patch(sub) -> None:
+    p = sub.add_parser(
+        "patch", help="an activation-patching sweep (source into base) to a table and a figure",
+        description="Patch the SOURCE run's activations into the BASE run, one site and position (or head) at a "
+        "time, and report the metric of each patched run: a table on stdout, a heatmap with --out.",
+    )
+    _model_arguments(p, task=False)
+    p.add_argument("--base", required=True, action="append", metavar="TEXT", help="the run patched into (repeat for a batch)")
+    p.add_argument("--source", required=True, action="append", metavar="TEXT", help="the run patched from (one per --base)")
+    p.add_argument("--metric", choices=("logit-diff", "logit", "prob", "logprob", "kl-to-base"), default=None,
+                   help="logit-diff (default with --good and --bad), logit/prob/logprob of --good, or kl-to-base")
+    p.add_argument("--good", metavar="TOKEN", help="the answer the source run favours, e.g. ' Paris' (one token)")
+    p.add_argument("--bad", metavar="TOKEN", help="the answer the base run favours, e.g. ' Rome' (one token)")
+    p.add_argument("--sites", default="blocks.*.resid_post", help="site name or pattern (default: blocks.*.resid_post)")
+    p.add_argument("--positions", default=None, help="all | none | l5 | f3+l3 | 0,3,-1 (default: all; none for head sweeps)")
+    p.add_argument("--heads", default=None, help="all | 0,3,7: a layer × head sweep at a per-head site (attn.z)")
+    p.add_argument("--normalised", action="store_true", help="show (patched - base) / (source - base) instead of the raw metric")
+    p.add_argument("--out", metavar="FILE", help="write the heatmap: FILE.html (always works) or FILE.png (needs kaleido)")
+    p.add_argument("--save", metavar="DIR", help="save the sweep result (steerlab file format)")
+    p.set_defaults(func=_cmd_patch)
+
+
+def _metric(args: argparse.Namespace):
+    from steerlab.interventions import metrics
+
+    kind = args.metric or ("logit-diff" if args.good is not None and args.bad is not None else None)
+    if kind is None:
+        raise ConfigError("patch needs a metric: give --good TOKEN --bad TOKEN (logit difference) or --metric")
+    if kind == "kl-to-base":
+        return metrics.kl_to_base()
+    if args.good is None:
+        raise ConfigError(f"--metric {kind} needs --good TOKEN (the token whose score is measured)")
+    if kind == "logit-diff":
+        if args.bad is None:
+            raise ConfigError("--metric logit-diff needs --bad TOKEN as well as --good TOKEN")
+        return metrics.logit_diff(args.good, args.bad)
+    return {"logit": metrics.logit, "prob": metrics.prob, "logprob": metrics.logprob}[kind](args.good)
+
+
+def _cmd_patch(args: argparse.Namespace) -> int:
+    from steerlab.interventions.sweeps import sweep
+
+    if len(args.base) != len(args.source):
+        raise ConfigError(f"patch got {len(args.base)} --base and {len(args.source)} --source texts; expected one source per base")
+    if args.out and Path(args.out).suffix.lower() not in (".html", ".htm", ".png"):
+        raise ConfigError(f"--out {args.out!r}: expected a .html or .png file name")
+    metric = _metric(args)
+    lab = _load_lab(args)
+    kwargs = {} if args.positions is None else {"positions": _positions(args.positions)}
+    result = sweep(lab, args.base, args.source, metric=metric, sites=args.sites, heads=_heads(args.heads),
+                   progress=sys.stderr.isatty(), **kwargs)
+    print(result.table(normalised=args.normalised))
+    if args.save:
+        print(f"saved the sweep to {result.save(args.save, fingerprint=lab.fingerprint())}")
+    if args.out:
+        from steerlab.viz import save
+
+        print(f"wrote {save(result.plot(normalised=args.normalised), args.out)}")
+    return 0
+
+
+# -- generate -------------------------------------------------------------------------
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="generate text, optionally with saved interventions applied",
+        description="Generate continuations of each PROMPT; with --interventions DIR (saved by lab.save) they act "
+        "on the prompt (and with --decode on every new token).",
+    )
+    _model_arguments(p, task=False)
+    p.add_argument("prompts", nargs="+", metavar="PROMPT")
+    p.add_argument("--interventions", metavar="DIR", help="a directory written by lab.save(DIR, interventions)")
+    p.add_argument("--source", metavar="TEXT", help="the source run for saved sourced interventions (e.g. Interchange) that have none")
+    p.add_argument("--decode", action="store_true", help="also intervene at every generated token (default: prompt only)")
+    p.add_argument("--compare", action="store_true", help="print the unintervened generation too")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=24, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: expected a positive number of tokens")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature {args.temperature}: expected 0 (greedy) or a positive temperature")
+    if args.source is not None and args.interventions is None:
+        raise ConfigError("--source is the source run of saved interventions: give --interventions DIR too")
+    if args.compare and args.interventions is None:
+        raise ConfigError("--compare shows generations with and without --interventions DIR: give the directory")
+    lab = _load_lab(args)
+    ivs = lab.load_interventions(args.interventions) if args.interventions else []
+    for iv in ivs:
+        if iv.sourced and iv.source is None:
+            if args.source is None:
+                raise ConfigError(f"the saved {type(iv).__name__} at {iv.site!r} reads from a source run: give --source TEXT")
+            iv.source = args.source
+    prompts = list(args.prompts)
+    if args.chat:
+        prompts = [lab.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+
+    def gen(interventions):
+        torch.manual_seed(args.seed)
+        return lab.generate(prompts, interventions, decode=args.decode, max_new_tokens=args.max_new_tokens, **sampling).texts
+
+    steered = gen(ivs)
+    plain = gen([]) if args.compare else None
+    if ivs:
+        print(f"# {len(ivs)} interventions from {args.interventions}: " + ", ".join(f"{type(iv).__name__}@{iv.site}" for iv in ivs))
+    for i, (prompt, text) in enumerate(zip(args.prompts, steered, strict=True)):
+        print(f"[{i}] {prompt}")
+        if plain is not None:
+            print(f"  before: {plain[i]!r}")
+            print(f"  after:  {text!r}")
+        else:
+            print(f"  {text!r}")
+    return 0
+
+
+# -- main -----------------------------------------------------------------------------
+
+_COMMANDS: list[Callable] = [_add_sites, _add_patch, _add_generate]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, as argparse does, without the usage block
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from steerlab import __version__
+
+    parser = _Parser(prog="steerlab", description="Interventions on named sites of PyTorch / Hugging Face models.")
+    parser.add_argument("--version", action="version", version=f"steerlab {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for add in _COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 steerlab error, 2 usage error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version and usage errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("steerlab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"steerlab: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if isinstance(e, SteerlabError) else f"{type(e).__name__}: {text} (run with --debug for the traceback)"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
