@@ -28,13 +28,16 @@ def _heads(kind: str):
     return view
 
 
-def _fused_v(layout: str):
+def _fused(layout: str, part: int):
+    """Part (1 = k, 2 = v) of a fused q/k/v output, split into heads."""
+
     def view(x: Tensor, model) -> Tensor:
         H, KV, dh = dims(model)
         b, t = x.shape[:2]
-        if layout == "qkv":
-            return x[..., (H + KV) * dh :].view(b, t, KV, dh)
-        return x.view(b, t, H, 3 * dh)[..., 2 * dh :]  # neox: each head [q | k | v]
+        if layout == "qkv":  # [q (H*dh) | k (KV*dh) | v (KV*dh)]
+            start = H * dh + (part - 1) * KV * dh
+            return x[..., start : start + KV * dh].view(b, t, KV, dh)
+        return x.view(b, t, H, 3 * dh)[..., part * dh : (part + 1) * dh]  # neox: each head [q | k | v]
 
     return view
 
@@ -42,6 +45,7 @@ def _fused_v(layout: str):
 _flat = None
 _LLAMA = {
     "resid_pre": ("", "in", _flat),
+    "attn.k": ("self_attn.k_proj", "out", _heads("kv")),
     "attn.v": ("self_attn.v_proj", "out", _heads("kv")),
     "attn.z": ("self_attn.o_proj", "in", _heads("q")),
     "attn.out": ("self_attn", "out", _flat),
@@ -54,12 +58,13 @@ PORTS: dict[str, dict] = {
     "qwen3": _LLAMA,
     "mistral": _LLAMA,
     "gemma": _LLAMA,
-    "phi3": {**_LLAMA, "attn.v": ("self_attn.qkv_proj", "out", _fused_v("qkv"))},
+    "phi3": {**_LLAMA, "attn.k": ("self_attn.qkv_proj", "out", _fused("qkv", 1)), "attn.v": ("self_attn.qkv_proj", "out", _fused("qkv", 2))},
     "gemma2": {**_LLAMA, "attn.out": ("post_attention_layernorm", "out", _flat), "resid_mid": ("pre_feedforward_layernorm", "in", _flat)},
     "olmo2": {**_LLAMA, "attn.out": ("post_attention_layernorm", "out", _flat), "resid_mid": ("mlp", "in", _flat)},
     "gpt2": {
         "resid_pre": ("", "in", _flat),
-        "attn.v": ("attn.c_attn", "out", lambda x, m: x[..., 2 * x.shape[-1] // 3 :].view(*x.shape[:2], dims(m)[1], dims(m)[2])),
+        "attn.k": ("attn.c_attn", "out", _fused("qkv", 1)),
+        "attn.v": ("attn.c_attn", "out", _fused("qkv", 2)),
         "attn.z": ("attn.c_proj", "in", _heads("q")),
         "attn.out": ("attn", "out", _flat),
         "resid_mid": ("ln_2", "in", _flat),
@@ -68,6 +73,7 @@ PORTS: dict[str, dict] = {
     },
     "gpt_neo": {
         "resid_pre": ("", "in", _flat),
+        "attn.k": ("attn.attention.k_proj", "out", _heads("kv")),
         "attn.v": ("attn.attention.v_proj", "out", _heads("kv")),
         "attn.z": ("attn.attention.out_proj", "in", _heads("q")),
         "attn.out": ("attn", "out", _flat),
@@ -77,7 +83,8 @@ PORTS: dict[str, dict] = {
     },
     "gpt_neox_seq": {
         "resid_pre": ("", "in", _flat),
-        "attn.v": ("attention.query_key_value", "out", _fused_v("neox")),
+        "attn.k": ("attention.query_key_value", "out", _fused("neox", 1)),
+        "attn.v": ("attention.query_key_value", "out", _fused("neox", 2)),
         "attn.z": ("attention.dense", "in", _heads("q")),
         "attn.out": ("attention", "out", _flat),
         "resid_mid": ("post_attention_layernorm", "in", _flat),
@@ -86,6 +93,7 @@ PORTS: dict[str, dict] = {
     },
     "bert": {
         "resid_pre": ("", "in", _flat),
+        "attn.k": ("attention.self.key", "out", _heads("kv")),
         "attn.v": ("attention.self.value", "out", _heads("kv")),
         "attn.z": ("attention.output.dense", "in", _heads("q")),
         "attn.out": ("attention.output.dense", "out", _flat),
@@ -166,6 +174,50 @@ def run_edited(model, arch: str, layer: int, site: str, inputs: dict, edit: Call
             return model(**inputs)
     finally:
         h.remove()
+
+
+def run_edits(model, arch: str, inputs: dict, edits: list, read: tuple | None = None, grad: bool = False):
+    """Forward with several ``(layer, site, edit)`` applied at once (no ``resid_mid``); optionally
+    also return the value at ``read = (layer, site)`` as this forward computed it."""
+    handles, store = [], {}
+    for layer, site, edit in edits:
+        assert site != "resid_mid"
+        rel, io, view = PORTS[arch][site]
+        mod = _module(model, arch, layer, rel)
+
+        def apply(x: Tensor, edit=edit, view=view) -> Tensor:
+            y = x.clone()
+            edit(_part(y, view, model))
+            return y
+
+        if io == "in":
+
+            def pre(m, args, kwargs, apply=apply):
+                if args and isinstance(args[0], Tensor):
+                    return (apply(args[0]), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": apply(kwargs["hidden_states"])}
+
+            handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+            handles.append(mod.register_forward_hook(lambda m, a, o, apply=apply: apply(o) if isinstance(o, Tensor) else (apply(o[0]), *o[1:])))
+    if read is not None:
+        rel, io, view = PORTS[arch][read[1]]
+        mod = _module(model, arch, read[0], rel)
+
+        def keep(x: Tensor) -> None:
+            store["x"] = _part(x.detach().clone(), view, model)
+
+        if io == "in":
+            handles.append(mod.register_forward_pre_hook(lambda m, a, k: keep(hidden_arg(a, k)), with_kwargs=True))
+        else:
+            handles.append(mod.register_forward_hook(lambda m, a, o: keep(o if isinstance(o, Tensor) else o[0])))
+    try:
+        with torch.set_grad_enabled(grad):
+            out = model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return (out, store.get("x")) if read is not None else out
 
 
 def resolve(spec, mask: Tensor) -> list[list[int | None]] | None:
