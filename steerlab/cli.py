@@ -57,11 +57,22 @@ def _load_lab(args: argparse.Namespace):
             f"model {name!r} is not an embedded name ({', '.join(sorted(EMBEDDED))}) nor a local directory, "
             "and the hub is offline (HF_HUB_OFFLINE=1)"
         )
+    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
+        raise ConfigError(f"model directory {name!r} has no config.json: expected a Hugging Face model folder (model.save_pretrained)")
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a weight-loading bar per command is noise on a terminal
     try:
         model, tok = sl.load(name, dtype=getattr(torch, args.dtype), device=args.device, task=getattr(args, "task", None))
-    except OSError as e:  # transformers' "not a valid model identifier" and friends: several lines, keep the first
+    except SteerlabError:
+        raise
+    except (OSError, ValueError) as e:  # transformers' "not a valid model identifier" and friends: several lines, keep the first
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise ConfigError(f"cannot load model {name!r}: {first.strip()}") from e
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return sl.wrap(model, tok)
 
 
@@ -130,13 +141,15 @@ def _add_patch(sub) -> None:
     )
     _model_arguments(p, task=False)
     p.add_argument("--base", required=True, action="append", metavar="TEXT", help="the run patched into (repeat for a batch)")
-    p.add_argument("--source", required=True, action="append", metavar="TEXT", help="the run patched from (one per --base)")
+    p.add_argument("--source", required=True, action="append", metavar="TEXT", help="the run patched from (one per --base, or one for all)")
     p.add_argument("--metric", choices=("logit-diff", "logit", "prob", "logprob", "kl-to-base"), default=None,
                    help="logit-diff (default with --good and --bad), logit/prob/logprob of --good, or kl-to-base")
     p.add_argument("--good", metavar="TOKEN", help="the answer the source run favours, e.g. ' Paris' (one token)")
     p.add_argument("--bad", metavar="TOKEN", help="the answer the base run favours, e.g. ' Rome' (one token)")
-    p.add_argument("--sites", default="blocks.*.resid_post", help="site name or pattern (default: blocks.*.resid_post)")
-    p.add_argument("--positions", default=None, help="all | none | l5 | f3+l3 | 0,3,-1 (default: all; none for head sweeps)")
+    p.add_argument("--sites", action="append", metavar="PATTERN",
+                   help="site name or pattern, repeatable (default: blocks.*.resid_post)")
+    p.add_argument("--positions", default=None,
+                   help="all | none | l5 | f3+l3 | 0,3,-1 (write --positions=-2,-1 when it starts with a minus; default: all, none for head sweeps)")
     p.add_argument("--heads", default=None, help="all | 0,3,7: a layer × head sweep at a per-head site (attn.z)")
     p.add_argument("--normalised", action="store_true", help="show (patched - base) / (source - base) instead of the raw metric")
     p.add_argument("--out", metavar="FILE", help="write the heatmap: FILE.html (always works) or FILE.png (needs kaleido)")
@@ -164,14 +177,15 @@ def _metric(args: argparse.Namespace):
 def _cmd_patch(args: argparse.Namespace) -> int:
     from steerlab.interventions.sweeps import sweep
 
-    if len(args.base) != len(args.source):
-        raise ConfigError(f"patch got {len(args.base)} --base and {len(args.source)} --source texts; expected one source per base")
+    if len(args.source) not in (1, len(args.base)):
+        raise ConfigError(f"patch got {len(args.base)} --base and {len(args.source)} --source texts; expected one source per base, or one for all")
     if args.out and Path(args.out).suffix.lower() not in (".html", ".htm", ".png"):
         raise ConfigError(f"--out {args.out!r}: expected a .html or .png file name")
     metric = _metric(args)
     lab = _load_lab(args)
     kwargs = {} if args.positions is None else {"positions": _positions(args.positions)}
-    result = sweep(lab, args.base, args.source, metric=metric, sites=args.sites, heads=_heads(args.heads),
+    sites = args.sites or ["blocks.*.resid_post"]
+    result = sweep(lab, args.base, args.source, metric=metric, sites=sites, heads=_heads(args.heads),
                    progress=sys.stderr.isatty(), **kwargs)
     print(result.table(normalised=args.normalised))
     if args.save:
