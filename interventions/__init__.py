@@ -6,6 +6,7 @@ and its hook engine, activation collection, patching sweeps and the one file
 format. Everything else in steerlab is built from these pieces.
 """
 
+from steerlab.interventions import metrics
 from steerlab.interventions.activation_cache import ActivationCache
 from steerlab.interventions.adapters import Architecture, register_architecture
 from steerlab.interventions.attachment import Attachment
@@ -13,6 +14,7 @@ from steerlab.interventions.errors import *  # noqa: F403 - the error hierarchy 
 from steerlab.interventions.errors import __all__ as _errors
 from steerlab.interventions.graph import Graph, GraphResult, Run, RunResult, SourceValue
 from steerlab.interventions.lab import Generation, Lab, wrap
+from steerlab.interventions.nnsight_engine import NNsightEngine
 from steerlab.interventions.ops import (
     Add,
     BoundlessSubspaceInterchange,
@@ -33,12 +35,14 @@ from steerlab.interventions.ops import (
 from steerlab.interventions.orthonormal import Orthonormal
 from steerlab.interventions.prefix import Prefix
 from steerlab.interventions.subspace import Subspace
+from steerlab.interventions.sweeps import SweepResult, sweep
 from steerlab.interventions.units import Positions
 
 __all__ = [
     "wrap",
     "Lab",
     "Generation",
+    "NNsightEngine",
     "Architecture",
     "register_architecture",
     "Attachment",
@@ -67,5 +71,8 @@ __all__ = [
     "Scale",
     "Lambda",
     "Collect",
+    "sweep",
+    "SweepResult",
+    "metrics",
     *_errors,
 ]

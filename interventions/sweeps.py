@@ -1,0 +1,364 @@
+"""Activation-patching sweeps, packed: many patch configurations per forward.
+
+``sweep(lab, base, source, sites=..., positions=..., heads=..., metric=...)``
+patches the source run's value into the base run at one configuration at a
+time, a configuration being a site and one position slot (layer × position)
+or a site and one head (layer × head), and reports the metric of each
+patched run. It equals the serial loop ::
+
+    for site, p in configs:
+        metric(lab.run(base, [Interchange(site, positions=p, source=source)]), base)
+
+computed with far fewer forwards:
+
+* **Packing.** ``C`` configurations share a forward: the base batch is
+  repeated ``C`` times (copy-major, rows ``c*B .. c*B+B-1`` belong to
+  configuration ``c``), and at each site one intervention patches, per row,
+  that row's positions (a per-row ``LongTensor[rows, k]``, ``-1`` where the row
+  patches elsewhere) and, for head sweeps, that row's head (a per-row mask).
+  Gather, scatter and the head mask are vectorised over rows.
+* **Prefix reuse.** The residual stream entering every layer where a chunk
+  starts is collected once in the unpatched base run; a chunk whose earliest
+  site is in layer ``L`` resumes from it (:class:`~steerlab.interventions.prefix.Prefix`,
+  repeated ``C`` times) and runs only blocks ``L ..``.
+* **Sources once.** The source values at every swept site are collected in
+  one source forward, which also gives the source ("clean") metric.
+
+Positions count real tokens (``0`` first, ``-1`` last) on each side
+separately, whatever the padding side. A slot beyond an example's length
+(``positions="all"`` over examples of different lengths) patches nothing
+there and its per-example value is NaN (means skip it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from steerlab.interventions.errors import BatchMismatch, ConfigError, ShapeMismatch, UnitError
+from steerlab.interventions.graph import SourceValue
+from steerlab.interventions.inputs import Inputs
+from steerlab.interventions.metrics import Metric, as_metric
+from steerlab.interventions.ops import Collect, Intervention
+from steerlab.interventions.prefix import Prefix
+from steerlab.interventions.sites import ResolvedSite
+from steerlab.interventions.sweep_result import SweepResult
+from steerlab.interventions.units import MaskInfo, Positions
+
+__all__ = ["sweep", "SweepResult"]
+
+#: tokens per packed forward when ``configs_per_forward`` is not given (the
+#: logits of a packed forward, ``rows × seq × vocab``, bound its memory)
+AUTO_TOKENS = 1024
+_NONE = 1 << 30  # padding of the slot table: never a real position
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "'all' (for a head sweep: None)"
+
+
+_DEFAULT = _Default()  # positions: "all" for a site sweep, None (every position at once) for a head sweep
+
+
+class _RowPatch(Intervention):
+    """Interchange with per-row positions (from the placement) and an optional per-row head mask."""
+
+    sourced = True
+
+    def __init__(self, site: str, positions: Tensor, source: SourceValue, mask: Tensor | None):
+        super().__init__(site, positions=positions, source=source)
+        self.mask = mask  # [rows, 1, head, 1] bool, or None: every head
+
+    def forward(self, base: Tensor, source: Tensor | None = None) -> Tensor:
+        assert source is not None
+        src = source.to(base.dtype)
+        return src if self.mask is None else torch.where(self.mask, src, base)
+
+
+@dataclass
+class _Plan:
+    """Everything validated before compute."""
+
+    sites: list[ResolvedSite]
+    starts: list[int]  # the first block each site's value depends on
+    slots: list[tuple[int, ...] | None]  # None: every position at once
+    heads: list[int] | None
+    base: Inputs
+    source: Inputs
+    base_info: MaskInfo
+    source_info: MaskInfo
+    metric: Metric
+    per_forward: int
+
+    @property
+    def configs(self) -> list[tuple[int, int, int]]:
+        heads = self.heads if self.heads is not None else [-1]
+        return [(s, q, h) for s in range(len(self.sites)) for q in range(len(self.slots)) for h in range(len(heads))]
+
+
+def _lengths(info: MaskInfo) -> list[int]:
+    return list(info.lengths_cpu) if info.lengths_cpu is not None else [int(x) for x in info.lengths.tolist()]
+
+
+def _sites(lab, sites) -> list[ResolvedSite]:
+    patterns = [sites] if isinstance(sites, str) else list(sites)
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"sites={sites!r}: expected a site name or pattern ('blocks.*.resid_post') or a list of them")
+    out: dict[str, ResolvedSite] = {}
+    for p in patterns:
+        for name in lab.expand(p):
+            site = lab.resolve(name)
+            if not lab.has_positions(site):
+                raise UnitError(f"site {site.name!r} has no position axis (its value is [batch, width]); a patching sweep needs [batch, pos, ...]")
+            out.setdefault(site.name, site)
+    return list(out.values())
+
+
+def _heads(lab, sites: list[ResolvedSite], heads) -> list[int] | None:
+    if heads is None:
+        return None
+    flat = [s for s in sites if not s.n_heads]
+    if flat:
+        raise UnitError(
+            f"heads={heads!r} sweeps heads, but {flat[0].name!r} is not a per-head site; "
+            "head sweeps take attn.q|k|v|z sites (e.g. sites='blocks.*.attn.z')"
+        )
+    counts = {s.n_heads for s in sites}
+    if len(counts) > 1:
+        raise UnitError(f"the swept sites have different head counts {sorted(counts)}; sweep attn.q/z and attn.k/v separately")
+    n = counts.pop()
+    if isinstance(heads, str) and heads == "all":
+        return list(range(n))
+    hs = [heads] if isinstance(heads, int) and not isinstance(heads, bool) else heads
+    if not isinstance(hs, (list, tuple, range)) or not hs or not all(isinstance(h, int) and not isinstance(h, bool) for h in hs):
+        raise UnitError(f"heads={heads!r}: expected 'all', an int or a list of ints")
+    bad = [h for h in hs if not 0 <= h < n]
+    if bad:
+        raise UnitError(f"heads={bad} out of range: the swept sites have {n} heads (0..{n - 1})")
+    return list(hs)
+
+
+def _slots(positions, base_info: MaskInfo, source_info: MaskInfo, heads) -> list[tuple[int, ...] | None]:
+    """One slot per swept position (or group of positions patched together)."""
+    nb, ns = _lengths(base_info), _lengths(source_info)
+    if positions is None or (isinstance(positions, str) and positions == "all"):
+        if nb != ns:
+            raise ShapeMismatch(
+                f"positions={positions!r} aligns base and source token by token, but their real lengths differ "
+                f"(base {nb}, source {ns}); give positions= explicitly (e.g. [-1] or [0, -2, -1])"
+            )
+        if positions is None:
+            return [None]
+        return [(p,) for p in range(max(nb))]
+    if isinstance(positions, str):
+        spec = Positions(positions)  # raises on a malformed spec
+        if spec.kind != "firstlast":
+            raise UnitError(f"positions={positions!r}: expected 'all', None, a spec like 'l5' or 'f3+l3', or a list")
+        slots: list = [(p,) for p in range(spec.first)] + [(p,) for p in range(-spec.last, 0)]
+    elif isinstance(positions, int) and not isinstance(positions, bool):
+        slots = [(positions,)]
+    elif isinstance(positions, (list, tuple, range)) and positions:
+        slots = []
+        for p in positions:
+            if isinstance(p, int) and not isinstance(p, bool):
+                slots.append((p,))
+            elif isinstance(p, (list, tuple)) and p and all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+                slots.append(tuple(p))
+            else:
+                raise UnitError(f"positions={positions!r}: each entry is a position (int) or a group of positions (list of ints)")
+    else:
+        raise UnitError(f"positions={positions!r}: expected 'all', None, an int, a list of ints (or of groups) or a spec like 'l5'")
+    flat = [p for s in slots for p in s]
+    Positions(flat).validate(base_info, "positions")
+    Positions(flat).validate(source_info, "positions (in the source)")
+    return slots
+
+
+def _per_forward(configs_per_forward, n_configs: int, info: MaskInfo) -> int:
+    if configs_per_forward is None:
+        return max(1, min(n_configs, AUTO_TOKENS // max(1, info.batch * info.seq)))
+    if isinstance(configs_per_forward, bool) or not isinstance(configs_per_forward, int) or configs_per_forward < 1:
+        raise ConfigError(f"configs_per_forward={configs_per_forward!r}: expected a positive int")
+    return min(configs_per_forward, n_configs)
+
+
+def _plan(lab, base, source, sites, positions, heads, metric, configs_per_forward) -> _Plan:
+    m = as_metric(metric)
+    if m.tokenizer is None:
+        m = m.bind(lab)  # resolves token strings now, before any compute
+    b = Inputs.of(base, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
+    s = Inputs.of(source, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
+    if s.batch not in (1, b.batch):
+        raise BatchMismatch(f"the source has batch {s.batch} but the base has {b.batch}; expected equal batches (or a source of 1, broadcast)")
+    if s.batch != b.batch:
+        s = s.repeat(b.batch)  # one source for every example: its metric is per example too
+    rs = _sites(lab, sites)
+    hs = _heads(lab, rs, heads)
+    bi, si = b.mask_info(), s.mask_info()
+    slots = _slots(positions, bi, si, hs)
+    starts = [site.layer if site.layer is not None else 0 for site in rs]
+    n = len(rs) * len(slots) * (len(hs) if hs else 1)
+    return _Plan(rs, starts, slots, hs, b, s, bi, si, m, _per_forward(configs_per_forward, n, bi))
+
+
+def _slot_table(plan: _Plan, device) -> Tensor:
+    """``[slot, k]`` real-token positions, padded with a value that is never valid."""
+    full = max(_lengths(plan.base_info))
+    rows = [list(range(full)) if s is None else list(s) for s in plan.slots]
+    k = max(len(r) for r in rows)
+    return torch.tensor([r + [_NONE] * (k - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
+def _real(p: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Real-token indices (negative counted from the end) and whether each exists."""
+    r = torch.where(p < 0, p + lengths[:, None], p)
+    return r, (p != _NONE) & (r >= 0) & (r < lengths[:, None])
+
+
+def _chunk_interventions(plan: _Plan, chunk: list[tuple[int, int, int]], table: Tensor, values: dict[str, Tensor]):
+    """One :class:`_RowPatch` per site in ``chunk``; and which (config, example) cells patch nothing."""
+    dev = table.device
+    B = plan.base_info.batch
+    cfg = torch.tensor(chunk, dtype=torch.long, device=dev)  # [c, (site, slot, head)]
+    row_cfg = cfg.repeat_interleave(B, dim=0)  # rows c*B + i
+    ex = torch.arange(B, device=dev).repeat(len(chunk))
+    p = table[row_cfg[:, 1]]  # [rows, k]
+    base_real, base_ok = _real(p, plan.base_info.lengths.to(dev)[ex])
+    src_real, src_ok = _real(p, plan.source_info.lengths.to(dev)[ex])
+    ok = base_ok & src_ok
+    src_idx = (plan.source_info.starts.to(dev)[ex][:, None] + src_real).clamp(0, plan.source_info.seq - 1)
+    ivs = []
+    for s in sorted({c[0] for c in chunk}):
+        site = plan.sites[s]
+        here = (row_cfg[:, 0] == s)[:, None] & ok
+        pos = torch.where(here, base_real, torch.full_like(base_real, -1))
+        src = values[site.name][ex[:, None], src_idx]  # [rows, k, ...]
+        mask = None
+        if plan.heads is not None:
+            head_ids = torch.tensor(plan.heads, device=dev)[row_cfg[:, 2]]
+            mask = torch.nn.functional.one_hot(head_ids, site.n_heads).bool()[:, None, :, None]
+        ivs.append(_RowPatch(site.name, pos.cpu() if dev.type == "cpu" else pos, SourceValue(src), mask))
+    empty = ~ok.any(1).view(len(chunk), B)
+    return ivs, empty
+
+
+def _check_metric(v, rows: int, name: str) -> Tensor:
+    if not isinstance(v, Tensor) or v.shape != (rows,):
+        got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ShapeMismatch(f"the metric {name!r} returned {got}; expected one value per example, shape ({rows},)")
+    return v.detach().float()
+
+
+def _model_kwargs(lab) -> dict:
+    return {"use_cache": False} if lab.is_hf else {}
+
+
+def _base_and_source(lab, plan: _Plan, starts: set[int]):
+    """The unpatched runs: base metric and the residual entering each chunk's first layer;
+    source metric and the source value at every swept site."""
+    kw = _model_kwargs(lab)
+    pre = [Collect(f"blocks.{L}.resid_pre", name=f"pre{L}") for L in sorted(starts) if L > 0]
+    b = lab.run(plan.base, pre, **kw)
+    metric = plan.metric.against(b.output, plan.base)
+    base_metric = _check_metric(metric(b.output, plan.base), plan.base_info.batch, metric.name)
+    s = lab.run(plan.source, [Collect(site.name) for site in plan.sites], **kw)
+    source_metric = _check_metric(metric(s.output, plan.source), plan.base_info.batch, metric.name)
+    lab._probe([])  # sets the block output layout a Prefix needs
+    prefixes = {L: Prefix(L, b.cache[f"pre{L}"], lab._tuple_len or 0) for L in starts if L > 0}
+    return metric, base_metric, source_metric, {site.name: s.cache[site.name] for site in plan.sites}, prefixes
+
+
+def sweep(
+    lab,
+    base,
+    source,
+    *,
+    metric,
+    sites="blocks.*.resid_post",
+    positions=_DEFAULT,
+    heads=None,
+    configs_per_forward: int | None = None,
+    progress: bool = False,
+) -> SweepResult:
+    """Patch ``source`` into ``base`` at each configuration; the metric of each patched run.
+
+    ``sites``: a name, a pattern (``"blocks.*.attn.out"``) or a list of them.
+    ``positions``: ``"all"`` (each real position in turn), a list whose entries
+    are positions or groups of positions patched together (``[0, [3, 4], -1]``),
+    a spec (``"l5"``: the last five in turn), or ``None`` (all positions at
+    once). ``heads``: ``None`` (whole site), ``"all"`` or a list: a layer × head
+    sweep at per-head sites (``attn.z``), each head at ``positions`` (default
+    there: every position at once). ``metric``: a :mod:`~steerlab.interventions.metrics`
+    metric or ``fn(output, inputs) -> Float[Tensor, "batch"]``.
+    ``configs_per_forward``: configurations packed into one forward (default:
+    about ``AUTO_TOKENS`` tokens per forward).
+    """
+    if positions is _DEFAULT:
+        positions = "all" if heads is None else None
+    plan = _plan(lab, base, source, sites, positions, heads, metric, configs_per_forward)
+    configs = plan.configs
+    C = plan.per_forward
+    chunks = [configs[i : i + C] for i in range(0, len(configs), C)]
+    starts = {min(plan.starts[c[0]] for c in ch) for ch in chunks} if lab.map.layers_path is not None else set()
+    with torch.no_grad():
+        metric, base_metric, source_metric, values, prefixes = _base_and_source(lab, plan, starts)
+        table = _slot_table(plan, lab.device)
+        B = plan.base_info.batch
+        out = torch.full((len(configs), B), math.nan)
+        it = chunks
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(chunks, desc="patching sweep", unit="forward")
+        done = 0
+        for chunk in it:
+            ivs, empty = _chunk_interventions(plan, chunk, table, values)
+            start = min(plan.starts[c[0]] for c in chunk)
+            prefix = prefixes[start].repeat(len(chunk)) if start in prefixes else None
+            packed = plan.base.repeat(len(chunk))
+            res = lab.run(packed, ivs, prefix=prefix, **_model_kwargs(lab))
+            v = _check_metric(metric(res.output, packed), len(chunk) * B, metric.name).view(len(chunk), B).cpu()
+            out[done : done + len(chunk)] = v.masked_fill(empty.cpu(), math.nan)
+            done += len(chunk)
+    n_heads = len(plan.heads) if plan.heads is not None else 1
+    grid = out.view(len(plan.sites), len(plan.slots), n_heads, B)
+    return SweepResult(
+        per_example=grid,
+        base_metric=base_metric.cpu(),
+        source_metric=source_metric.cpu(),
+        sites=[s.name for s in plan.sites],
+        layers=[s.layer for s in plan.sites],
+        positions=[None if s is None else list(s) for s in plan.slots],
+        tokens=_labels(lab, plan),
+        heads=plan.heads,
+        metric=metric.name,
+        forwards=len(chunks),
+        configs_per_forward=C,
+    )
+
+
+def _labels(lab, plan: _Plan) -> list[str]:
+    """One label per slot: the token there in the longest base example."""
+    lengths = _lengths(plan.base_info)
+    ref = lengths.index(max(lengths))
+    ids = plan.base.kwargs.get("input_ids")
+    tok = lab.tokenizer
+    start = int(plan.base_info.starts[ref])
+
+    def one(p: int) -> str:
+        r = p + lengths[ref] if p < 0 else p
+        if ids is None or tok is None or not 0 <= r < lengths[ref]:
+            return str(p)
+        return tok.decode([int(ids[ref, start + r])])
+
+    def label(slot: tuple[int, ...] | None) -> str:
+        if slot is None:
+            return "all"
+        contiguous = all(b == a + 1 for a, b in zip(slot, slot[1:], strict=False))
+        return ("" if contiguous else "+").join(one(p) for p in slot)
+
+    return [label(s) for s in plan.slots]
