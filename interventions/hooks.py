@@ -164,10 +164,17 @@ class Edit:
                 return x  # a source has no values at generated tokens
             assert self.source is not None
             src = self.source()
-            fn = lambda part: iv(part, src.expand_as(part) if src.shape[0] == 1 else src)  # noqa: E731
+            # a site without a position axis is handled as [batch, 1, width]; its SourceValue is [batch, width]
+            fn = lambda part: iv(part, _aligned(src, part))  # noqa: E731
         else:
             fn = iv
         return self.sel.transform(x, ctx, fn, inplace=inplace, decode=self.decode)
+
+
+def _aligned(src: Tensor, part: Tensor) -> Tensor:
+    if src.dim() == part.dim() - 1:
+        src = src.unsqueeze(1)
+    return src.expand_as(part) if src.shape[0] == 1 else src
 
 
 class Read:

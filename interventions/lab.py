@@ -131,7 +131,7 @@ class Lab:
     def _probe(self, sites: Sequence[ResolvedSite]) -> None:
         """One tiny forward recording the raw shape at each site's port."""
         todo = [s for s in sites if s.name not in self._shapes]
-        if not todo and self._tuple_len is not None:
+        if not todo and (self._tuple_len is not None or self.map.layers_path is None):
             return
         seen: dict[str, tuple] = {}
         handles = []
@@ -301,6 +301,18 @@ class Lab:
         cache = self.collect(inputs, site)
         self._probe([])
         return Prefix(layer % self.n_layers, cache[self.resolve(site).name], self._tuple_len or 0)
+
+    def prefixes(self, inputs: Any, layers: Sequence[int], *, sites: Sequence[str] = ()) -> tuple[dict[int, Prefix], ActivationCache]:
+        """A :class:`Prefix` for each of ``layers`` and the values at ``sites``,
+        all from one forward that stops after the last of them (every position)."""
+        names = list(dict.fromkeys([f"blocks.{layer}.resid_pre" for layer in layers] + list(sites)))
+        cache = self.collect(inputs, names)
+        self._probe([])
+        out = {}
+        for layer in layers:
+            key = layer % self.n_layers
+            out[key] = Prefix(key, cache[self.resolve(f"blocks.{layer}.resid_pre").name], self._tuple_len or 0)
+        return out, cache
 
     # -- attached lifetime --------------------------------------------------------------
     def attach(self, interventions: Sequence[Intervention] | Intervention, *, decode: bool = False, positions=None) -> Attachment:
