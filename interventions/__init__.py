@@ -14,6 +14,7 @@ from steerlab.interventions.errors import *  # noqa: F403 - the error hierarchy 
 from steerlab.interventions.errors import __all__ as _errors
 from steerlab.interventions.graph import Graph, GraphResult, Run, RunResult, SourceValue
 from steerlab.interventions.lab import Generation, Lab, wrap
+from steerlab.interventions.nnsight_engine import NNsightEngine
 from steerlab.interventions.ops import (
     Add,
     BoundlessSubspaceInterchange,
@@ -41,6 +42,7 @@ __all__ = [
     "wrap",
     "Lab",
     "Generation",
+    "NNsightEngine",
     "Architecture",
     "register_architecture",
     "Attachment",

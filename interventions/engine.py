@@ -232,12 +232,12 @@ def _forward(
         handlers.append(h)
     for key, (site, spec, heads, dims) in reads.items():
         handlers.append(Read(key, site, spec, heads, dims, store, on_read))
-    hs = HookSet(lab.model, handlers, positions=plan.positions, source_positions=plan.source_positions)
+    hs = HookSet(lab.model, handlers, positions=plan.positions, source_positions=plan.source_positions, per_call=True)
     out = None
     with torch.set_grad_enabled(grad):
         try:
             hs.install()
-            with resume_from(lab.layers, prefix) if prefix is not None else nullcontext():
+            with resume_from(lab.layers, prefix, root=lab.model) if prefix is not None else nullcontext():
                 out = lab.model(*inputs.args, **inputs.kwargs, **model_kwargs)
         except EarlyExit:
             pass

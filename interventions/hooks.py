@@ -36,6 +36,10 @@ __all__ = ["HookSet", "Edit", "Read", "ForwardContext", "EarlyExit", "POSITIONS_
 POSITIONS_KWARG = "intervention_positions"
 
 
+#: the context of a forward nested in a per-call forward: no handler acts on it
+_NESTED: ForwardContext = object()  # type: ignore[assignment]
+
+
 class EarlyExit(Exception):
     """Raised inside a forward once every value a source run must supply is read."""
 
@@ -107,6 +111,10 @@ class _Selection:
         new = fn(p2)
         if new is None:
             return x
+        if not isinstance(new, Tensor):
+            raise ShapeMismatch(
+                f"an intervention at {site.name!r} returned {type(new).__name__}; expected a tensor of shape {tuple(p2.shape)} (the shape it was given)"
+            )
         if new.shape != p2.shape:
             raise ShapeMismatch(
                 f"an intervention at {site.name!r} returned shape {tuple(new.shape)}; expected {tuple(p2.shape)} (the shape it was given)"
@@ -252,9 +260,15 @@ class HookSet:
         positions: Positions | None = None,
         source_positions: Positions | None = None,
         validate: bool = False,
+        per_call: bool = False,
     ):
         self.root = root
         self.validate = validate  # check positions against each forward's real lengths (attached lifetime)
+        # per call: only the forward the set was installed for is intervened; a forward nested in it
+        # (an intervention calling the model) passes through. Attached: every forward, nested too.
+        self.per_call = per_call
+        self._outer: list = []  # the contexts of the forwards a nested forward interrupted
+        self._depth = 0
         self.handlers = list(handlers)
         self.positions = positions  # per-call override for every edit's positions
         self.source_positions = source_positions
@@ -277,6 +291,7 @@ class HookSet:
             inplace[key] = h.sel.site.port.inplace
         try:
             self._handles.append(self.root.register_forward_pre_hook(self._root_pre, with_kwargs=True, prepend=True))
+            self._handles.append(self.root.register_forward_hook(self._root_post, always_call=True))
             for key, hs in groups.items():
                 ordered = [h for h in hs if isinstance(h, Edit) and not h.collect] + [h for h in hs if not (isinstance(h, Edit) and not h.collect)]
                 if key[1] == "input":
@@ -294,9 +309,16 @@ class HookSet:
             h.remove()
         self._handles.clear()
         self.ctx = None
+        self._outer.clear()
+        self._depth = 0
 
     # -- the hooks -------------------------------------------------------------
     def _root_pre(self, module, args, kwargs):
+        self._outer.append(self.ctx)  # restored by _root_post, so a nested forward cannot clobber it
+        self._depth += 1
+        if self.per_call and self._depth > 1:
+            self.ctx = _NESTED
+            return None
         changed = False
         override = self.positions
         if POSITIONS_KWARG in kwargs:
@@ -322,6 +344,14 @@ class HookSet:
             materialise(self._maps)
         return (args, kwargs) if changed else None
 
+    def _root_post(self, module, args, out):
+        # always_call: also when the forward raised (EarlyExit included)
+        self._depth = max(self._depth - 1, 0)
+        outer = self._outer.pop() if self._outer else None
+        if self._depth > 0:
+            self.ctx = outer  # back to the forward the nested one interrupted
+        # the outermost forward keeps its context: gradient checkpointing replays its layers in backward
+
     def _validate(self, ctx: ForwardContext) -> None:
         seen: set[int] = set()
         for h in self.handlers:
@@ -340,6 +370,8 @@ class HookSet:
 
     def _make_pre(self, handlers: list, inplace: bool):
         def hook(module, args, kwargs):
+            if self.ctx is _NESTED:
+                return None
             x, where = _input_tensor(args, kwargs)
             ctx = self._context(x)
             new = x
@@ -355,6 +387,8 @@ class HookSet:
 
     def _make_post(self, handlers: list):
         def hook(module, args, out):
+            if self.ctx is _NESTED:
+                return None
             x = _output_tensor(out)
             ctx = self._context(x)
             new = x

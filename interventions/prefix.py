@@ -54,13 +54,26 @@ def _identity(tuple_len: int):
 
 
 @contextmanager
-def resume_from(layers: nn.ModuleList, prefix: Prefix):
+def resume_from(layers: nn.ModuleList, prefix: Prefix, root: nn.Module | None = None):
     """Within the block: blocks below ``prefix.layer`` are the identity and block
-    ``prefix.layer`` receives ``prefix.hidden`` as its input."""
+    ``prefix.layer`` receives ``prefix.hidden`` as its input.
+
+    With ``root`` (the model), only the outermost forward of ``root`` resumes; a
+    forward nested in it (an intervention calling the model) runs every block.
+    """
     patched: list[tuple[nn.Module, bool, object]] = []
-    handle = None
+    handles: list = []
+    depth = [0]
+
+    def enter(module, args, kwargs):
+        depth[0] += 1
+
+    def leave(module, args, out):
+        depth[0] -= 1
 
     def inject(module, args, kwargs):
+        if depth[0] > 1:
+            return None
         x = args[0] if args and isinstance(args[0], Tensor) else kwargs.get("hidden_states")
         if x is None or x.shape != prefix.hidden.shape:
             got = None if x is None else tuple(x.shape)
@@ -70,15 +83,27 @@ def resume_from(layers: nn.ModuleList, prefix: Prefix):
             return (h, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": h}
 
+    def skip(layer: nn.Module, old):
+        identity = _identity(prefix.tuple_len)
+        real = old if old is not None else type(layer).forward.__get__(layer)
+
+        def forward(*args, **kwargs):
+            return real(*args, **kwargs) if depth[0] > 1 else identity(*args, **kwargs)
+
+        return forward
+
     try:
+        if root is not None:
+            handles.append(root.register_forward_pre_hook(enter, with_kwargs=True, prepend=True))
+            handles.append(root.register_forward_hook(leave, always_call=True))
         for layer in list(layers)[: prefix.layer]:
             had = "forward" in layer.__dict__
             patched.append((layer, had, layer.__dict__.get("forward")))
-            layer.forward = _identity(prefix.tuple_len)
-        handle = layers[prefix.layer].register_forward_pre_hook(inject, with_kwargs=True, prepend=True)
+            layer.forward = skip(layer, layer.__dict__.get("forward"))
+        handles.append(layers[prefix.layer].register_forward_pre_hook(inject, with_kwargs=True, prepend=True))
         yield
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
         for layer, had, old in patched:
             if had:
