@@ -98,7 +98,7 @@ def test_patch_writes_the_heatmap(capsys, tmp_path):
     assert code == 0, err
     page = (tmp_path / "sweep.html").read_text()
     assert f"wrote {tmp_path / 'sweep.html'}" in out
-    assert "Plotly.newPlot" in page and "cdn.plot.ly" not in page
+    assert "Plotly.newPlot" in page and "<script src=" not in page
 
 
 @pytest.mark.parametrize(
