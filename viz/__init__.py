@@ -9,8 +9,10 @@ figures, text and tables into one self-contained HTML file.
 
 from steerlab.viz.export import Pre, Section, find_browser, report, save, save_html, save_png
 from steerlab.viz.graph import run_graph
+from steerlab.viz.patching import patching_heatmap
 
 __all__ = [
+    "patching_heatmap",
     "run_graph",
     "save",
     "save_html",
