@@ -175,7 +175,7 @@ def _metric(args: argparse.Namespace):
 
 
 def _cmd_patch(args: argparse.Namespace) -> int:
-    from steerlab.interventions.sweeps import sweep
+    from steerlab.interventions import sweep
 
     if len(args.source) not in (1, len(args.base)):
         raise ConfigError(f"patch got {len(args.base)} --base and {len(args.source)} --source texts; expected one source per base, or one for all")
@@ -191,9 +191,10 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     if args.save:
         print(f"saved the sweep to {result.save(args.save, fingerprint=lab.fingerprint())}")
     if args.out:
-        from steerlab.viz import save
+        from steerlab.viz import patching_heatmap, save
 
-        print(f"wrote {save(result.plot(normalised=args.normalised), args.out)}")
+        fig = patching_heatmap(result, value="normalised" if args.normalised else "values")
+        print(f"wrote {save(fig, args.out)}")
     return 0
 
 

@@ -6,15 +6,16 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import steerlab as sl
 from steerlab.cli import main
-from steerlab.interventions.sweep_result import SweepResult
 
 ITALY, FRANCE = "The capital of Italy is", "The capital of France is"
 
@@ -77,7 +78,7 @@ def test_patch_equals_patching_by_hand(capsys, tmp_path, smollm):
     )
     assert code == 0, err
     assert out.splitlines()[0].startswith("logit_diff(' Paris', ' Rome'): base ")
-    result = SweepResult.load(tmp_path / "sweep")
+    result = sl.SweepResult.load(tmp_path / "sweep")
     assert result.sites == ["blocks.3.resid_post", "blocks.25.resid_post"]
     lab = sl.wrap(model, tok)
     paris, rome = tok(" Paris").input_ids[0], tok(" Rome").input_ids[0]
@@ -90,15 +91,20 @@ def test_patch_equals_patching_by_hand(capsys, tmp_path, smollm):
     assert result.values[1, 1] > 0 > result.base_value  # France at the last token, layer 25, flips the answer
 
 
-def test_patch_writes_the_heatmap(capsys, tmp_path):
+def test_patch_writes_the_heatmap_of_the_sweep(capsys, tmp_path):
     code, out, err = run_cli(
         capsys, "patch", "smollm2-135m", "--base", ITALY, "--source", FRANCE, "--good", " Paris", "--bad", " Rome",
-        "--sites", "blocks.25.resid_post", "--positions=-1", "--out", str(tmp_path / "sweep.html"),
+        "--sites", "blocks.2[45].resid_post", "--positions=-2,-1", "--out", str(tmp_path / "sweep.html"), "--save", str(tmp_path / "sweep"),
     )
     assert code == 0, err
+    assert out.splitlines()[-1] == f"wrote {tmp_path / 'sweep.html'}"
     page = (tmp_path / "sweep.html").read_text()
-    assert f"wrote {tmp_path / 'sweep.html'}" in out
-    assert "Plotly.newPlot" in page and "<script src=" not in page
+    assert "<script src=" not in page
+    m = re.search(r'Plotly\.newPlot\(\s*"[^"]+",\s*(\[.*?\]),\s*\{', page, flags=re.S)
+    (heat,) = [t for t in json.loads(m.group(1)) if t["type"] == "heatmap"]
+    result = sl.SweepResult.load(tmp_path / "sweep")
+    assert torch.allclose(torch.tensor(heat["z"]), result.values.float(), atol=1e-6)
+    assert result.tokens == [" Italy", " is"]
 
 
 @pytest.mark.parametrize(
