@@ -59,7 +59,8 @@ class Attachment:
                     f"{type(iv).__name__} at {iv.site!r} reads from {kind}; attached interventions take a "
                     "precomputed SourceValue (lab.collect(...) gives one), or use lab.run for a per-call source"
                 )
-        return Edit(iv, site, source=getter, decode=self.decode)
+        valid = iv.source.valid if iv.sourced else None
+        return Edit(iv, site, source=getter, decode=self.decode, source_valid=valid)
 
     # -- lifetime -------------------------------------------------------------
     @property

@@ -73,6 +73,7 @@ class _Plan:
         self.by_run: dict[int, _Node] = {}
         self.implicit: dict[int, _Node] = {}
         self.source_of: dict[int, _Node | SourceValue] = {}
+        self.source_valid: dict[int, Tensor] = {}  # id(iv) -> which source slots hold a token
         graph.validate_sources()
         order = graph.order()
         for run in order:
@@ -137,6 +138,8 @@ class _Plan:
                 raise BatchMismatch(f"the SourceValue for {site.name!r} has batch {v.shape[0]}; expected {node.info.batch} or 1")
             k = k_base if k_base is not None else node.info.seq
             want = (k, *feat) if self.lab.has_positions(site) else feat
+            if src.valid is not None:
+                self.source_valid[id(iv)] = src.valid
             if tuple(v.shape[1:]) != want:
                 raise ShapeMismatch(
                     f"the SourceValue for {site.name!r} has shape {tuple(v.shape)}; expected [batch, {', '.join(map(str, want))}]"
@@ -144,6 +147,8 @@ class _Plan:
             return site
         sspec = self.source_positions or iv.effective_source_positions()
         sspec.validate(src.info, "source_positions")
+        if sspec.may_be_empty:
+            self.source_valid[id(iv)] = sspec.resolve(src.info) >= 0
         if src.info.batch not in (1, node.info.batch):
             raise BatchMismatch(
                 f"the source of {type(iv).__name__} at {site.name!r} has batch {src.info.batch} but the base has "
@@ -225,7 +230,7 @@ def _forward(
             getter = lambda v=value: v  # noqa: E731
         elif src is not None:
             getter = lambda k=id(iv): values[k]  # noqa: E731
-        h = Edit(iv, site, source=getter, decode=decode)
+        h = Edit(iv, site, source=getter, decode=decode, source_valid=plan.source_valid.get(id(iv)))
         if h.collect:
             h.store = cache
             h.on_read = on_read
@@ -281,7 +286,7 @@ def execute(
     for node in plan.nodes:
         if not node.edits and not node.output and node.reads:
             groups[node.inputs.signature()].append(node)
-    src_kwargs = {"use_cache": False} if lab.is_hf else {}
+    src_kwargs = lab.no_cache
     for members in groups.values():
         if len(members) == 1:
             continue
@@ -327,7 +332,7 @@ def collect_only(lab: Lab, graph: Graph, run: Run) -> ActivationCache:
     node = plan.by_run[run.index]
     cache: dict = {}
     grad = torch.is_grad_enabled() and any(not iv.detach for iv, _ in node.edits)  # type: ignore[attr-defined]
-    src_kwargs = {"use_cache": False} if lab.is_hf else {}
+    src_kwargs = lab.no_cache
     _forward(plan, node.inputs, node.edits, {}, values={}, cache=cache, stop_early=True, grad=grad, prefix=None, model_kwargs=src_kwargs)
     return ActivationCache(cache)
 

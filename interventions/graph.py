@@ -37,9 +37,12 @@ __all__ = ["Graph", "Run", "SourceValue", "RunResult", "GraphResult"]
 class SourceValue:
     """A precomputed source slice, ``[batch or 1, k, ..., width]``: what a source
     run would have supplied at the intervention's site and source positions
-    (for example cached once and reused across training epochs)."""
+    (for example cached once and reused across training epochs). ``valid``
+    (``[batch or 1, k]``, optional) marks the slots that hold a token; an
+    aligned base slot whose source slot is empty keeps its value."""
 
     value: Tensor
+    valid: Tensor | None = None
 
     def __repr__(self) -> str:
         return f"SourceValue(shape={tuple(self.value.shape)})"

@@ -81,8 +81,13 @@ class _Selection:
             t = self._cache[key] = torch.as_tensor(values, device=device, dtype=torch.long)
         return t
 
-    def transform(self, x: Tensor, ctx: ForwardContext, fn: Callable[[Tensor], Tensor | None], *, inplace: bool, decode: bool) -> Tensor:
-        """Apply ``fn`` to the selected slice of ``x``; return the new full value (``x`` if ``fn`` returns None)."""
+    def transform(
+        self, x: Tensor, ctx: ForwardContext, fn: Callable[[Tensor], Tensor | None], *, inplace: bool, decode: bool, read: bool = False
+    ) -> Tensor:
+        """Apply ``fn`` to the selected slice of ``x``; return the new full value (``x`` if ``fn`` returns None).
+
+        ``read``: ``fn`` only records its argument, whose empty slots are zeros (never another token's value).
+        """
         site = self.site
         two_d = x.dim() == 2
         full = x.unsqueeze(1) if two_d else x
@@ -108,6 +113,8 @@ class _Selection:
         p2 = p1 if dims is None else p1.index_select(-1, dims)
         if idx is None and inplace and site.channels is None:
             p2 = p2.clone()  # fn may save its input for backward; we overwrite x below
+        if read and idx is not None and spec is not None and spec.may_be_empty:
+            p2 = p2 * (idx >= 0).view(*idx.shape, *([1] * (p2.dim() - 2))).to(p2.dtype)
         new = fn(p2)
         if new is None:
             return x
@@ -147,10 +154,20 @@ class _Selection:
 class Edit:
     """An intervention acting at its resolved site."""
 
-    def __init__(self, iv: Intervention, site: ResolvedSite, *, source: Callable[[], Tensor] | None = None, decode: bool = False):
+    def __init__(
+        self,
+        iv: Intervention,
+        site: ResolvedSite,
+        *,
+        source: Callable[[], Tensor] | None = None,
+        decode: bool = False,
+        source_valid: Tensor | None = None,
+    ):
         self.iv = iv
         self.sel = _Selection(site, iv.positions if iv.positions.kind != "all" else None, iv.heads, iv.dims)
         self.source = source
+        # [batch or 1, k]: which source slots hold a token; where one is empty the base slot keeps its value
+        self.source_valid = source_valid
         self.decode = decode
         self.collect = isinstance(iv, Collect)
         self.store: dict | None = None
@@ -166,7 +183,7 @@ class Edit:
             def keep(part: Tensor) -> None:
                 self.store[key] = part.detach() if iv.detach else part  # type: ignore[attr-defined,index]
 
-            return self.sel.transform(x, ctx, keep, inplace=False, decode=self.decode)
+            return self.sel.transform(x, ctx, keep, inplace=False, decode=self.decode, read=True)
         if iv.sourced:
             if ctx.info.past > 0:
                 return x  # a source has no values at generated tokens
@@ -174,9 +191,19 @@ class Edit:
             src = self.source()
             # a site without a position axis is handled as [batch, 1, width]; its SourceValue is [batch, width]
             fn = lambda part: iv(part, _aligned(src, part))  # noqa: E731
+            if self.source_valid is not None:
+                fn = _where_source(fn, self.source_valid)
         else:
             fn = iv
         return self.sel.transform(x, ctx, fn, inplace=inplace, decode=self.decode)
+
+
+def _where_source(fn: Callable[[Tensor], Tensor], valid: Tensor) -> Callable[[Tensor], Tensor]:
+    def edit(part: Tensor) -> Tensor:
+        keep = valid.to(part.device).view(*valid.shape, *([1] * (part.dim() - 2)))
+        return torch.where(keep, fn(part), part)
+
+    return edit
 
 
 def _aligned(src: Tensor, part: Tensor) -> Tensor:
@@ -198,7 +225,7 @@ class Read:
         def keep(part: Tensor) -> None:
             self.store[self.key] = part
 
-        self.sel.transform(x, ctx, keep, inplace=False, decode=False)
+        self.sel.transform(x, ctx, keep, inplace=False, decode=False, read=True)
         self.on_read()
         return x
 

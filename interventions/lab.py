@@ -10,6 +10,7 @@ leaves the model's hook registries as it found them.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ class Lab:
         self._shapes: dict[str, tuple | None] = {}
         self._tuple_len: int | None = None
         self._attachments: list[Attachment] = []
+        self._takes_use_cache = self.is_hf and _accepts(model.forward, "use_cache")
         self._grad_flags: dict[nn.Parameter, bool] | None = None
         if freeze:
             self._grad_flags = {p: p.requires_grad for p in model.parameters()}
@@ -100,6 +102,12 @@ class Lab:
         if self.map.layers_path is None:
             raise SiteNotFound("blocks", [], reason="this model has no layer list")
         return self.model.get_submodule(self.map.layers_path)  # type: ignore[return-value]
+
+    @property
+    def no_cache(self) -> dict:
+        """Keyword arguments for a forward that needs no KV cache (source runs, collects,
+        probes): ``{"use_cache": False}`` where the model's forward takes it, else none."""
+        return {"use_cache": False} if self._takes_use_cache else {}
 
     def has_trainable_base(self) -> bool:
         return any(p.requires_grad for p in self.model.parameters())
@@ -156,7 +164,7 @@ class Lab:
                 handles.append(self.layers[0].register_forward_hook(block_out))
             with torch.no_grad():
                 inp = self._probe_inputs()
-                kwargs = {"use_cache": False} if self.is_hf else {}
+                kwargs = self.no_cache
                 self.model(*inp.args, **inp.kwargs, **kwargs)
         finally:
             for h in handles:
@@ -293,7 +301,12 @@ class Lab:
         value = cache[self.resolve(site).name]
         if iv.dims is not None:
             value = value[..., list(iv.dims)]
-        return SourceValue(value)
+        spec = iv.effective_source_positions()
+        valid = None
+        if spec.may_be_empty:
+            info = Inputs.of(inputs, tokenizer=self.tokenizer, device=self.device, is_lm=self.is_lm).mask_info()
+            valid = spec.resolve(info) >= 0
+        return SourceValue(value, valid)
 
     def prefix(self, inputs: Any, layer: int) -> Prefix:
         """The residual stream entering block ``layer`` for ``inputs``, computed once."""
@@ -391,6 +404,15 @@ class Lab:
 
     def __repr__(self) -> str:
         return f"Lab({self.map.model_type or type(self.model).__name__}, layers={self.map.n_layers}, d_model={self.d_model})"
+
+
+def _accepts(fn, name: str) -> bool:
+    """Whether ``fn`` takes a keyword argument ``name`` (by name or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _positions(spec):

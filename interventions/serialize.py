@@ -141,6 +141,8 @@ def save_graph(directory: str | Path, graph: Graph, lab: Lab) -> Path:
             elif isinstance(iv.source, SourceValue):
                 rec["source"] = {"value": True}
                 tensors[f"runs.{run.index}.iv.{j}.source_value"] = iv.source.value
+                if iv.source.valid is not None:
+                    tensors[f"runs.{run.index}.iv.{j}.source_valid"] = iv.source.valid
             elif iv.source is not None:
                 raise NotSerialisable(f"in run {run.name!r}, {iv.type_name} reads from raw inputs; add them as a run with graph.run(...)")
             ivs.append(rec)
@@ -159,7 +161,7 @@ def load_graph(directory: str | Path, lab: Lab) -> Graph:
         ivs = []
         for j, ivrec in enumerate(rec["interventions"]):
             prefix = f"runs.{rec['index']}.iv.{j}."
-            own = {k: v for k, v in tensors.items() if k.startswith(prefix) and not k.endswith("source_value")}
+            own = {k: v for k, v in tensors.items() if k.startswith(prefix) and not k.endswith(("source_value", "source_valid"))}
             iv = build_intervention(ivrec, own, prefix, device=lab.device)
             src = ivrec.get("source")
             if src and "run" in src:
@@ -167,7 +169,7 @@ def load_graph(directory: str | Path, lab: Lab) -> Graph:
                     raise FileFormatError(f"run {rec['index']} reads from run {src['run']}, which comes later or does not exist")
                 iv.source = by_index[src["run"]]
             elif src and src.get("value"):
-                iv.source = SourceValue(tensors[prefix + "source_value"])
+                iv.source = SourceValue(tensors[prefix + "source_value"], tensors.get(prefix + "source_valid"))
             ivs.append(iv)
         by_index[rec["index"]] = g.run(inputs, ivs, name=rec["name"], output=rec.get("output"))
     return g

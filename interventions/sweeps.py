@@ -254,7 +254,7 @@ def _check_metric(v, rows: int, name: str) -> Tensor:
 
 
 def _model_kwargs(lab) -> dict:
-    return {"use_cache": False} if lab.is_hf else {}
+    return lab.no_cache
 
 
 def _base_and_source(lab, plan: _Plan, starts: set[int]):
