@@ -198,6 +198,39 @@ def _needs_grad(plan: _Plan, node: _Node) -> bool:
     return any(_needs_grad(plan, s) for s in upstream if isinstance(s, _Node))
 
 
+def _handlers(
+    plan: _Plan,
+    edits: list[tuple[Intervention, ResolvedSite]],
+    reads: dict[tuple, tuple],
+    *,
+    values: dict,
+    cache: dict,
+    store: dict,
+    on_read,
+    decode: bool = False,
+) -> list[Edit | Read]:
+    """The edits and reads of one forward, whatever engine runs them: sourced edits
+    take their values from ``values``, collects fill ``cache``, reads fill ``store``."""
+    lab = plan.lab
+    handlers: list[Edit | Read] = []
+    for iv, site in edits:
+        src = plan.source_of.get(id(iv))
+        getter = None
+        if isinstance(src, SourceValue):
+            value = src.value.to(lab.device)
+            getter = lambda v=value: v  # noqa: E731
+        elif src is not None:
+            getter = lambda k=id(iv): values[k]  # noqa: E731
+        h = Edit(iv, site, source=getter, decode=decode, source_valid=plan.source_valid.get(id(iv)))
+        if h.collect:
+            h.store = cache
+            h.on_read = on_read
+        handlers.append(h)
+    for key, (site, spec, heads, dims) in reads.items():
+        handlers.append(Read(key, site, spec, heads, dims, store, on_read))
+    return handlers
+
+
 def _forward(
     plan: _Plan,
     inputs: Inputs,
@@ -221,22 +254,7 @@ def _forward(
         if pending[0] == 0 and stop_early:
             raise EarlyExit
 
-    handlers: list[Edit | Read] = []
-    for iv, site in edits:
-        src = plan.source_of.get(id(iv))
-        getter = None
-        if isinstance(src, SourceValue):
-            value = src.value.to(lab.device)
-            getter = lambda v=value: v  # noqa: E731
-        elif src is not None:
-            getter = lambda k=id(iv): values[k]  # noqa: E731
-        h = Edit(iv, site, source=getter, decode=decode, source_valid=plan.source_valid.get(id(iv)))
-        if h.collect:
-            h.store = cache
-            h.on_read = on_read
-        handlers.append(h)
-    for key, (site, spec, heads, dims) in reads.items():
-        handlers.append(Read(key, site, spec, heads, dims, store, on_read))
+    handlers = _handlers(plan, edits, reads, values=values, cache=cache, store=store, on_read=on_read, decode=decode)
     hs = HookSet(lab.model, handlers, positions=plan.positions, source_positions=plan.source_positions, per_call=True)
     out = None
     with torch.set_grad_enabled(grad):
@@ -263,6 +281,13 @@ def execute(
 ) -> GraphResult:
     """Run ``graph`` on ``lab``'s model; see the module docstring for the plan."""
     plan = _Plan(lab, graph, positions, source_positions, validate)
+    return _run_plan(plan, prefix=prefix, model_kwargs=model_kwargs)
+
+
+def _run_plan(plan: _Plan, *, prefix: Prefix | None, model_kwargs: dict | None, forward=None) -> GraphResult:
+    """Execute a validated plan; ``forward`` runs one forward (default: the hook engine's :func:`_forward`)."""
+    lab = plan.lab
+    forward = forward or _forward
     model_kwargs = dict(model_kwargs or {})
     if prefix is not None:
         outs = [n for n in plan.nodes if n.output]
@@ -293,7 +318,7 @@ def execute(
         inputs = Inputs.cat([m.inputs for m in members])
         reads = {k: v for m in members for k, v in m.reads.items()}
         grad = any(_needs_grad(plan, m) for m in members)
-        _, store = _forward(plan, inputs, [], reads, values=values, cache={}, stop_early=True, grad=grad, prefix=None, model_kwargs=src_kwargs)
+        _, store = forward(plan, inputs, [], reads, values=values, cache={}, stop_early=True, grad=grad, prefix=None, model_kwargs=src_kwargs)
         offset = 0
         for m in members:
             deliver(m, store, slice(offset, offset + m.info.batch))
@@ -307,7 +332,7 @@ def execute(
             continue  # nobody reads it and nobody wants it
         cache: dict = {}
         grad = torch.is_grad_enabled() if node.output else _needs_grad(plan, node)
-        out, store = _forward(
+        out, store = forward(
             plan,
             node.inputs,
             node.edits,

@@ -424,3 +424,57 @@ class HookSet:
             return None if new is x else _replace_output(out, new)
 
         return hook
+
+
+# -- what happens at one (module, side), whatever the engine -------------------------
+
+
+def group_handlers(handlers: Iterable[Edit | Read]) -> dict[tuple[str, str], tuple[ResolvedSite, list]]:
+    """Handlers by (module, side), each group in run order: edits first, then collects and reads."""
+    groups: dict[tuple[str, str], tuple[ResolvedSite, list]] = {}
+    for h in handlers:
+        site = h.sel.site
+        groups.setdefault(site.key, (site, []))[1].append(h)
+    for key, (site, hs) in groups.items():
+        edits = [h for h in hs if isinstance(h, Edit) and not h.collect]
+        groups[key] = (site, edits + [h for h in hs if not (isinstance(h, Edit) and not h.collect)])
+    return groups
+
+
+def mask_info_of_call(args: tuple, kwargs: dict) -> MaskInfo:
+    """Where the real tokens are in a call of the model's root, from its arguments."""
+    ref, _ = _input_tensor(args, {k: kwargs[k] for k in ("input_ids", "inputs_embeds") if k in kwargs} or kwargs)
+    batch = ref.shape[0]
+    seq = ref.shape[1] if (ref.dim() >= 2 and ("input_ids" in kwargs or "inputs_embeds" in kwargs or ref.dim() >= 3)) else 1
+    if not ("input_ids" in kwargs or "inputs_embeds" in kwargs) and args and ref.dtype in (torch.int64, torch.int32):
+        seq = ref.shape[1]
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1 and isinstance(args[1], Tensor) and args[1].dim() == 2 and args[1].shape[0] == batch:
+        mask = args[1]
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        past = mask.shape[-1] - seq
+    else:
+        mask, past = None, _cache_length(kwargs)
+    return MaskInfo.from_mask(mask, batch, seq, ref.device, past)
+
+
+def run_on_inputs(handlers: list, args: tuple, kwargs: dict, ctx: ForwardContext, inplace: bool):
+    """Run ``handlers`` on a module's input: the new ``(args, kwargs)``, or None if unchanged (or edited in place)."""
+    x, where = _input_tensor(args, kwargs)
+    new = x
+    for h in handlers:
+        new = h.run(new, ctx, inplace)
+    if new is x or inplace:
+        return None
+    if isinstance(where, int):
+        return (new, *args[1:]), kwargs
+    return args, {**kwargs, where: new}
+
+
+def run_on_output(handlers: list, out, ctx: ForwardContext):
+    """Run ``handlers`` on a module's output: the new output, or None if unchanged."""
+    x = _output_tensor(out)
+    new = x
+    for h in handlers:
+        new = h.run(new, ctx, False)
+    return None if new is x else _replace_output(out, new)

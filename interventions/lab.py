@@ -24,7 +24,7 @@ from steerlab.interventions.activation_cache import ActivationCache
 from steerlab.interventions.adapters import ROOT_SITES, map_model
 from steerlab.interventions.attachment import Attachment
 from steerlab.interventions.engine import execute
-from steerlab.interventions.errors import LifetimeError, ShapeMismatch, SiteNotFound, UnitError
+from steerlab.interventions.errors import ConfigError, LifetimeError, ShapeMismatch, SiteNotFound, UnitError
 from steerlab.interventions.graph import Graph, GraphResult, RunResult, SourceValue
 from steerlab.interventions.hooks import EarlyExit, _input_tensor, _output_tensor
 from steerlab.interventions.inputs import Inputs
@@ -264,22 +264,40 @@ class Lab:
         source_positions=None,
         prefix: Prefix | None = None,
         validate: bool = True,
+        engine: Any = "hooks",
         **model_kwargs,
     ) -> RunResult:
         """Run the model on ``inputs`` with ``interventions`` (hooks for this call only).
 
         ``positions`` / ``source_positions`` override every intervention's
         positions for this call (e.g. per-example tensors from a collator);
-        ``prefix`` resumes from a cached :class:`Prefix`. Extra keyword
-        arguments go to the model's forward.
+        ``prefix`` resumes from a cached :class:`Prefix`; ``engine`` as for
+        :meth:`execute`. Extra keyword arguments go to the model's forward.
         """
         g = Graph()
         base = g.run(inputs, [interventions] if isinstance(interventions, Intervention) else interventions, name="base")
-        return self.execute(g, positions=positions, source_positions=source_positions, prefix=prefix, validate=validate, **model_kwargs)[base]
+        return self.execute(g, positions=positions, source_positions=source_positions, prefix=prefix, validate=validate, engine=engine, **model_kwargs)[base]
 
-    def execute(self, graph: Graph, *, positions=None, source_positions=None, prefix: Prefix | None = None, validate: bool = True, **model_kwargs) -> GraphResult:
-        """Execute a run graph (see :mod:`steerlab.interventions.graph`)."""
-        return execute(self, graph, positions=positions, source_positions=source_positions, prefix=prefix, validate=validate, model_kwargs=model_kwargs)
+    def execute(
+        self,
+        graph: Graph,
+        *,
+        positions=None,
+        source_positions=None,
+        prefix: Prefix | None = None,
+        validate: bool = True,
+        engine: Any = "hooks",
+        **model_kwargs,
+    ) -> GraphResult:
+        """Execute a run graph (see :mod:`steerlab.interventions.graph`).
+
+        ``engine``: ``"hooks"`` (PyTorch hooks, the default), ``"nnsight"``
+        (nnsight traces, see :mod:`steerlab.interventions.nnsight_engine`) or
+        an engine object such as ``NNsightEngine(lm, remote=True)``.
+        """
+        if isinstance(engine, str) and engine == "hooks":
+            return execute(self, graph, positions=positions, source_positions=source_positions, prefix=prefix, validate=validate, model_kwargs=model_kwargs)
+        return _engine(engine).execute(self, graph, positions=positions, source_positions=source_positions, prefix=prefix, validate=validate, model_kwargs=model_kwargs)
 
     def collect(self, inputs: Any, sites: str | Sequence[str], *, positions=None, heads=None, detach: bool = True) -> ActivationCache:
         """Collect the values at ``sites`` (names or patterns like ``blocks.*.resid_post``)
@@ -413,6 +431,16 @@ def _accepts(fn, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _engine(engine):
+    if isinstance(engine, str) and engine == "nnsight":
+        from steerlab.interventions.nnsight_engine import NNsightEngine
+
+        return NNsightEngine()
+    if not isinstance(engine, str) and callable(getattr(engine, "execute", None)):
+        return engine
+    raise ConfigError(f"engine={engine!r}: expected 'hooks', 'nnsight' or an engine object such as NNsightEngine(model, remote=True)")
 
 
 def _positions(spec):
