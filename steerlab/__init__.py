@@ -15,3 +15,19 @@ __all__ = [*_base, "__version__"]
 from steerlab.models import load  # noqa: E402
 
 __all__ += ["load"]
+
+# the upper layers load on first use (`sl.viz.patching_heatmap`, `sl.reft.LoReFT`), so that
+# `import steerlab` stays light and a layer is imported only by those who use it
+_LAZY = ("viz", "alignment", "reft")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"steerlab.{name}")
+    raise AttributeError(f"module 'steerlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
