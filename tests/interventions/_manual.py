@@ -138,7 +138,7 @@ def read_site(model, arch: str, layer: int, site: str, inputs: dict) -> Tensor:
     return _part(store["x"], view, model), out
 
 
-def run_edited(model, arch: str, layer: int, site: str, inputs: dict, edit: Callable[[Tensor], None]):
+def run_edited(model, arch: str, layer: int, site: str, inputs: dict, edit: Callable[[Tensor], None], grad: bool = False):
     """Forward with ``edit(part)`` applied (in place, on a copy of the port tensor) at the site."""
     rel, io, view = PORTS[arch][site]
     if site == "resid_mid" and arch not in ("bert", "roberta"):
@@ -170,7 +170,7 @@ def run_edited(model, arch: str, layer: int, site: str, inputs: dict, edit: Call
     else:
         h = mod.register_forward_hook(lambda m, a, o: apply(o) if isinstance(o, Tensor) else (apply(o[0]), *o[1:]))
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             return model(**inputs)
     finally:
         h.remove()

@@ -11,9 +11,11 @@ import functools
 import torch
 
 import steerlab as sl
-from tests.archs import tiny_model
+from tests.archs import ENCODERS, tiny_model
 from tests.interventions._helpers import wrapped
-from tests.interventions._manual import pairs, read_site, run_edits
+import pytest
+
+from tests.interventions._manual import pairs, read_site, run_edited, run_edits
 from tests.interventions.test_interchange import make_inputs
 
 
@@ -214,3 +216,45 @@ def test_add_gradient_equals_manual_hook_gradient():
     torch.testing.assert_close(iv.vector.grad, leaf.grad, atol=1e-6, rtol=1e-5)
     assert leaf.grad.abs().sum() > 0
 
+
+
+@pytest.mark.parametrize("site", ["resid_mid", "resid_pre", "attn.v", "mlp.post"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "olmo2", "gpt_neox_seq", "phi3", "bert"])
+def test_gradient_through_in_place_and_fused_sites_equals_manual(arch, site):
+    """resid_mid is written in place into the residual: its gradient must reach both the MLP and the residual path."""
+    model = model_of(arch)
+    inputs = make_inputs(arch, [7, 5], 7, "right", 16)
+    ff = getattr(model.config, "intermediate_size", None) or 4 * 32  # GPT-2: 4 d
+    width = {"attn.v": 8, "mlp.post": ff}.get(site, 32)
+    heads = [1] if site == "attn.v" else None
+    v0 = torch.randn(width, generator=torch.Generator().manual_seed(5))
+    proj = torch.randn(96 if arch not in ENCODERS else 32, generator=torch.Generator().manual_seed(6))
+    slots = [[1, 6], [1, 4]]  # positions [1, -1] on lengths 7 and 5, right padding
+
+    def loss_of(out):
+        o = out.logits if arch not in ENCODERS else out.last_hidden_state
+        return (o @ proj).pow(2).mean()
+
+    leaf = v0.clone().requires_grad_(True)
+
+    def edit(part):
+        for i in range(2):
+            for j in slots[i]:
+                if heads is None:
+                    part[i, j] = part[i, j] + leaf
+                else:
+                    part[i, j, heads] = part[i, j, heads] + leaf
+
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        loss_of(run_edited(model, arch, 1, site, inputs, edit, grad=True)).backward()
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+    with wrapped(model) as lab:
+        iv = sl.Add(f"blocks.1.{site}", v0, trainable=True, positions=[1, -1], heads=heads)
+        loss_of(lab.run(inputs, [iv]).output).backward()
+    assert leaf.grad.abs().sum() > 0
+    torch.testing.assert_close(iv.vector.grad, leaf.grad, atol=1e-7, rtol=1e-4)

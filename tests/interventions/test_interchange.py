@@ -339,3 +339,48 @@ def test_bf16_subspace_interchange_and_add():
     assert seen["x"].dtype == torch.bfloat16 and got.dtype == torch.bfloat16 and got_add.dtype == torch.bfloat16
     assert torch.equal(got, want)
     assert torch.equal(got_add, want_add)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "bert"])
+def test_root_sites_embed_final_norm_logits(arch):
+    """Interchange at ``embed``, Add at ``final_norm``, Scale at ``logits``: manual hooks on the embedding,
+    the final norm and the head (found here by hand, not through steerlab)."""
+    model = model_of(arch)
+    base, source = make_inputs(arch, [7, 5, 3], 7, "right", 1), make_inputs(arch, [6, 7, 4], 7, "right", 2)
+    emb = model.get_input_embeddings()
+    store = {}
+    h = emb.register_forward_hook(lambda m, a, o: store.update(s=o.detach().clone()))
+    with torch.no_grad():
+        model(**source)
+    h.remove()
+    todo = pairs(-1, base["attention_mask"], source["attention_mask"])
+    v = torch.randn(32, generator=torch.Generator().manual_seed(9))
+
+    def swap(m, a, o):
+        o = o.clone()
+        for i, bj, sj in todo:
+            o[i, bj] = store["s"][i, sj]
+        return o
+
+    def add(m, a, o):
+        o = o.clone()
+        for i, bj, _ in todo:
+            o[i, bj] = o[i, bj] + v
+        return o
+
+    handles = [emb.register_forward_hook(swap)]
+    if arch not in ENCODERS:
+        norm = model.transformer.ln_f if arch == "gpt2" else model.model.norm
+        handles += [norm.register_forward_hook(add), model.lm_head.register_forward_hook(lambda m, a, o: o * 0.5)]
+    try:
+        with torch.no_grad():
+            want = _out(model(**base))
+    finally:
+        for hd in handles:
+            hd.remove()
+    ivs = [sl.Interchange("embed", positions=-1, source=source)]
+    if arch not in ENCODERS:
+        ivs += [sl.Add("final_norm", v, positions=-1), sl.Scale("logits", factor=0.5)]
+    with wrapped(model) as lab:
+        got = _out(lab.run(base, ivs).output)
+    assert torch.equal(got, want)
