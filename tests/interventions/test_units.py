@@ -232,3 +232,101 @@ def test_padded_batch_equals_examples_one_by_one(arch, side):
             alone = _out(lab.run(_rows(base, i), ivs(_rows(source, i), pos[i : i + 1])).output)
             real = base["attention_mask"][i].bool()
             torch.testing.assert_close(batched[i][real], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_source_batch_of_one_is_broadcast(side):
+    """One source example for a batch of bases; f2+l2 on a 3-token source leaves slots empty for every row."""
+    model = model_of("llama")
+    base = make_inputs("llama", [7, 4, 6], 7, side, 16)
+    source = make_inputs("llama", [3], 5, side, 17)
+    src, _ = read_site(model, "llama", 1, "attn.z", source)
+    b_slots = resolve("f2+l2", base["attention_mask"])
+    s_slots = resolve("f2+l2", source["attention_mask"])[0]
+
+    def edit(part):
+        for i in range(3):
+            for bj, sj in zip(b_slots[i], s_slots):
+                if bj is not None and sj is not None:
+                    part[i, bj, [0, 2]] = src[0, sj, [0, 2]]
+
+    want = run_edited(model, "llama", 1, "attn.z", base, edit).logits
+    with wrapped(model) as lab:
+        got = lab.run(base, [sl.Interchange("blocks.1.attn.z", heads=[0, 2], positions="f2+l2", source=source)]).logits
+    assert torch.equal(got, want)
+
+
+def test_heads_and_dims_together():
+    model = model_of("qwen3")
+    base, source = make_inputs("qwen3", [6, 4], 6, "left", 18), make_inputs("qwen3", [5, 6], 6, "left", 19)
+    src, _ = read_site(model, "qwen3", 1, "attn.z", source)
+    todo = pairs([0, -1], base["attention_mask"], source["attention_mask"])
+    dims = [1, 4, 7]
+
+    def edit(part):
+        for i, bj, sj in todo:
+            for h in (1, 3):
+                part[i, bj, h, dims] = src[i, sj, h, dims]
+
+    want = run_edited(model, "qwen3", 1, "attn.z", base, edit).logits
+    with wrapped(model) as lab:
+        iv = sl.Interchange("blocks.1.attn.z", heads=[1, 3], dims=dims, positions=[0, -1], source=source)
+        got = lab.run(base, [iv]).logits
+        seen = {}
+        lab.run(base, [sl.Lambda("blocks.1.attn.z", lambda x: seen.setdefault("x", x), heads=[1, 3], dims=dims, positions=[0, -1])])
+    assert seen["x"].shape == (2, 2, 2, 3)  # [batch, k, head, dims]
+    assert torch.equal(got, want)
+
+
+def test_interventions_at_one_site_compose_in_order_and_reads_see_the_result():
+    model = model_of("llama")
+    inputs = make_inputs("llama", [7, 5], 7, "left", 20)
+    v = torch.randn(32, generator=torch.Generator().manual_seed(5))
+    slots = resolve([0, -1], inputs["attention_mask"])
+    last = resolve(-1, inputs["attention_mask"])
+
+    def edit(part):  # Add at [0, -1], then Scale at -1
+        for i in range(2):
+            for j in slots[i]:
+                part[i, j] = part[i, j] + v
+            part[i, last[i][0]] = part[i, last[i][0]] * 2.0
+
+    want = run_edited(model, "llama", 1, "resid_post", inputs, edit).logits
+    full, _ = read_site(model, "llama", 1, "resid_post", inputs)
+    with wrapped(model) as lab:
+        res = lab.run(
+            inputs,
+            [
+                sl.Collect("blocks.2.resid_pre", name="next"),  # the same tensor, one block later
+                sl.Add("blocks.1.resid_post", v, positions=[0, -1]),
+                sl.Collect("blocks.1.resid_post", name="here"),
+                sl.Scale("blocks.1.resid_post", factor=2.0, positions=-1),
+            ],
+        )
+    assert torch.equal(res.logits, want)
+    edited = full.clone()
+    edit(edited)
+    assert torch.equal(res.cache["here"], edited)  # a read sees what the rest of the forward uses
+    assert torch.equal(res.cache["next"], edited)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_smollm_padded_batch_equals_one_by_one(smollm, side):
+    model, tok = smollm
+    base = dict(tok(["The quick brown fox jumps", "Hello", "One two three"], return_tensors="pt", padding=True, padding_side=side))
+    source = dict(tok(["A slow green turtle", "Good night moon", "Hi"], return_tensors="pt", padding=True, padding_side=side))
+    R = torch.linalg.qr(torch.randn(576, 576, generator=torch.Generator().manual_seed(0)))[0][:8]
+    v = torch.randn(576, generator=torch.Generator().manual_seed(1))
+
+    def ivs(src):
+        return [
+            sl.SubspaceInterchange("blocks.9.resid_post", size=8, init=R, positions=-1, source=src),
+            sl.Add("blocks.14.mlp.out", v, positions="f1+l1"),
+        ]
+
+    with wrapped(model, tok) as lab:
+        batched = lab.run(base, ivs(source)).logits
+        for i in range(3):
+            alone = lab.run(_rows(base, i), ivs(_rows(source, i))).logits
+            real = base["attention_mask"][i].bool()
+            torch.testing.assert_close(batched[i][real], alone[0], atol=1e-4, rtol=1e-4)
