@@ -1,1 +1,66 @@
-"""steerlab.reft"""
+"""steerlab.reft — steering with the ReFT family, on the base layer's interventions.
+
+LoReFT, DiReFT, NoReFT, ConsReFT and LobiReFT as subspace-edit
+interventions; :class:`ReftConfig` / :func:`get_reft_model` / :class:`ReftModel`
+(attach, ``print_trainable_parameters``, ``save_pretrained`` /
+``from_pretrained``, ``generate``); datasets and a collator for instruction
+and classification data; training through the Hugging Face ``Trainer``
+(``ReftTrainerForCausalLM``, ...) or :func:`train`. A DAS ``Subspace`` seeds
+a LoReFT with :meth:`LoReFT.from_subspace`. Names follow pyreft where one
+exists (``ReftConfig``, ``get_reft_model``, ``ReftTrainerForCausalLM``,
+``ReftDataCollator``, ``make_last_position_supervised_data_module``).
+"""
+
+from steerlab.reft._base import ReftIntervention
+from steerlab.reft.config import ReftConfig, TaskType
+from steerlab.reft.data import (
+    ClassificationDataset,
+    InstructionDataset,
+    ReftDataCollator,
+    format_prompt,
+    make_last_position_supervised_data_module,
+    make_supervised_data_module,
+)
+from steerlab.reft.interventions import ConsReFT, DiReFT, LobiReFT, LoReFT, NoReFT
+from steerlab.reft.model import ReftModel, get_reft_model
+from steerlab.reft.positions import prompt_positions
+from steerlab.reft.loop import TrainResult, train
+
+__all__ = [
+    "LoReFT",
+    "DiReFT",
+    "NoReFT",
+    "ConsReFT",
+    "LobiReFT",
+    "ReftIntervention",
+    "ReftConfig",
+    "TaskType",
+    "ReftModel",
+    "get_reft_model",
+    "from_pretrained",
+    "InstructionDataset",
+    "ClassificationDataset",
+    "ReftDataCollator",
+    "format_prompt",
+    "make_supervised_data_module",
+    "make_last_position_supervised_data_module",
+    "prompt_positions",
+    "ReftTrainer",
+    "ReftTrainerForCausalLM",
+    "ReftTrainerForSequenceClassification",
+    "train",
+    "TrainResult",
+]
+
+from_pretrained = ReftModel.from_pretrained
+
+_TRAINERS = ("ReftTrainer", "ReftTrainerForCausalLM", "ReftTrainerForSequenceClassification")
+
+
+def __getattr__(name: str):
+    # the Trainer classes import transformers.Trainer (seconds); only when asked for
+    if name in _TRAINERS:
+        from steerlab.reft import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'steerlab.reft' has no attribute {name!r}")

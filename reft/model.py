@@ -1,0 +1,472 @@
+"""``ReftModel``: a base model with ReFT interventions attached, trainable, savable.
+
+::
+
+    rm = get_reft_model(model, ReftConfig(layers=[8], rank=4, positions="l1"), tokenizer=tok)
+    rm.print_trainable_parameters()
+    out = rm(**batch)                    # batch from a steerlab.reft collator
+    rm.generate(["Hello"], max_new_tokens=20)
+    rm.save_pretrained("out/")
+    rm2 = ReftModel.from_pretrained("out/", model)
+
+A ``ReftModel`` is an ``nn.Module`` whose only trainable parameters are its
+interventions' (and the base modules named in ``modules_to_save``, such as a
+classification head): the base model is frozen by :func:`steerlab.wrap`, and
+the interventions stay attached (the base layer's attached lifetime) until
+:meth:`ReftModel.unwrap`, so the Hugging Face ``Trainer``, DDP, mixed
+precision, gradient accumulation and gradient checkpointing all see one
+ordinary module. ``train()`` / ``eval()`` reach the interventions (their
+dropout). Attributes it does not define (``config``, ``device``, ...) are the
+base model's, as with PEFT.
+
+Per-example positions arrive with each forward as
+``intervention_positions`` (``LongTensor[batch, groups, k]`` from the
+collators, real-token indices, ``-1`` = empty slot); without them each
+intervention resolves its own spec against the attention mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor, nn
+
+from steerlab.interventions import Attachment, Lab, Positions, Prefix, wrap
+from steerlab.interventions import fileformat
+from steerlab.interventions.prefix import resume_from
+from steerlab.interventions.errors import ConfigError, FileFormatError, LifetimeError, UnitError
+from steerlab.interventions.serialize import build_intervention, intervention_record
+from steerlab.reft._base import ReftIntervention
+from steerlab.reft.config import ReftConfig
+from steerlab.reft.interventions import INTERVENTION_TYPES
+
+__all__ = ["ReftModel", "get_reft_model", "KIND"]
+
+#: the ``kind`` of a saved ReFT model in the one file format
+KIND = "reft"
+
+
+class ReftModel(nn.Module):
+    """A model with ReFT interventions attached. Build with :func:`get_reft_model`.
+
+    Args:
+        model: the base model (any Hugging Face model steerlab can wrap).
+        interventions: the interventions, in weight groups (see ``groups``).
+        tokenizer: used by :meth:`generate` for text prompts.
+        config: the :class:`ReftConfig` they came from, if any.
+        groups: indices into ``interventions``, one list per position group
+            (default: one group holding all of them). Group ``j`` takes
+            ``intervention_positions[:, j]``.
+        modules_to_save: base modules to train with the interventions.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        interventions: Sequence[ReftIntervention],
+        *,
+        tokenizer=None,
+        config: ReftConfig | None = None,
+        groups: Sequence[Sequence[int]] | None = None,
+        modules_to_save: Sequence[str] = (),
+        _lab: Lab | None = None,
+    ):
+        super().__init__()
+        lab = _lab if _lab is not None else wrap(model, tokenizer)
+        try:
+            self._setup(model, lab, list(interventions), tokenizer, config, groups, list(modules_to_save))
+        except BaseException:
+            self._teardown(lab)
+            raise
+
+    def _setup(self, model, lab, ivs, tokenizer, config, groups, modules_to_save) -> None:
+        if not ivs:
+            raise ConfigError("a ReftModel needs at least one intervention")
+        for iv in ivs:
+            if not isinstance(iv, ReftIntervention):
+                raise ConfigError(f"ReftModel takes ReFT interventions (LoReFT, DiReFT, ...); got {type(iv).__name__}")
+        groups = [list(range(len(ivs)))] if groups is None else [list(g) for g in groups]
+        if sorted(i for g in groups for i in g) != list(range(len(ivs))):
+            raise ConfigError(f"groups={groups} must partition the {len(ivs)} interventions")
+        self.model = model
+        self.interventions = nn.ModuleList(ivs)
+        self.lab = lab
+        self.tokenizer = tokenizer
+        self.reft_config = config
+        self.groups = groups
+        self.modules_to_save = modules_to_save
+        self._originals: dict[str, dict[str, Tensor]] = {}
+        for name in modules_to_save:
+            module = self._base_module(name)
+            self._originals[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            for p in module.parameters():
+                p.requires_grad_(True)
+        self._attachments = [Attachment(lab, [ivs[i] for i in g]) for g in groups]
+        self._enabled = False
+        self.enable()
+
+    def _teardown(self, lab: Lab) -> None:
+        for att in getattr(self, "_attachments", []):
+            if att.attached:
+                att.detach()
+        for name, state in getattr(self, "_originals", {}).items():
+            module = self._base_module(name)
+            with torch.no_grad():
+                for k, v in module.state_dict().items():
+                    v.copy_(state[k])
+        lab.unwrap()
+
+    def _base_module(self, name: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            children = [n for n, _ in self.model.named_children()]
+            raise ConfigError(f"modules_to_save names {name!r}, which this model lacks; its top-level modules: {children}") from None
+
+    # -- facts ---------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("model", "interventions") or name.startswith("_"):
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def positions(self) -> Any:
+        """The prompt-position spec the collators and :meth:`generate` use (``None``: each intervention's own)."""
+        if self.reft_config is not None:
+            return self.reft_config.positions
+        first = self.interventions[0].positions
+        if first.kind in ("static", "firstlast") and all(iv.positions == first for iv in self.interventions):
+            return first.to_json()
+        return None
+
+    @property
+    def tied(self) -> bool:
+        return self.reft_config.tied if self.reft_config is not None else True
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def lowest_layer(self) -> int | None:
+        """The lowest block an intervention sits in (``None`` if one sits outside the blocks)."""
+        layers = []
+        for iv in self.interventions:
+            parts = iv.site.split(".")
+            if parts[0] != "blocks" or len(parts) < 2 or not parts[1].lstrip("-").isdigit():
+                return None
+            layers.append(int(parts[1]) % self.lab.n_layers)
+        return min(layers)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, base)``: trainable parameters (interventions and saved modules) and the base model's size."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        base = sum(p.numel() for p in self.model.parameters())
+        return trainable, base
+
+    def print_trainable_parameters(self) -> None:
+        """Print, as PEFT does: ``trainable params: … || all params: … || trainable%: …`` (% of the base model)."""
+        trainable, base = self.get_nb_trainable_parameters()
+        total = base + sum(p.numel() for p in self.interventions.parameters())
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / base:.4f} (of the base model's {base:,d})")
+
+    # -- attachment ------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def enable(self) -> None:
+        """Attach the interventions (done at construction)."""
+        if self._enabled:
+            return
+        for att in self._attachments:
+            att.attach()
+        self._enabled = True
+
+    def disable(self) -> None:
+        """Detach the interventions: the model computes exactly its base outputs until :meth:`enable`."""
+        if not self._enabled:
+            return
+        for att in self._attachments:
+            att.detach()
+        self._enabled = False
+
+    @contextmanager
+    def disabled(self) -> Iterator[ReftModel]:
+        """``with rm.disabled():`` the base model, exactly; the interventions come back after."""
+        was = self._enabled
+        self.disable()
+        try:
+            yield self
+        finally:
+            if was:
+                self.enable()
+
+    def unwrap(self) -> nn.Module:
+        """Detach everything, restore saved modules and ``requires_grad`` flags; return the base model as found."""
+        self.disable()
+        self._teardown(self.lab)
+        self._attachments = []
+        return self.model
+
+    # -- gradient checkpointing: the base model's -----------------------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
+        kw = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw, **kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs) -> None:
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        fn = getattr(self.model, "activation_checkpointing_disable", None) or self.model.gradient_checkpointing_disable
+        fn()
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Int[Tensor, "batch seq"] | None = None,
+        attention_mask: Int[Tensor, "batch seq"] | None = None,
+        labels: Tensor | None = None,
+        intervention_positions: Int[Tensor, "batch group k"] | None = None,
+        prefix: Prefix | None = None,
+        **kwargs,
+    ):
+        """The base model's forward with the interventions at ``intervention_positions``
+        (``[batch, groups, k]``, or ``[batch, k]`` with one group).
+
+        ``prefix`` (from :meth:`prefix`) resumes from the residual stream
+        cached below the lowest intervened layer, for the same inputs: blocks
+        below it are skipped (they are frozen and not edited, so their output
+        is the same every step).
+        """
+        if not self._enabled:
+            raise LifetimeError("this ReftModel is disabled or unwrapped; call enable() (or use rm.model for the base model)")
+        pos = self._split_positions(intervention_positions)
+        if labels is not None:
+            kwargs["labels"] = labels
+        try:
+            for att, p in zip(self._attachments, pos):
+                att.positions = p
+            with resume_from(self.lab.layers, prefix) if prefix is not None else nullcontext():
+                return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            for att in self._attachments:
+                att.positions = None
+
+    def prefix(self, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"] | None = None) -> Prefix:
+        """The residual stream entering :attr:`lowest_layer` for these inputs, for ``forward(prefix=...)``.
+
+        Exact as long as the base model has no active dropout below that
+        layer (decoders like LLaMA have none; call it in the mode you train in).
+        """
+        layer = self.lowest_layer
+        if layer is None:
+            raise ConfigError("a prefix needs every intervention inside the blocks (sites 'blocks.L....')")
+        inputs = {"input_ids": input_ids} if attention_mask is None else {"input_ids": input_ids, "attention_mask": attention_mask}
+        with self.disabled(), torch.no_grad():
+            return self.lab.prefix(inputs, layer)
+
+    def _split_positions(self, pos: Tensor | None) -> list[Tensor | None]:
+        if pos is None:
+            return [None] * self.n_groups
+        if not isinstance(pos, Tensor) or pos.dtype not in (torch.int64, torch.int32):
+            raise UnitError(f"intervention_positions must be a LongTensor[batch, groups, k]; got {type(pos).__name__}")
+        if pos.dim() == 2 and self.n_groups == 1:
+            return [pos]
+        if pos.dim() != 3 or pos.shape[1] != self.n_groups:
+            raise UnitError(
+                f"intervention_positions has shape {tuple(pos.shape)}; expected [batch, {self.n_groups}, k] "
+                f"({self.n_groups} position group{'s' if self.n_groups > 1 else ''})"
+            )
+        return list(pos.unbind(1))
+
+    def generate(self, inputs, *, decode: bool = False, positions=None, chat_template: bool = False, **generate_kwargs):
+        """Batched generation; see :func:`steerlab.reft.generation.generate`."""
+        from steerlab.reft.generation import generate
+
+        return generate(self, inputs, decode=decode, positions=positions, chat_template=chat_template, **generate_kwargs)
+
+    # -- saving -----------------------------------------------------------------------------
+    def _records(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        records, tensors = [], {}
+        for i, iv in enumerate(self.interventions):
+            rec, ts = intervention_record(iv, f"{i}.")
+            records.append(rec)
+            tensors.update(ts)
+        for name in self.modules_to_save:
+            for k, v in self._base_module(name).state_dict().items():
+                tensors[f"modules.{name}.{k}"] = v
+        config = {
+            "reft_config": None if self.reft_config is None else self.reft_config.to_dict(),
+            "groups": self.groups,
+            "interventions": records,
+            "modules_to_save": list(self.modules_to_save),
+            "extra_tensors": bool(self.modules_to_save),
+        }
+        return config, tensors
+
+    def save_pretrained(self, save_directory: str | Path, *, is_main_process: bool = True, **_ignored) -> Path | None:
+        """Write ``steerlab.json`` + ``weights.safetensors`` (the one file format) atomically.
+
+        Holds every intervention's type, placement and constructor arguments,
+        the weight groups, the config, the trained base modules, and the base
+        model's fingerprint. Only the main process writes (``is_main_process``).
+        """
+        if not is_main_process:
+            return None
+        config, tensors = self._records()
+        return fileformat.save(save_directory, kind=KIND, config=config, tensors=tensors, fingerprint=self.lab.fingerprint())
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        model: nn.Module,
+        tokenizer=None,
+        *,
+        is_trainable: bool = False,
+        device: str | torch.device | None = None,
+    ) -> ReftModel:
+        """Load a saved ReFT model onto ``model`` (on ``device``, default the model's).
+
+        Refuses, with a named error and the model left as found, a file made
+        for another model (width, layer count, vocabulary, type), a corrupt or
+        foreign file, or one whose tensors do not match its interventions.
+        ``is_trainable=False`` (as in PEFT) freezes the loaded interventions.
+        """
+        lab = wrap(model, tokenizer)
+        try:
+            dev = torch.device(device) if device is not None else lab.device
+            meta, tensors = fileformat.load(directory, kind=KIND, fingerprint=lab.fingerprint(), device=dev)
+            cfg = meta["config"]
+            records = cfg.get("interventions")
+            if not isinstance(records, list) or not records:
+                raise FileFormatError(f"{directory} lists no interventions")
+            for rec in records:
+                if not isinstance(rec, dict) or rec.get("type") not in INTERVENTION_TYPES:
+                    raise FileFormatError(f"{directory} holds a {rec.get('type') if isinstance(rec, dict) else rec!r} intervention, which is not a ReFT type {sorted(INTERVENTION_TYPES)}")
+            ivs = [build_intervention(rec, tensors, f"{i}.", device=dev) for i, rec in enumerate(records)]
+            if not is_trainable:
+                for iv in ivs:
+                    iv.requires_grad_(False)
+            rc = cfg.get("reft_config")
+            config = ReftConfig.from_dict(rc) if rc else None
+            saved = list(cfg.get("modules_to_save") or [])
+            owned = {k for k in tensors if k.split(".", 1)[0].isdigit() and int(k.split(".", 1)[0]) < len(ivs)}
+            module_tensors = {k: v for k, v in tensors.items() if k not in owned}
+            if any(not k.startswith("modules.") for k in module_tensors):
+                raise FileFormatError(f"{directory} holds tensors no intervention owns: {sorted(module_tensors)[:5]}")
+        except BaseException:
+            lab.unwrap()
+            raise
+        rm = cls(model, ivs, tokenizer=tokenizer, config=config, groups=cfg.get("groups"), modules_to_save=saved, _lab=lab)
+        try:
+            rm._load_modules(module_tensors, strict=True)
+            if not is_trainable:
+                for name in saved:
+                    rm._base_module(name).requires_grad_(False)
+        except BaseException:
+            rm.unwrap()
+            raise
+        return rm
+
+    def _load_modules(self, tensors: dict[str, Tensor], *, strict: bool) -> None:
+        expected = {f"modules.{n}.{k}" for n in self.modules_to_save for k in self._base_module(n).state_dict()}
+        if strict and set(tensors) != expected:
+            raise FileFormatError(f"saved module tensors {sorted(tensors)[:6]} do not match modules_to_save {sorted(expected)[:6]}")
+        for name in self.modules_to_save:
+            for k, v in self._base_module(name).state_dict().items():
+                t = tensors[f"modules.{name}.{k}"]
+                if t.shape != v.shape:
+                    raise FileFormatError(f"saved {name}.{k} has shape {tuple(t.shape)}; the model's has {tuple(v.shape)}")
+                with torch.no_grad():
+                    v.copy_(t)
+
+    def load_weights(self, directory: str | Path) -> None:
+        """Load a checkpoint of *this* ReFT model's interventions in place (the Trainer's resume path).
+
+        The parameters keep their identity (an optimiser holding them stays
+        valid), device and dtype; the file must hold the same interventions.
+        """
+        meta, tensors = fileformat.load(directory, kind=KIND, fingerprint=self.lab.fingerprint(), device="cpu")
+        config, current = self._records()
+        saved = meta["config"].get("interventions")
+        strip = lambda recs: [{k: r.get(k) for k in ("type", "site", "positions", "arguments", "width")} for r in recs]  # noqa: E731
+        if not isinstance(saved, list) or strip(saved) != strip(config["interventions"]):
+            raise FileFormatError(f"{directory} holds other interventions than this ReftModel (types, sites, arguments or widths differ)")
+        if set(tensors) != set(current):
+            raise FileFormatError(f"{directory} holds tensors {sorted(set(tensors) ^ set(current))[:5]} this ReftModel does not (or lacks them)")
+        with torch.no_grad():
+            for i, iv in enumerate(self.interventions):
+                for k, v in iv.state_dict(keep_vars=True).items():
+                    t = tensors[f"{i}.{k}"]
+                    if t.dtype != v.dtype:
+                        raise FileFormatError(f"{directory}: tensor {i}.{k} is {t.dtype}; the live parameter is {v.dtype}")
+                    v.copy_(t)
+                for m in iv.modules():
+                    if hasattr(m, "_cached"):
+                        m._cached = None
+        self._load_modules({k: v for k, v in tensors.items() if k.startswith("modules.")}, strict=True)
+
+    def __repr__(self) -> str:
+        types = sorted({type(iv).__name__ for iv in self.interventions})
+        return f"ReftModel({self.lab!r}, {len(self.interventions)} interventions: {', '.join(types)}, groups={len(self.groups)}, enabled={self._enabled})"
+
+
+def build_interventions(config: ReftConfig, lab: Lab) -> tuple[list[ReftIntervention], list[list[int]]]:
+    """The interventions a config asks for on ``lab``'s model, and their weight groups."""
+    layers = config.layer_indices(lab.n_layers)
+    cls = INTERVENTION_TYPES[config.intervention]
+    dtype = config.dtype or lab.dtype
+    kwargs: dict[str, Any] = {"rank": config.rank, "dropout": config.dropout, "dtype": dtype, **config.intervention_kwargs}
+    if config.act_fn is not None:
+        if "act_fn" not in cls._arguments:
+            raise ConfigError(f"act_fn={config.act_fn!r} is not an argument of {cls.__name__} (it has no W h term)")
+        kwargs["act_fn"] = config.act_fn
+    ivs, groups = [], []
+    for spec in config.position_groups():
+        groups.append(list(range(len(ivs), len(ivs) + len(layers))))
+        for layer in layers:
+            try:
+                ivs.append(cls(f"blocks.{layer}.{config.site}", positions=spec, **kwargs))
+            except TypeError as e:
+                raise ConfigError(f"cannot build {cls.__name__} from intervention_kwargs={config.intervention_kwargs}: {e}") from None
+    return ivs, groups
+
+
+def get_reft_model(
+    model: nn.Module,
+    config: ReftConfig | Sequence[ReftIntervention] | ReftIntervention,
+    tokenizer=None,
+    **_pyreft_compat,
+) -> ReftModel:
+    """Wrap ``model`` (freezing it) and attach the interventions ``config`` describes.
+
+    ``config`` is a :class:`ReftConfig` or ready-made interventions (for
+    example ``LoReFT.from_subspace(subspace)``).
+    """
+    if isinstance(config, ReftIntervention):
+        config = [config]
+    lab = wrap(model, tokenizer)
+    try:
+        if isinstance(config, ReftConfig):
+            ivs, groups = build_interventions(config, lab)
+            saved = config.modules_to_save
+            cfg: ReftConfig | None = config
+        else:
+            ivs, groups, saved, cfg = list(config), None, [], None
+    except BaseException:
+        lab.unwrap()
+        raise
+    return ReftModel(model, ivs, tokenizer=tokenizer, config=cfg, groups=groups, modules_to_save=saved, _lab=lab)
