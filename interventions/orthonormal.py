@@ -105,7 +105,12 @@ class Orthonormal(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda(): drop a cached R on the old device
         self._cached = None
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        if self.weight.dtype != torch.float32:  # A stays fp32 through `.to(bf16)` / `.half()` (QR needs it)
+            self.weight.data = self.weight.data.float()
+            if self.weight.grad is not None:
+                self.weight.grad = self.weight.grad.float()
+        return out
 
 
 def materialise(maps: Iterable[Orthonormal]) -> None:
