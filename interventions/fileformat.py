@@ -74,6 +74,10 @@ def save(
     return directory
 
 
+def _not_json(name: str):
+    raise ValueError(f"holds {name}, which is not JSON (the format has no NaN or Infinity)")
+
+
 def _check_fingerprint(saved: dict | None, model: dict | None, where: Path) -> None:
     if not saved or not model:
         return
@@ -104,13 +108,17 @@ def load(
         hint = f"; found {pickles}, which steerlab never loads (pickle files can run code)" if pickles else ""
         raise FileFormatError(f"{directory} has no {CONFIG_NAME}{hint}")
     try:
-        meta = json.loads(cfg_path.read_text())
+        meta = json.loads(cfg_path.read_text(), parse_constant=_not_json)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FileFormatError(f"{cfg_path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise FileFormatError(f"{cfg_path} is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # NaN / Infinity
+        raise FileFormatError(f"{cfg_path} {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != "steerlab":
         raise FileFormatError(f"{cfg_path} is not a steerlab file (no \"format\": \"steerlab\")")
     version = meta.get("version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise FileFormatError(f"{cfg_path} has no format version")
     if version > FORMAT_VERSION:
         raise FileFormatError(f"{cfg_path} has format version {version}, made by a newer steerlab; this one reads up to {FORMAT_VERSION}")

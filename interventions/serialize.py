@@ -60,11 +60,18 @@ def build_intervention(record: dict[str, Any], tensors: dict[str, Tensor], prefi
     kwargs = {k: record.get(k) for k in _PLACEMENT if record.get(k) is not None}
     args = record.get("arguments") or {}
     try:
+        if not isinstance(args, dict):
+            raise TypeError(f"arguments are {type(args).__name__}, not an object")
         iv = cls(record["site"], **kwargs, **args)
-    except TypeError as e:
-        raise FileFormatError(f"cannot rebuild {record['type']!r} from the saved arguments {args}: {e}") from None
-    if not iv.built and record.get("width") is not None:
-        iv.build(int(record["width"]))
+        if not iv.built and record.get("width") is not None:
+            iv.build(int(record["width"]))
+    except FileFormatError:
+        raise
+    except (TypeError, ValueError) as e:  # ValueError includes steerlab's own (SubspaceSizeError, UnitError, ...)
+        raise FileFormatError(
+            f"cannot rebuild {record['type']!r} at {record['site']!r} from the saved placement {kwargs}, arguments {args} "
+            f"and width {record.get('width')!r}: {e}"
+        ) from None
     own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     expected = set(iv.state_dict())
     if set(own) != expected:
@@ -151,9 +158,29 @@ def save_graph(directory: str | Path, graph: Graph, lab: Lab) -> Path:
     return fileformat.save(directory, kind="graph", config={"runs": records}, tensors=tensors, fingerprint=lab.fingerprint())
 
 
+def _run_records(directory, meta: dict, tensors: dict) -> list[dict]:
+    """The graph's run records, each checked for the fields and tensors it refers to."""
+    runs = meta["config"].get("runs")
+    if not isinstance(runs, list):
+        raise FileFormatError(f"{directory}: the graph has no list of run records")
+    for rec in runs:
+        ok = isinstance(rec, dict) and isinstance(rec.get("index"), int) and isinstance(rec.get("inputs"), list) \
+            and isinstance(rec.get("interventions"), list)
+        if not ok:
+            raise FileFormatError(f"{directory}: a run record lacks its index, inputs or interventions: {rec!r:.200}")
+        for k in rec["inputs"]:
+            if f"runs.{rec['index']}.inputs.{k}" not in tensors:
+                raise FileFormatError(f"{directory}: run {rec['index']} lists the input {k!r}, which the weights file lacks")
+        for j, ivrec in enumerate(rec["interventions"]):
+            src = ivrec.get("source") if isinstance(ivrec, dict) else None
+            if isinstance(src, dict) and src.get("value") and f"runs.{rec['index']}.iv.{j}.source_value" not in tensors:
+                raise FileFormatError(f"{directory}: run {rec['index']} intervention {j} reads a source_value the weights file lacks")
+    return sorted(runs, key=lambda r: r["index"])
+
+
 def load_graph(directory: str | Path, lab: Lab) -> Graph:
     meta, tensors = fileformat.load(directory, kind="graph", fingerprint=lab.fingerprint(), device=lab.device)
-    runs = sorted(meta["config"].get("runs", []), key=lambda r: r["index"])
+    runs = _run_records(directory, meta, tensors)
     g = Graph()
     by_index: dict[int, Run] = {}
     for rec in runs:

@@ -97,7 +97,12 @@ class Subspace:
     @classmethod
     def load(cls, directory: str | Path, *, fingerprint: dict | None = None) -> Subspace:
         meta, tensors = fileformat.load(directory, kind="subspace", fingerprint=fingerprint)
-        return cls.from_record(meta["config"], tensors["basis"])
+        if "basis" not in tensors or not isinstance(meta["config"].get("site"), str):
+            raise FileFormatError(f"{directory}: a subspace needs a 'basis' tensor and a 'site' in its record")
+        try:
+            return cls.from_record(meta["config"], tensors["basis"])
+        except SubspaceSizeError as e:
+            raise FileFormatError(f"{directory}: {e}") from None
 
     def __repr__(self) -> str:
         var = self.metadata.get("variable")
