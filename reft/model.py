@@ -219,11 +219,17 @@ class ReftModel(nn.Module):
 
     # -- gradient checkpointing: the base model's -----------------------------------
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
+        """The base model's checkpointing (non-reentrant by default); the interventions' hooks
+        stay in place, so the backward's recomputation edits exactly as the forward did."""
         kw = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
         if hasattr(self.model, "activation_checkpointing_enable"):
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw, **kwargs)
         else:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw, **kwargs)
+        if not kw.get("use_reentrant", True) and hasattr(self.model, "_require_grads_hook"):
+            # transformers makes the embeddings require grad for reentrant checkpointing; the
+            # non-reentrant kind does not need it, and it would run the backward below the lowest edit
+            self.model.disable_input_require_grads()
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs) -> None:
         self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
