@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from steerlab.interventions.errors import BatchMismatch, ShapeMismatch, SourceError, UnitError
+from steerlab.interventions.errors import BatchMismatch, LifetimeError, ShapeMismatch, SourceError, UnitError
 from steerlab.interventions.graph import Graph, GraphResult, Run, RunResult, SourceValue
 from steerlab.interventions.hooks import EarlyExit, Edit, HookSet, Read
 from steerlab.interventions.inputs import Inputs
@@ -284,9 +284,27 @@ def execute(
     return _run_plan(plan, prefix=prefix, model_kwargs=model_kwargs)
 
 
+def _refuse_checkpointed_backward(plan: _Plan) -> None:
+    """Per-call hooks are removed when the call returns, but gradient checkpointing replays its
+    layers during backward, later: the replay would miss the interventions (torch then raises
+    CheckpointError, or with reentrant checkpointing the gradient silently skips them)."""
+    lab = plan.lab
+    if not (torch.is_grad_enabled() and lab.model.training):
+        return
+    if not (lab.has_trainable_base() or any(iv.trainable for n in plan.nodes for iv, _ in n.edits)):
+        return
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in lab.model.modules()):
+        raise LifetimeError(
+            "gradient checkpointing is on and this call needs gradients: backward replays the checkpointed "
+            "layers after a per-call run has removed its interventions. Attach them for the whole step instead: "
+            "`with lab.attach(interventions): loss = ...; loss.backward()`"
+        )
+
+
 def _run_plan(plan: _Plan, *, prefix: Prefix | None, model_kwargs: dict | None, forward=None) -> GraphResult:
     """Execute a validated plan; ``forward`` runs one forward (default: the hook engine's :func:`_forward`)."""
     lab = plan.lab
+    _refuse_checkpointed_backward(plan)
     forward = forward or _forward
     model_kwargs = dict(model_kwargs or {})
     if prefix is not None:
