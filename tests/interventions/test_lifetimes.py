@@ -65,7 +65,8 @@ def test_attached_source_value_interchange():
     assert torch.equal(attached, per_call)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients_while_attached():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients_while_attached(reentrant):
     """The edit sits inside checkpointed layers; backward replays them with the hooks still in place."""
     torch.manual_seed(0)
     inputs = make_inputs("llama", [7, 5], 7, "left", 4)
@@ -77,7 +78,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_while_attached():
         model = tiny_model("llama")
         model.train()
         if ckpt:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         with wrapped(model) as lab:
             sv = lab.source_value(sl.Interchange("blocks.1.attn.z", heads=[0, 2], positions=-1, source=src))
             das = sl.SubspaceInterchange("blocks.1.attn.z", size=3, init=R, heads=[0, 2], positions=-1, source=sv)
@@ -125,3 +126,25 @@ def test_user_hooks_are_never_touched():
     assert len(mine) == 3
     for h in (h1, h2, h3):
         h.remove()
+
+
+def test_per_call_run_refuses_gradient_checkpointing_before_compute():
+    """A per-call run's hooks are gone when backward replays checkpointed layers: refused, model untouched."""
+    model = tiny_model("llama")
+    model.train()
+    model.gradient_checkpointing_enable()
+    inputs = make_inputs("llama", [7, 5], 7, "left", 8)
+    with wrapped(model) as lab:
+        lab.sites
+        before = hook_counts(model)
+        calls = []
+        h = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+        steer = sl.Add("blocks.0.mlp.post", torch.zeros(64), trainable=True)
+        with pytest.raises(sl.LifetimeError, match=r"gradient checkpointing is on .* lab\.attach"):
+            lab.run(inputs, [steer])
+        h.remove()
+        assert calls == [] and hook_counts(model) == before
+        with torch.no_grad():  # no gradient needed: allowed
+            lab.run(inputs, [steer])
+        model.eval()  # checkpointing acts in training mode only
+        lab.run(inputs, [steer])
