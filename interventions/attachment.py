@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from steerlab.interventions.errors import LifetimeError
+from steerlab.interventions.errors import LifetimeError, SourceError
 from steerlab.interventions.graph import Run, SourceValue
 from steerlab.interventions.hooks import Edit, HookSet
 from steerlab.interventions.ops import Intervention
@@ -50,6 +50,11 @@ class Attachment:
         site = self.lab.prepare(iv)
         getter = None
         if iv.sourced:
+            if iv.source is None:
+                raise SourceError(
+                    f"{type(iv).__name__} at {iv.site!r} needs a source: attached interventions take a precomputed "
+                    "SourceValue (lab.source_value(...) gives one)"
+                )
             if isinstance(iv.source, SourceValue):
                 value = iv.source.value.to(self.lab.device)
                 getter = lambda v=value: v  # noqa: E731

@@ -24,8 +24,17 @@ from steerlab.interventions.activation_cache import ActivationCache
 from steerlab.interventions.adapters import ROOT_SITES, map_model
 from steerlab.interventions.attachment import Attachment
 from steerlab.interventions.engine import execute
-from steerlab.interventions.errors import ConfigError, LifetimeError, ShapeMismatch, SiteNotFound, UnitError
-from steerlab.interventions.graph import Graph, GraphResult, RunResult, SourceValue
+from steerlab.interventions.errors import (
+    BatchMismatch,
+    ConfigError,
+    DataError,
+    LifetimeError,
+    ShapeMismatch,
+    SiteNotFound,
+    SourceError,
+    UnitError,
+)
+from steerlab.interventions.graph import Graph, GraphResult, Run, RunResult, SourceValue
 from steerlab.interventions.hooks import EarlyExit, _input_tensor, _output_tensor
 from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.ops import Collect, Intervention
@@ -368,13 +377,16 @@ class Lab:
         texts_in = isinstance(inputs, (list, tuple)) and inputs and all(isinstance(s, str) for s in inputs)
         if texts_in:
             if self.tokenizer is None:
-                raise UnitError("text prompts need a tokenizer: wrap(model, tokenizer)")
+                raise DataError("text prompts need a tokenizer: wrap(model, tokenizer) or pass token ids")
+            if self.tokenizer.pad_token is None and len(inputs) > 1:
+                raise DataError(
+                    f"the tokenizer has no pad token, so a batch of {len(inputs)} prompts cannot be padded; "
+                    "set tokenizer.pad_token (e.g. to tokenizer.eos_token)"
+                )
             inp = Inputs((), dict(self.tokenizer(list(inputs), return_tensors="pt", padding=True, padding_side="left"))).to(self.device)
         else:
             inp = Inputs.of(inputs, tokenizer=self.tokenizer, device=self.device, is_lm=self.is_lm)
-        info = inp.mask_info()
-        for iv in ivs:
-            (iv.positions if positions is None else _positions(positions)).validate(info)
+        self._check_generation(ivs, inp, positions)
         resolved = []
         for iv in ivs:
             if iv.sourced and not isinstance(iv.source, SourceValue):
@@ -387,6 +399,29 @@ class Lab:
         T = inp.seq
         texts = self.tokenizer.batch_decode(seqs[:, T:], skip_special_tokens=True) if self.tokenizer is not None else None
         return Generation(seqs, T, texts)
+
+    def _check_generation(self, ivs: list[Intervention], inp: Inputs, positions) -> None:
+        """Everything :meth:`generate` can check before its first forward (source runs included)."""
+        info = inp.mask_info()
+        for iv in ivs:
+            self.prepare(iv)
+            (iv.positions if positions is None else _positions(positions)).validate(info)
+            if not iv.sourced:
+                continue
+            if iv.source is None or isinstance(iv.source, Run):
+                got = "a run of a graph" if iv.source is not None else "none"
+                raise SourceError(f"{type(iv).__name__} at {iv.site!r} needs a source (inputs or a SourceValue); got {got}")
+            if isinstance(iv.source, SourceValue):
+                batch = iv.source.value.shape[0]
+            else:
+                src = Inputs.of(iv.source, tokenizer=self.tokenizer, device=self.device, is_lm=self.is_lm).mask_info()
+                iv.effective_source_positions().validate(src, "source_positions")
+                batch = src.batch
+            if batch not in (1, info.batch):
+                raise BatchMismatch(
+                    f"the source of {type(iv).__name__} at {iv.site!r} has batch {batch} but the prompts have "
+                    f"{info.batch}; expected equal batches (or a source batch of 1, broadcast)"
+                )
 
     # -- saving -------------------------------------------------------------------------
     def save(self, directory, what) -> Path:
