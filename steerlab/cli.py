@@ -232,6 +232,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.compare and args.interventions is None:
         raise ConfigError("--compare shows generations with and without --interventions DIR: give the directory")
     lab = _load_lab(args)
+    can_generate = getattr(lab.model, "can_generate", None)
+    if not (callable(can_generate) and can_generate()):
+        raise ConfigError(f"generate needs a model with a language-model head; {args.model} ({type(lab.model).__name__}) cannot generate text")
     ivs = lab.load_interventions(args.interventions) if args.interventions else []
     for iv in ivs:
         if iv.sourced and iv.source is None:

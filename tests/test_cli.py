@@ -228,6 +228,7 @@ def test_usage_errors_exit_2_with_one_line(capsys, argv, message):
         (["generate", "smollm2-135m", "hi", "--compare"], "steerlab: error: --compare shows generations with and without --interventions DIR"),
         (["generate", "smollm2-135m", "hi", "--max-new-tokens", "0"], "steerlab: error: --max-new-tokens 0: expected a positive number"),
         (["generate", "smollm2-135m", "hi", "--interventions", "/no/such/dir"], "steerlab: error: /no/such/dir is not a steerlab directory"),
+        (["generate", "minilm-l6", "hi"], "steerlab: error: generate needs a model with a language-model head; minilm-l6 (BertModel) cannot generate text"),
     ],
 )
 def test_steerlab_errors_exit_1_with_one_line(capsys, argv, message, monkeypatch):

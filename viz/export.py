@@ -198,16 +198,19 @@ def _is_table(x: Any) -> bool:
 
 
 def report(
-    figures: go.Figure | Sequence[go.Figure] | Mapping[str, go.Figure] = (),
-    path: str | os.PathLike = "report.html",
+    figures: go.Figure | Sequence[go.Figure] | Mapping[str, go.Figure],
+    path: str | os.PathLike,
     *,
     title: str = "steerlab report",
     sections: Iterable[Section | tuple[str, Any]] = (),
     intro: str | None = None,
 ) -> Path:
     """Write one self-contained HTML report: ``title``, ``intro``, the ``sections`` in
-    order, then ``figures`` (a mapping gives each figure a heading). plotly.js is
-    embedded once, so the file works offline; the write is atomic."""
+    order, then ``figures`` (a mapping gives each figure a heading; ``[]`` for none).
+    plotly.js is embedded once, so the file works offline; the write is atomic.
+
+    A section is :class:`Section` or a ``(heading, blocks)`` pair, where blocks is
+    one block or a list of them (see :class:`Section` for what a block can be)."""
     from plotly.offline import get_plotlyjs
 
     parts = [f"<h1>{html.escape(title)}</h1>"]

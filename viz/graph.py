@@ -194,7 +194,7 @@ def _layout(fig: go.Figure, rows: _Rows, n_layers: int, title: str | None) -> No
         xaxis=dict(title="layer (sites in forward order within a layer)", tickvals=[t[0] for t in ticks],
                    ticktext=[t[1] for t in ticks], range=[-1.6, n_layers + 1.2], zeroline=False),
         yaxis=dict(title="run", tickvals=list(range(len(rows.labels))), ticktext=rows.labels,
-                   autorange="reversed", range=None, zeroline=False),
+                   autorange="reversed", zeroline=False),
         height=max(300, 140 + 70 * len(rows.labels)),
         legend=dict(title="intervention"),
         margin=dict(l=90),
