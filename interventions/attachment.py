@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from steerlab.interventions.errors import LifetimeError, SourceError
 from steerlab.interventions.graph import Run, SourceValue
 from steerlab.interventions.hooks import Edit, HookSet
@@ -42,6 +44,7 @@ class Attachment:
         self.decode = bool(decode)
         self._positions = None if positions is None else Positions(positions)
         self._hooks: HookSet | None = None
+        self._replays: list[tuple[nn.Module, _Replay]] = []
         self._edits = [self._edit(iv) for iv in self.interventions]
 
     def _edit(self, iv: Intervention) -> Edit:
@@ -78,6 +81,11 @@ class Attachment:
         hs = HookSet(self.lab.model, self._edits, positions=self._positions, validate=True)
         hs.install()
         self._hooks = hs
+        for m in self.lab.model.modules():  # layers with gradient checkpointing (transformers sets this attribute)
+            inner = m.__dict__.get("_gradient_checkpointing_func")
+            if inner is not None:
+                m._gradient_checkpointing_func = replay = _Replay(hs, inner)
+                self._replays.append((m, replay))
         self.lab._attachments.append(self)
         return self
 
@@ -86,6 +94,9 @@ class Attachment:
             raise LifetimeError("these interventions are not attached")
         self._hooks.remove()
         self._hooks = None
+        for m, replay in reversed(self._replays):
+            _unlink(m, replay)
+        self._replays.clear()
         self.lab._attachments.remove(self)
         for iv in self.interventions:
             for m in iv.modules():
@@ -116,3 +127,36 @@ class Attachment:
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
         return f"Attachment({len(self.interventions)} interventions, {state})"
+
+
+class _Replay:
+    """A layer's checkpoint function that replays the layer, in backward, with the context
+    (positions, mask) of the forward that ran it: with several forwards before one backward,
+    the hook set's current context is the last forward's, not the replayed one's."""
+
+    def __init__(self, hooks: HookSet, inner):
+        self.hooks, self.inner = hooks, inner
+
+    def __call__(self, fn, *args, **kwargs):
+        hooks, ctx = self.hooks, self.hooks.ctx
+
+        def run(*a, **k):
+            saved, hooks.ctx = hooks.ctx, ctx
+            try:
+                return fn(*a, **k)
+            finally:
+                hooks.ctx = saved
+
+        return self.inner(run, *args, **kwargs)
+
+
+def _unlink(module: nn.Module, replay: _Replay) -> None:
+    """Remove ``replay`` from the module's chain of checkpoint functions (attachments may detach in any order)."""
+    cur = module.__dict__.get("_gradient_checkpointing_func")
+    if cur is replay:
+        module._gradient_checkpointing_func = replay.inner
+        return
+    while isinstance(cur, _Replay) and cur.inner is not replay:
+        cur = cur.inner
+    if isinstance(cur, _Replay):
+        cur.inner = replay.inner
