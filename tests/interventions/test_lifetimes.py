@@ -148,3 +148,27 @@ def test_per_call_run_refuses_gradient_checkpointing_before_compute():
             lab.run(inputs, [steer])
         model.eval()  # checkpointing acts in training mode only
         lab.run(inputs, [steer])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_with_two_forwards_before_one_backward(reentrant):
+    """Each forward's layers are replayed with that forward's positions (same batch size, different padding)."""
+    a, b = make_inputs("llama", [7, 3], 7, "left", 9), make_inputs("llama", [4, 7], 7, "left", 10)
+    src = make_inputs("llama", [5, 6], 7, "left", 11)
+    R = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(7)))[0][:4]
+    grads = {}
+    for ckpt in (False, True):
+        model = tiny_model("llama")
+        model.train()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        with wrapped(model) as lab:
+            sv = lab.source_value(sl.Interchange("blocks.1.resid_post", positions=-1, source=src))
+            das = sl.SubspaceInterchange("blocks.1.resid_post", size=4, init=R, positions=-1, source=sv)
+            steer = sl.Add("blocks.0.mlp.post", torch.zeros(64), trainable=True, positions=[0, -1])
+            with lab.attach([das, steer]):
+                loss = model(**a).logits.pow(2).mean() + 2 * model(**b).logits.pow(2).mean()
+                loss.backward()
+        grads[ckpt] = (steer.vector.grad.clone(), das.rotation.weight.grad.clone())
+    for x, y in zip(grads[False], grads[True]):
+        torch.testing.assert_close(x, y, atol=1e-7, rtol=1e-5)
