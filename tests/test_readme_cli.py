@@ -75,3 +75,13 @@ def test_readme_console_session_runs_as_shown(tmp_path, monkeypatch, capsys):
         for g, w in zip(got, expected, strict=True):
             assert _same_line(g, w, tol=2e-3), f"{cmd}\n got: {g!r}\nREADME: {w!r}"
     assert (tmp_path / "patching.html").stat().st_size > 1_000_000
+
+
+def test_the_test_command_installs_chromium_only_when_missing():
+    """The browser tests need Chromium: CI's one-line test command installs Debian's package, and
+    leaves a machine that has one alone."""
+    text = README.read_text()
+    block = text.split("<!-- test-command -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    assert "\n" not in block, "the test command stays one line"
+    assert block.startswith("(command -v chromium >/dev/null || (apt-get update -qq && ")
+    assert "apt-get install -y -qq chromium" in block.split("&& python3 -m venv")[0]
