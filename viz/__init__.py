@@ -7,11 +7,15 @@ needs kaleido and a Chrome/Chromium browser; :func:`report` writes several
 figures, text and tables into one self-contained HTML file.
 """
 
+from steerlab.viz.alignment import das_training_curve, iia_heatmap, subspace_projection
 from steerlab.viz.export import Pre, Section, find_browser, report, save, save_html, save_png
 from steerlab.viz.graph import run_graph
 from steerlab.viz.patching import patching_heatmap
 
 __all__ = [
+    "iia_heatmap",
+    "das_training_curve",
+    "subspace_projection",
     "patching_heatmap",
     "run_graph",
     "save",

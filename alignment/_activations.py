@@ -1,0 +1,238 @@
+"""Activations computed once per dataset, and intervened runs that start from them.
+
+Every DAS step, evaluation and control on a fixed dataset needs the same
+things below the intervened site: the residual stream entering the site's
+block for each base (a :class:`~steerlab.interventions.Prefix`) and the
+site's value on each source. :class:`ActivationStore` computes them for the
+dataset's *distinct* inputs (a base that is also another example's source is
+run once) in one forward per chunk that stops after the highest site, for
+every candidate site at once. A :class:`Runner` then runs minibatches with
+interventions whose sources are cached slices
+(:class:`~steerlab.interventions.SourceValue`) and whose bases resume from
+the cached prefix, so a step computes only the blocks from the site upward.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from steerlab.alignment.counterfactuals import CounterfactualDataset, CounterfactualTable, check_equal_lengths
+from steerlab.alignment.encoders import Encoder
+from steerlab.interventions.graph import SourceValue
+from steerlab.interventions.lab import Lab
+from steerlab.interventions.ops import Intervention
+from steerlab.interventions.prefix import Prefix
+from steerlab.interventions.units import MaskInfo, Positions, gather_positions
+
+__all__ = ["ActivationStore", "Runner", "site_layer", "model_kwargs_for"]
+
+
+def site_layer(lab: Lab, site: str) -> int | None:
+    """The block a site lives in (its prefix layer), or ``None`` (embeddings, a plain module)."""
+    path = lab.map.layers_path
+    if path is None:
+        return None
+    module = lab.resolve(site).module_path
+    m = re.match(re.escape(path) + r"\.(\d+)(?:\.|$)", module)
+    return int(m[1]) if m else None
+
+
+def model_kwargs_for(lab: Lab, encoder: Encoder) -> dict[str, Any]:
+    """The encoder's extra forward arguments that the model's forward accepts."""
+    try:
+        params = inspect.signature(lab.model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {k: v for k, v in encoder.model_kwargs().items() if k in params}
+
+
+def _rows(encoded: Any, rows) -> Any:
+    if isinstance(encoded, Tensor):
+        return encoded[rows]
+    return {k: v[rows] for k, v in encoded.items()}
+
+
+def _cat(parts: list[Any]) -> Any:
+    if isinstance(parts[0], Tensor):
+        return torch.cat(parts)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+class ActivationStore:
+    """Site values and prefixes of ``inputs`` (distinct input settings) on ``lab``.
+
+    ``sites``: every site the caller will intervene at; their blocks' prefixes
+    and their values at every position are kept (CPU memory:
+    ``len(inputs) × seq × width`` floats per site and per block).
+    """
+
+    def __init__(self, lab: Lab, encoder: Encoder, inputs: list, sites: Sequence[str], *, chunk_size: int = 256):
+        self.lab = lab
+        self.encoder = encoder
+        self.inputs = inputs
+        self.sites = list(dict.fromkeys(lab.resolve(s).name for s in sites))
+        self.encoded = encoder.encode(inputs)
+        self.lengths = encoder.lengths(self.encoded)
+        self.layers = {s: site_layer(lab, s) for s in self.sites}
+        layers = sorted({v for v in self.layers.values() if v is not None})
+        values: dict[str, list[Tensor]] = {s: [] for s in self.sites}
+        hidden: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+        tuple_len = 0
+        n = len(inputs)
+        with torch.no_grad():
+            for a in range(0, n, chunk_size):
+                chunk = _rows(self.encoded, slice(a, a + chunk_size))
+                if layers:
+                    prefixes, cache = lab.prefixes(chunk, layers, sites=self.sites)
+                    for layer, p in prefixes.items():
+                        hidden[layer].append(p.hidden)
+                        tuple_len = p.tuple_len
+                else:
+                    cache = lab.collect(chunk, self.sites)
+                for s in self.sites:
+                    values[s].append(cache[s])
+        # a site without a position axis ([batch, width]) is collected as [batch, 1, width]
+        flat = {s: not lab.has_positions(lab.resolve(s)) for s in self.sites}
+        self.values: dict[str, Tensor] = {s: torch.cat(v)[:, 0] if flat[s] else torch.cat(v) for s, v in values.items()}
+        self.prefixes: dict[int, Prefix] = {layer: Prefix(layer, torch.cat(h), tuple_len) for layer, h in hidden.items()}
+        self._positions: dict[Any, tuple[Tensor | None, Tensor | None]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.lab.device
+
+    def inputs_for(self, rows: Int[Tensor, " b"]) -> Any:
+        return _rows(self.encoded, rows)
+
+    def prefix(self, site: str, rows: Int[Tensor, " b"]) -> Prefix | None:
+        layer = self.layers[self.lab.resolve(site).name]
+        return None if layer is None else self.prefixes[layer].select(rows)
+
+    def positions(self, spec) -> tuple[Int[Tensor, "n k"] | None, Int[Tensor, "n k"] | None]:
+        """``(real-token indices, padded indices)`` of ``spec`` for every input (``None, None``: all positions)."""
+        key = tuple(spec) if isinstance(spec, list) else spec
+        if key not in self._positions:
+            if spec is None or not self.encoder.has_positions:
+                self._positions[key] = (None, None)
+            else:
+                real = self.encoder.positions(spec, self.inputs, self.encoded)
+                mask = self.encoded["attention_mask"] if isinstance(self.encoded, dict) else None
+                info = MaskInfo.from_mask(mask, real.shape[0], _seq(self.encoded), real.device)
+                self._positions[key] = (real, Positions(real).resolve(info))
+        return self._positions[key]
+
+    def slice(self, site: str, rows: Int[Tensor, " b"], spec) -> Float[Tensor, "b ..."]:
+        """The value at ``site`` of inputs ``rows`` at positions ``spec``: ``[b, k, d]`` (``[b, d]`` without positions)."""
+        v = self.values[self.lab.resolve(site).name][rows]
+        _, padded = self.positions(spec)
+        if padded is None or v.dim() == 2:
+            return v
+        return gather_positions(v, padded[rows])
+
+
+def _seq(encoded: Any) -> int:
+    t = encoded if isinstance(encoded, Tensor) else encoded["input_ids"]
+    return t.shape[1]
+
+
+class Runner:
+    """Intervened runs of a dataset's examples at one site and position spec.
+
+    ``run(rows, ivs)`` runs the bases of examples ``rows`` with ``ivs`` (one per
+    intervened variable, in the dataset's variable order), each reading its
+    variable's cached source slice (the base's own slice for rows that do not
+    intervene that variable, which makes the edit the identity), resuming from
+    the cached prefix; it returns the label scores ``[b, labels]``.
+    """
+
+    def __init__(self, store: ActivationStore, dataset: CounterfactualDataset, site: str, positions):
+        self.store = store
+        self.lab = store.lab
+        self.encoder = dataset.encoder
+        self.table: CounterfactualTable = dataset.table()
+        self.site = site
+        self.spec = positions
+        self.kwargs = model_kwargs_for(self.lab, self.encoder)
+        # the dataset's examples index into its own table; map them onto the store's inputs
+        self._map = _index_map(self.table.inputs, store.inputs)
+        if positions is None and self.encoder.has_positions and self.lab.has_positions(self.lab.resolve(site)):
+            check_equal_lengths(dataset, store.lengths[self._map])
+        real, _ = store.positions(positions)
+        self._real = real
+
+    def __len__(self) -> int:
+        return self.table.base.shape[0]
+
+    def base_rows(self, rows: Int[Tensor, " b"]) -> Int[Tensor, " b"]:
+        return self._map[self.table.base[rows]]
+
+    def source_rows(self, rows: Int[Tensor, " b"], j: int) -> Int[Tensor, " b"]:
+        src = self.table.sources[rows, j]
+        return self._map[torch.where(src >= 0, src, self.table.base[rows])]
+
+    def source_slice(self, rows: Int[Tensor, " b"], j: int) -> Tensor:
+        return self.store.slice(self.site, self.source_rows(rows, j), self.spec)
+
+    def base_slice(self, rows: Int[Tensor, " b"]) -> Tensor:
+        return self.store.slice(self.site, self.base_rows(rows), self.spec)
+
+    def run(
+        self,
+        rows: Int[Tensor, " b"],
+        ivs: Sequence[Intervention],
+        sources: Sequence[Tensor] | None = None,
+        *,
+        repeat: int = 1,
+    ) -> Float[Tensor, "rb labels"]:
+        """Scores of the bases ``rows`` (each repeated ``repeat`` times, copy-major)
+        with ``ivs``; ``sources[i]`` overrides the slice ``ivs[i]`` reads
+        (``[repeat * b, ...]``), default: variable ``i``'s cached slice."""
+        base = self.base_rows(rows)
+        if sources is None:
+            sources = [self.source_slice(rows, j) for j in range(len(ivs))]
+        for iv, src in zip(ivs, sources):
+            iv.source = SourceValue(src.to(self.lab.device))
+        inputs = self.store.inputs_for(base)
+        prefix = self.store.prefix(self.site, base)
+        pos = None if self._real is None else self._real[base]
+        if repeat > 1:
+            inputs = _repeat(inputs, repeat)
+            prefix = None if prefix is None else prefix.repeat(repeat)
+            pos = None if pos is None else pos.repeat(repeat, 1)
+        inputs = _to(inputs, self.lab.device)
+        if prefix is not None:
+            prefix = Prefix(prefix.layer, prefix.hidden.to(self.lab.device), prefix.tuple_len)
+        out = self.lab.run(inputs, list(ivs), positions=pos, prefix=prefix, **self.kwargs)
+        return self.encoder.scores(out.output)
+
+    def labels(self, rows: Int[Tensor, " b"]) -> Int[Tensor, " b"]:
+        return self.table.labels[rows]
+
+
+def _index_map(inputs: list, store_inputs: list) -> Int[Tensor, " n"]:
+    if inputs is store_inputs:
+        return torch.arange(len(inputs))
+    where = {tuple(sorted(s.items())): i for i, s in enumerate(store_inputs)}
+    try:
+        return torch.tensor([where[tuple(sorted(s.items()))] for s in inputs], dtype=torch.long)
+    except KeyError:
+        raise ValueError("the activation store does not hold every input of this dataset") from None
+
+
+def _repeat(inputs: Any, n: int) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs.repeat(n, *([1] * (inputs.dim() - 1)))
+    return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
+
+
+def _to(inputs: Any, device) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    return {k: v.to(device) for k, v in inputs.items()}

@@ -1,0 +1,459 @@
+"""Distributed alignment search (DAS) and Boundless DAS.
+
+DAS (Geiger et al. 2023) looks for a ``k``-dimensional subspace of a site
+whose interchange implements a causal variable: with ``R`` (``k × d``,
+orthonormal rows) trained so that the distributed interchange
+
+.. math::
+
+    h' = h + R^\\top (R s - R h)
+
+(base ``h``, source ``s`` at the aligned positions) makes the network output
+the causal model's counterfactual label, by cross-entropy over the label
+scores. Several variables are aligned to *disjoint* subspaces of one site,
+as in the paper: their bases are consecutive row blocks of one orthonormal
+matrix, so each edit leaves the others' coordinates untouched. Boundless DAS
+(Wu et al. 2023) learns the size too: a full rotation and a soft boundary
+annealed from a high temperature to a low one, with a penalty on the width.
+
+Training runs only the layers from the site upward: base prefixes and source
+slices come from an :class:`~steerlab.alignment._activations.ActivationStore`
+computed once per dataset (see :mod:`steerlab.alignment._activations`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from steerlab.alignment._activations import ActivationStore, Runner
+from steerlab.alignment.counterfactuals import CounterfactualDataset
+from steerlab.alignment.iia import IIA, evaluate_iia
+from steerlab.alignment.results import Curve, DASResult
+from steerlab.interventions.errors import ConfigError, DataError, SubspaceSizeError
+from steerlab.interventions.lab import Lab
+from steerlab.interventions.ops import BoundlessSubspaceInterchange, Interchange, Intervention, SubspaceInterchange
+from steerlab.interventions.orthonormal import Orthonormal, _orthonormal_rows
+from steerlab.interventions.subspace import Subspace
+
+__all__ = ["DAS", "BoundlessDAS", "TrainConfig"]
+
+
+class _Rows(nn.Module):
+    """Rows ``start:stop`` of a shared orthonormal map: disjoint subspaces of one rotation."""
+
+    def __init__(self, joint: Orthonormal, start: int, stop: int):
+        super().__init__()
+        self.joint = joint
+        self.start, self.stop = start, stop
+
+    def forward(self) -> Tensor:
+        return self.joint()[self.start : self.stop]
+
+
+class TrainConfig:
+    """Hyper-parameters shared by DAS, Boundless DAS and the controls."""
+
+    def __init__(
+        self,
+        *,
+        epochs: int = 5,
+        batch_size: int = 64,
+        lr: float = 1e-2,
+        seed: int = 0,
+        eval_size: int | None = 512,
+        eval_batch_size: int = 256,
+    ):
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"epochs={epochs!r}: expected a positive int")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size!r}: expected a positive int")
+        if not lr > 0:
+            raise ConfigError(f"lr={lr!r}: expected a positive learning rate")
+        self.epochs, self.batch_size, self.lr, self.seed = epochs, batch_size, float(lr), seed
+        self.eval_size, self.eval_batch_size = eval_size, eval_batch_size
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _random_basis(k: int, d: int, g: torch.Generator) -> Tensor:
+    return _orthonormal_rows(torch.randn(d, k, generator=g))
+
+
+def build_subspace_interventions(site: str, sizes: Mapping[str, int], width: int, seed: int) -> list[SubspaceInterchange]:
+    """One :class:`SubspaceInterchange` per variable; with several, their ``R``s are
+    consecutive row blocks of one orthonormal map (disjoint subspaces)."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(sizes.values())
+    init = _random_basis(total, width, g)
+    ivs = []
+    if len(sizes) == 1:
+        (k,) = sizes.values()
+        return [SubspaceInterchange(site, size=k, width=width, init=init)]
+    joint = Orthonormal(width, total, init)
+    start = 0
+    for k in sizes.values():
+        iv = SubspaceInterchange(site, size=k, width=width)
+        iv.rotation = _Rows(joint, start, start + k)
+        ivs.append(iv)
+        start += k
+    return ivs
+
+
+def _parameters(ivs: Sequence[Intervention]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for iv in ivs:
+        for p in iv.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def _eval_rows(n: int, size: int | None, seed: int) -> Tensor:
+    if size is None or size >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:size].sort().values
+
+
+def train(
+    runner: Runner,
+    ivs: Sequence[Intervention],
+    cfg: TrainConfig,
+    *,
+    evaluator: Runner | None = None,
+    extra_loss=None,
+    on_step=None,
+    on_epoch=None,
+    groups: list[dict] | None = None,
+) -> Curve:
+    """Train ``ivs`` (one per variable, in the runner's variable order) by
+    cross-entropy of the intervened label scores; returns the curve.
+
+    ``evaluator`` (default: ``runner``) gives the IIA after each epoch on up to
+    ``cfg.eval_size`` of its examples. ``extra_loss()`` is added to the loss,
+    ``on_step(step, total)`` runs before each step (temperature schedules),
+    ``on_epoch(curve)`` after each epoch.
+    """
+    for iv in ivs:
+        iv.train()
+    opt = torch.optim.Adam(groups or _parameters(ivs), lr=cfg.lr)
+    n = len(runner)
+    per_epoch = math.ceil(n / cfg.batch_size)
+    total = per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total, 1))
+    g = torch.Generator().manual_seed(cfg.seed)
+    curve = Curve()
+    ev = evaluator or runner
+    ev_rows = _eval_rows(len(ev), cfg.eval_size, cfg.seed)
+    step = 0
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=g)
+        losses = []
+        for a in range(0, n, cfg.batch_size):
+            rows = perm[a : a + cfg.batch_size]
+            if on_step is not None:
+                on_step(step, total)
+            scores = runner.run(rows, ivs)
+            loss = F.cross_entropy(scores.float(), runner.labels(rows).to(scores.device))
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.detach())
+            step += 1
+        curve.loss += torch.stack(losses).cpu().tolist()  # one host sync per epoch
+        curve.epoch_step.append(step)
+        curve.epoch_iia.append(evaluate(ev, ivs, rows=ev_rows, batch_size=cfg.eval_batch_size)["all"].value)
+        if on_epoch is not None:
+            on_epoch(curve)
+    for iv in ivs:
+        iv.eval()
+    return curve
+
+
+def evaluate(runner: Runner, ivs: Sequence[Intervention], *, rows: Tensor | None = None, batch_size: int = 256, sources=None) -> dict[str, IIA]:
+    """IIA of ``ivs`` on the runner's examples, per intervened set and ``"all"``."""
+    t = runner.table
+    return evaluate_iia(lambda r: runner.run(r, ivs), t.labels, t.intervened, t.variables, rows=rows, batch_size=batch_size)
+
+
+def full_vector_iia(runner: Runner, *, batch_size: int = 256) -> dict[str, IIA]:
+    """IIA of the full-vector interchange at the runner's site and positions, per
+    variable, on the examples that intervene that variable alone."""
+    t = runner.table
+    out: dict[str, IIA] = {}
+    iv = Interchange(runner.site)
+    for j, v in enumerate(t.variables):
+        only = t.intervened.sum(1).eq(1) & t.intervened[:, j]
+        rows = only.nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        res = evaluate_iia(
+            lambda r, j=j: runner.run(r, [iv], [runner.source_slice(r, j)]),
+            t.labels, t.intervened, t.variables, rows=rows, batch_size=batch_size,
+        )
+        out[v] = res["all"]
+    return out
+
+
+def subspaces_of(ivs: Sequence[Intervention], variables: Sequence[str], site: str, positions, method: str, iia: Mapping[str, IIA]) -> dict[str, Subspace]:
+    out = {}
+    with torch.no_grad():
+        for v, iv in zip(variables, ivs):
+            r = iv.R.detach().cpu().float()
+            meta = {"variable": v, "method": method, "positions": positions}
+            if v in iia:
+                meta["iia"] = iia[v].value
+            out[v] = Subspace(r, site, positions=_subspace_positions(positions), metadata=meta)
+    return out
+
+
+def _subspace_positions(positions):
+    if positions is None or isinstance(positions, (int, list, tuple)):
+        return positions
+    return "per-call"
+
+
+class DAS:
+    """Distributed alignment search at one site (see the module docstring).
+
+    Args:
+        lab: the wrapped model.
+        site: where to look, e.g. ``"blocks.6.resid_post"`` or ``"module:layers.0:output"``.
+        size: the subspace size, the same for every variable or ``{variable: size}``.
+        variables: the causal variables to align (default: those the training data intervenes).
+        positions: where in the sequence: a name the encoder knows (``"last"``,
+            ``"adjective"``), an int, or ``None`` (every position / no position axis).
+        epochs, batch_size, lr, seed: training (Adam, linear decay to 0).
+        controls: also train on a re-initialised copy of the model and search
+            neuron-aligned alignments of the same size (on by default).
+        localist_limit: enumerate every neuron assignment up to this many, else
+            sample ``localist_samples`` of them; chosen on up to
+            ``selection_size`` training examples, reported on the test set.
+    """
+
+    method = "DAS"
+
+    def __init__(
+        self,
+        lab: Lab,
+        *,
+        site: str,
+        size: int | Mapping[str, int] = 8,
+        variables: str | Sequence[str] | None = None,
+        positions=None,
+        epochs: int = 5,
+        batch_size: int = 64,
+        lr: float = 1e-2,
+        seed: int = 0,
+        controls: bool = True,
+        localist_limit: int = 20_000,
+        localist_samples: int = 64,
+        selection_size: int = 512,
+        eval_size: int | None = 512,
+    ):
+        if not isinstance(lab, Lab):
+            raise ConfigError(f"DAS needs a Lab (steerlab.wrap(model)); got {type(lab).__name__}")
+        self.lab = lab
+        self.site = lab.resolve(site).name
+        self.size = size
+        self.variables = [variables] if isinstance(variables, str) else (None if variables is None else list(variables))
+        self.positions = list(positions) if isinstance(positions, tuple) else positions
+        self.cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_size=eval_size)
+        self.controls = controls
+        self.localist_limit, self.localist_samples, self.selection_size = localist_limit, localist_samples, selection_size
+
+    # -- validation ---------------------------------------------------------------------
+    def width(self) -> int:
+        shape = self.lab.site_shape(self.lab.resolve(self.site))
+        if len(shape) != 1:
+            raise ConfigError(f"{self.site!r} is a per-head site {shape}; DAS aligns whole-vector sites (resid, attn.out, mlp.*, module:...)")
+        return shape[0]
+
+    def resolve_sizes(self, variables: Sequence[str]) -> dict[str, int]:
+        return resolve_sizes(self.size, variables, self.site, self.width())
+
+    def _variables(self, train: CounterfactualDataset) -> list[str]:
+        if not isinstance(train, CounterfactualDataset):
+            raise DataError(f"fit() takes a CounterfactualDataset; got {type(train).__name__}")
+        have = list(train.variables)
+        want = self.variables or have
+        for v in want:
+            if v not in train.causal_model.values:
+                raise DataError(f"variable {v!r} is not in {train.causal_model.name} (variables: {list(train.causal_model.variables)})")
+        if set(want) != set(have):
+            raise DataError(f"the training data intervenes {have} but DAS aligns {want}; they must be the same variables")
+        return [v for v in have]
+
+    # -- fitting ------------------------------------------------------------------------------
+    def fit(self, train: CounterfactualDataset, test: CounterfactualDataset | None = None) -> DASResult:
+        """Train on ``train``; report IIA and controls on ``test`` (default: ``train``)."""
+        variables = self._variables(train)
+        sizes = self.resolve_sizes(variables)
+        test = test if test is not None else train
+        _check_same_task(train, test)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        store = store_for(self.lab, [train, test], [self.site])
+        run_train, run_test = Runner(store, train, self.site, self.positions), Runner(store, test, self.site, self.positions)
+        timings["cache"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ivs, curve = self._train(run_train, run_test, sizes)
+        timings["train"] = time.perf_counter() - t0
+        iia = evaluate(run_test, ivs, batch_size=self.cfg.eval_batch_size)
+        result = DASResult(
+            site=self.site, positions=self.positions, variables=tuple(variables), sizes=self._final_sizes(ivs, sizes),
+            subspaces=subspaces_of(ivs, variables, self.site, self.positions, self.method, iia), iia=iia,
+            full_vector=full_vector_iia(run_test, batch_size=self.cfg.eval_batch_size), curve=curve, method=self.method,
+            config=self._config(train, test), timings=timings, fingerprint=self.lab.fingerprint(),
+        )
+        if self.controls:
+            t0 = time.perf_counter()
+            self._controls(result, run_train, run_test, train, test, sizes)
+            timings["controls"] = time.perf_counter() - t0
+        return result
+
+    def _train(self, run_train: Runner, run_test: Runner, sizes: dict[str, int]) -> tuple[list[Intervention], Curve]:
+        ivs = build_subspace_interventions(self.site, sizes, self.width(), self.cfg.seed)
+        curve = train(run_train, ivs, self.cfg, evaluator=run_test)
+        return ivs, curve
+
+    def _final_sizes(self, ivs, sizes: dict[str, int]) -> dict[str, int]:
+        return dict(sizes)
+
+    def _config(self, train, test) -> dict[str, Any]:
+        return {**self.cfg.to_json(), "n_train": len(train), "n_test": len(test), "method": self.method}
+
+    def _controls(self, result: DASResult, run_train: Runner, run_test: Runner, train, test, sizes) -> None:
+        from steerlab.alignment.controls import localist_alignment, random_init_lab
+
+        loc = localist_alignment(
+            run_train, run_test, result.sizes, self.width(), limit=self.localist_limit, samples=self.localist_samples,
+            selection_size=self.selection_size, seed=self.cfg.seed,
+        )
+        result.localist, result.localist_method, result.localist_dims = loc.iia, loc.method, loc.dims
+        rlab = random_init_lab(self.lab, seed=self.cfg.seed)
+        rstore = store_for(rlab, [train, test], [self.site])
+        r_train, r_test = Runner(rstore, train, self.site, self.positions), Runner(rstore, test, self.site, self.positions)
+        r_ivs, r_curve = self._train(r_train, r_test, sizes)
+        result.random_init = evaluate(r_test, r_ivs, batch_size=self.cfg.eval_batch_size)
+        result.random_init_curve = r_curve
+
+
+class BoundlessDAS(DAS):
+    """Boundless DAS: one variable, the subspace size learned (see the module docstring).
+
+    The boundary (a fraction of the width) starts at ``init_boundary``; the
+    temperature of its sigmoid mask falls geometrically from
+    ``temperature[0]`` to ``temperature[1]`` over training;
+    ``boundary_penalty`` times the boundary is added to the loss. The found
+    subspace is the first ``round(boundary × width)`` rows of the rotation,
+    and its IIA is that of the hard subspace.
+    """
+
+    method = "Boundless DAS"
+
+    def __init__(
+        self,
+        lab: Lab,
+        *,
+        site: str,
+        variables: str | Sequence[str] | None = None,
+        positions=None,
+        init_boundary: float = 0.5,
+        temperature: tuple[float, float] = (50.0, 0.1),
+        boundary_penalty: float = 1.0,
+        boundary_lr: float = 1e-2,
+        **kwargs,
+    ):
+        super().__init__(lab, site=site, size=1, variables=variables, positions=positions, **kwargs)
+        if not (len(temperature) == 2 and temperature[0] > 0 and temperature[1] > 0):
+            raise ConfigError(f"temperature={temperature!r}: expected (start, end), both > 0")
+        self.init_boundary, self.temperature = init_boundary, tuple(float(t) for t in temperature)
+        self.boundary_penalty, self.boundary_lr = float(boundary_penalty), float(boundary_lr)
+
+    def resolve_sizes(self, variables: Sequence[str]) -> dict[str, int]:
+        if len(variables) != 1:
+            raise ConfigError(f"Boundless DAS aligns one variable at a time; got {list(variables)}")
+        return {variables[0]: self.width()}
+
+    def _train(self, run_train: Runner, run_test: Runner, sizes: dict[str, int]) -> tuple[list[Intervention], Curve]:
+        width = self.width()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            iv = BoundlessSubspaceInterchange(self.site, width=width, init_boundary=self.init_boundary, temperature=self.temperature[0])
+        t0, t1 = self.temperature
+        temps: list[float] = []
+
+        def schedule(step: int, total: int) -> None:
+            frac = step / max(total - 1, 1)
+            iv.set_temperature(t0 * (t1 / t0) ** frac)
+            temps.append(iv.temperature)
+
+        groups = [
+            {"params": list(iv.rotation.parameters()), "lr": self.cfg.lr},
+            {"params": [iv.boundary], "lr": self.boundary_lr},
+        ]
+
+        def penalty() -> Tensor:
+            return self.boundary_penalty * iv.boundary.clamp(0, 1)
+
+        def record(curve: Curve) -> None:
+            curve.size.append(iv.size)
+
+        curve = train(run_train, [iv], self.cfg, evaluator=run_test, extra_loss=penalty, on_step=schedule, on_epoch=record, groups=groups)
+        curve.temperature = temps
+        k = max(iv.size, 1)
+        hard = SubspaceInterchange(self.site, size=k, width=width, init=iv.R.detach()[:k])
+        return [hard], curve
+
+    def _final_sizes(self, ivs, sizes: dict[str, int]) -> dict[str, int]:
+        return {v: ivs[0].size for v in sizes}
+
+
+def resolve_sizes(size: int | Mapping[str, int], variables: Sequence[str], site: str, width: int) -> dict[str, int]:
+    """``{variable: size}``, checked to fit (disjointly) in ``width``."""
+    if isinstance(size, Mapping):
+        extra, missing = set(size) - set(variables), set(variables) - set(size)
+        if extra or missing:
+            raise ConfigError(f"size={dict(size)!r} must give a size for exactly the variables {list(variables)}")
+        sizes = {v: size[v] for v in variables}
+    else:
+        sizes = {v: size for v in variables}
+    for v, k in sizes.items():
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise SubspaceSizeError(f"size {k!r} for {v!r}: expected a positive int (the subspace dimension)")
+    total = sum(sizes.values())
+    if total > width:
+        what = f"a subspace of size {total}" if len(sizes) == 1 else f"disjoint subspaces of sizes {sizes} ({total} in all)"
+        raise SubspaceSizeError(f"{what} does not fit site {site!r} of width {width}; expected a total <= {width}")
+    return sizes
+
+
+def store_for(lab: Lab, datasets: Sequence[CounterfactualDataset], sites: Sequence[str]) -> ActivationStore:
+    """One activation store over the distinct inputs of ``datasets`` (one encoder)."""
+    seen: dict[tuple, int] = {}
+    inputs = []
+    for ds in datasets:
+        for s in ds.table().inputs:
+            k = tuple(sorted(s.items()))
+            if k not in seen:
+                seen[k] = len(inputs)
+                inputs.append(s)
+    return ActivationStore(lab, datasets[0].encoder, inputs, sites)
+
+
+def _check_same_task(train: CounterfactualDataset, test: CounterfactualDataset) -> None:
+    if test.causal_model is not train.causal_model or test.encoder is not train.encoder:
+        if test.encoder.labels != train.encoder.labels or test.output != train.output:
+            raise DataError("train and test datasets come from different tasks (causal model, encoder or labels differ)")
+    if set(test.variables) != set(train.variables):
+        raise DataError(f"the test data intervenes {list(test.variables)} but the training data {list(train.variables)}")

@@ -1,0 +1,255 @@
+"""Search over sites × positions × subspace sizes, every activation computed once.
+
+:func:`search` trains DAS at every candidate (site, positions, size) and puts
+beside each IIA its controls (a re-initialised copy of the model trained the
+same way; the best localist alignment of the same size) and the full-vector
+interchange at the same site and positions. Nothing below a site is run more
+than once: one forward per input chunk collects every candidate site's values
+and every candidate block's prefix for the distinct inputs of the train and
+test data (once for the model, once for its re-initialised copy); every
+candidate, epoch and control then runs only the blocks from its site upward,
+with sources read from that cache. The wall time therefore grows with the
+layers above each site, not with the number of source or prefix forwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from steerlab.alignment._activations import Runner, site_layer
+from steerlab.alignment.controls import localist_alignment, random_init_lab
+from steerlab.alignment.counterfactuals import CounterfactualDataset
+from steerlab.alignment.das import (
+    TrainConfig,
+    build_subspace_interventions,
+    evaluate,
+    full_vector_iia,
+    resolve_sizes,
+    store_for,
+    subspaces_of,
+)
+from steerlab.alignment.das import train as train_das
+from steerlab.alignment.results import DASResult, format_table
+from steerlab.interventions import fileformat
+from steerlab.interventions.errors import ConfigError, DataError, FileFormatError
+from steerlab.interventions.lab import Lab
+
+__all__ = ["search", "SearchResult"]
+
+
+@dataclass
+class SearchResult:
+    """Every candidate's :class:`DASResult`, with a tabular view and a plot.
+
+    ``rows()`` has one row per candidate and intervened set: site, layer,
+    positions, size, DAS IIA (± its standard error), the random-init and
+    localist controls, the full-vector interchange, chance, and seconds.
+    """
+
+    results: list[DASResult]
+    variables: tuple[str, ...]
+    config: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    layers: dict[str, int | None] = field(default_factory=dict)
+    fingerprint: dict[str, Any] | None = None
+
+    @property
+    def chance(self) -> float:
+        return self.results[0].chance if self.results else float("nan")
+
+    def get(self, site: str, positions=None, size: int | None = None) -> DASResult:
+        for r in self.results:
+            if r.site == site and r.positions == positions and (size is None or set(r.sizes.values()) == {size}):
+                return r
+        raise KeyError(f"no candidate at site={site!r}, positions={positions!r}, size={size!r}")
+
+    def best(self, variable: str = "all") -> DASResult:
+        """The candidate with the highest IIA for ``variable`` (an intervened set or ``"all"``)."""
+        have = [r for r in self.results if variable in r.iia]
+        if not have:
+            raise KeyError(f"no candidate reports IIA for {variable!r}; keys: {sorted(self.results[0].iia)}")
+        return max(have, key=lambda r: r.iia[variable].value)
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for r in self.results:
+            for row in r.rows():
+                row = {"site": r.site, "layer": self.layers.get(r.site), "positions": r.positions, **{k: v for k, v in row.items() if k not in ("site", "positions")}}
+                row["seconds"] = round(sum(r.timings.values()), 2)
+                out.append(row)
+        return out
+
+    table = rows
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows())
+
+    def __str__(self) -> str:
+        cols = ["site", "positions", "size", "variable", "iia", "se", "random_init", "localist", "full_vector", "chance", "seconds"]
+        return format_table(self.rows(), cols)
+
+    def plot(self, **kwargs):
+        """IIA over sites × sizes, with the controls and the full-vector interchange beside it."""
+        from steerlab.viz import iia_heatmap
+
+        return iia_heatmap(self, **kwargs)
+
+    # -- the file format --------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        tensors: dict = {}
+        records = []
+        for i, r in enumerate(self.results):
+            records.append(r.to_record())
+            tensors.update(r.tensors(f"{i}."))
+        config = {"results": records, "variables": list(self.variables), "config": self.config, "timings": self.timings, "layers": self.layers}
+        return fileformat.save(directory, kind="das_search", config=config, tensors=tensors, fingerprint=self.fingerprint)
+
+    @classmethod
+    def load(cls, directory: str | Path, *, fingerprint: dict | None = None) -> SearchResult:
+        meta, tensors = fileformat.load(directory, kind="das_search", fingerprint=fingerprint)
+        cfg = meta["config"]
+        try:
+            results = [DASResult.from_record(rec, tensors, f"{i}.") for i, rec in enumerate(cfg["results"])]
+            return cls(results, tuple(cfg["variables"]), dict(cfg.get("config") or {}), dict(cfg.get("timings") or {}),
+                       dict(cfg.get("layers") or {}), meta.get("fingerprint"))
+        except (KeyError, TypeError) as e:
+            raise FileFormatError(f"{directory}: a search record is malformed: {e}") from None
+
+    def __repr__(self) -> str:
+        return f"SearchResult({len(self.results)} candidates, variables {list(self.variables)})"
+
+
+def _sites(lab: Lab, sites: str | Sequence[str]) -> list[str]:
+    names: list[str] = []
+    for s in [sites] if isinstance(sites, str) else list(sites):
+        names += [lab.resolve(n).name for n in lab.expand(s)]
+    if not names:
+        raise ConfigError(f"sites={sites!r} matched no site")
+    return list(dict.fromkeys(names))
+
+
+def search(
+    lab: Lab,
+    train: CounterfactualDataset | Any,
+    test: CounterfactualDataset | None = None,
+    *,
+    sites: str | Sequence[str],
+    positions: Any = (None,),
+    sizes: Sequence[int] = (1, 4, 16),
+    controls: bool = True,
+    epochs: int = 5,
+    batch_size: int = 64,
+    lr: float = 1e-2,
+    seed: int = 0,
+    n_train: int = 256,
+    n_test: int = 256,
+    localist_limit: int = 20_000,
+    localist_samples: int = 32,
+    selection_size: int = 256,
+    eval_size: int | None = 256,
+    progress: bool = False,
+) -> SearchResult:
+    """DAS at every (site, positions, size) with controls (see the module docstring).
+
+    Args:
+        train: a :class:`CounterfactualDataset`, or a task (``sl.alignment.tasks``),
+            from which ``n_train`` / ``n_test`` counterfactuals are drawn.
+        test: held-out counterfactuals (default: from the task, else ``train``).
+        sites: site names or patterns (``"blocks.*.resid_post"``).
+        positions: position specs to try (names the encoder knows, ints, ``None``).
+        sizes: subspace sizes to try (each variable gets its own subspace of that size).
+        controls: train on a re-initialised copy and search localist alignments too.
+        progress: print each candidate's row as it finishes.
+    """
+    if not isinstance(train, CounterfactualDataset):
+        if not hasattr(train, "datasets"):
+            raise DataError(f"search() takes a CounterfactualDataset or a task; got {type(train).__name__}")
+        train, task_test = train.datasets(lab, n_train=n_train, n_test=n_test, seed=seed)
+        test = test if test is not None else task_test
+    test = test if test is not None else train
+    variables = list(train.variables)
+    names = _sites(lab, sites)
+    specs = [positions] if isinstance(positions, (str, int)) or positions is None else list(positions)
+    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    widths = {}
+    for s in names:  # validate every candidate before any compute
+        shape = lab.site_shape(lab.resolve(s))
+        if len(shape) != 1:
+            raise ConfigError(f"{s!r} is a per-head site {shape}; search aligns whole-vector sites")
+        widths[s] = shape[0]
+        for k in sizes:
+            resolve_sizes(k, variables, s, widths[s])
+    for p in specs:
+        train.encoder.position_spec(p)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_size=eval_size)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    store = store_for(lab, [train, test], names)
+    timings["cache"] = time.perf_counter() - t0
+    rstore = None
+    if controls:
+        t0 = time.perf_counter()
+        rstore = store_for(random_init_lab(lab, seed=seed), [train, test], names)
+        timings["random_init_cache"] = time.perf_counter() - t0
+    results = []
+    t_all = time.perf_counter()
+    for s in names:
+        for p in specs:
+            results += _candidates(store, rstore, train, test, s, p, sizes, widths[s], cfg, controls,
+                                   dict(limit=localist_limit, samples=localist_samples, selection_size=selection_size, seed=seed),
+                                   progress)
+    timings["candidates"] = time.perf_counter() - t_all
+    for r in results:
+        r.fingerprint = lab.fingerprint()
+    config = {**cfg.to_json(), "sites": names, "positions": specs, "sizes": sizes, "controls": controls,
+              "n_train": len(train), "n_test": len(test)}
+    return SearchResult(results, tuple(variables), config, timings, {s: site_layer(lab, s) for s in names}, lab.fingerprint())
+
+
+def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, controls, localist, progress) -> list[DASResult]:
+    """Every size at one (site, positions): the full-vector IIA is computed once for all sizes."""
+    t0 = time.perf_counter()
+    r_train, r_test = Runner(store, train, site, spec), Runner(store, test, site, spec)
+    full = full_vector_iia(r_test, batch_size=cfg.eval_batch_size)
+    t_full = time.perf_counter() - t0
+    rr = (Runner(rstore, train, site, spec), Runner(rstore, test, site, spec)) if rstore is not None else None
+    out = []
+    variables = list(train.variables)
+    for k in sizes:
+        sizes_k = resolve_sizes(k, variables, site, width)
+        timings = {"full_vector": t_full / len(sizes)}
+        t0 = time.perf_counter()
+        ivs = build_subspace_interventions(site, sizes_k, width, cfg.seed)
+        curve = train_das(r_train, ivs, cfg, evaluator=r_test)
+        iia = evaluate(r_test, ivs, batch_size=cfg.eval_batch_size)
+        timings["train"] = time.perf_counter() - t0
+        res = DASResult(site=site, positions=spec, variables=tuple(variables), sizes=sizes_k,
+                        subspaces=subspaces_of(ivs, variables, site, spec, "DAS", iia), iia=iia, full_vector=full,
+                        curve=curve, config={**cfg.to_json(), "n_train": len(train), "n_test": len(test)}, timings=timings)
+        if controls:
+            t0 = time.perf_counter()
+            loc = localist_alignment(r_train, r_test, sizes_k, width, **localist)
+            res.localist, res.localist_method, res.localist_dims = loc.iia, loc.method, loc.dims
+            timings["localist"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            r_ivs = build_subspace_interventions(site, sizes_k, width, cfg.seed)
+            res.random_init_curve = train_das(rr[0], r_ivs, cfg, evaluator=rr[1])
+            res.random_init = evaluate(rr[1], r_ivs, batch_size=cfg.eval_batch_size)
+            timings["random_init"] = time.perf_counter() - t0
+        if progress:
+            row = res.rows()[-1]
+            print(f"  {site} pos={spec!r} size={k}: iia {row['iia']:.3f} random {_f(row['random_init'])} "
+                  f"localist {_f(row['localist'])} full {_f(row['full_vector'])} ({sum(timings.values()):.1f}s)", flush=True)
+        out.append(res)
+    return out
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+

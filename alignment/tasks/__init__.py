@@ -1,0 +1,13 @@
+"""Tasks shipped with steerlab: a causal model, an encoder and data splits, ready for DAS.
+
+* :func:`hierarchical_equality` — the DAS paper's test bed: four entity
+  vectors, label ``(w = x) = (y = z)``, a 3-layer MLP with hidden size 16.
+* :func:`sentiment` — adjective polarity on a templated review prompt, for
+  language models (SmolLM2-135M): the polarity is computed from the
+  adjective, and read at the final answer position.
+"""
+
+from steerlab.alignment.tasks.hierarchical_equality import EqualityMLP, HierarchicalEquality, hierarchical_equality
+from steerlab.alignment.tasks.sentiment import Sentiment, sentiment
+
+__all__ = ["HierarchicalEquality", "hierarchical_equality", "EqualityMLP", "Sentiment", "sentiment"]
