@@ -27,7 +27,7 @@ from steerlab.interventions.errors import ShapeMismatch, UnitError
 from steerlab.interventions.ops import Collect, Intervention
 from steerlab.interventions.orthonormal import Orthonormal, materialise
 from steerlab.interventions.sites import ResolvedSite
-from steerlab.interventions.units import MaskInfo, Positions, gather_positions, scatter_positions
+from steerlab.interventions.units import MaskInfo, Positions, gather_positions, position_index, scatter_positions
 
 __all__ = ["HookSet", "Edit", "Read", "ForwardContext", "EarlyExit", "POSITIONS_KWARG"]
 
@@ -47,20 +47,38 @@ class EarlyExit(Exception):
 class ForwardContext:
     """Per-forward state: mask info and the position indices resolved from it."""
 
-    __slots__ = ("info", "_idx", "positions", "source_positions")
+    __slots__ = ("info", "_idx", "_index", "positions", "source_positions")
 
     def __init__(self, info: MaskInfo, positions: Positions | None = None, source_positions: Positions | None = None):
         self.info = info
         # per-call overrides: of every edit's positions, and of every source read's positions
         self.positions = positions
         self.source_positions = source_positions
-        self._idx: dict[int, tuple[Positions, Tensor | None]] = {}
+        # by value: interventions with equal specs share one resolution per forward
+        self._idx: dict[Positions, tuple[Tensor | None, bool, bool]] = {}
+        self._index: dict[tuple, Tensor] = {}
+
+    def resolved(self, spec: Positions) -> tuple[Tensor | None, bool, bool]:
+        """``(indices, filled, guard)``: the padded indices; whether every slot is known to be
+        filled; whether scatter must guard against empty slots."""
+        hit = self._idx.get(spec)
+        if hit is None:
+            idx = spec.resolve(self.info)
+            filled = spec.filled(self.info, idx)
+            hit = self._idx[spec] = (idx, filled, spec.may_be_empty and not filled)
+        return hit
 
     def indices(self, spec: Positions) -> Tensor | None:
-        hit = self._idx.get(id(spec))
-        if hit is None or hit[0] is not spec:
-            hit = self._idx[id(spec)] = (spec, spec.resolve(self.info))
-        return hit[1]
+        return self.resolved(spec)[0]
+
+    def index(self, spec: Positions, rest: tuple[int, ...]) -> Tensor:
+        """``spec``'s indices broadcast over a value's trailing dims ``rest`` (clamped unless filled), for gather."""
+        key = (spec, rest)
+        hit = self._index.get(key)
+        if hit is None:
+            idx, filled, _ = self.resolved(spec)
+            hit = self._index[key] = position_index(idx, rest, clamp=not filled)
+        return hit
 
 
 @dataclass(eq=False)
@@ -99,21 +117,24 @@ class _Selection:
         forced = getattr(ctx, self.override)
         spec = forced if forced is not None else self.positions
         if decode and ctx.info.past > 0:
-            idx = None  # a decode step: the new token(s) are the positions
+            idx, filled, guard = None, True, False  # a decode step: the new token(s) are the positions
+        elif spec is None:
+            idx, filled, guard = None, True, False
         else:
-            idx = None if spec is None else ctx.indices(spec)
+            idx, filled, guard = ctx.resolved(spec)
         if idx is not None and idx.shape[0] != v.shape[0]:
             raise ShapeMismatch(
                 f"site {site.name!r}: the positions have {idx.shape[0]} rows but the value has batch {v.shape[0]}"
             )
-        p0 = v if idx is None else gather_positions(v, idx)
+        index = None if idx is None else ctx.index(spec, tuple(v.shape[2:]))
+        p0 = v if idx is None else gather_positions(v, idx, index=index)
         heads = None if self.heads is None else self._index("heads", self.heads, x.device)
         dims = None if self.dims is None else self._index("dims", self.dims, x.device)
         p1 = p0 if heads is None else p0.index_select(2, heads)
         p2 = p1 if dims is None else p1.index_select(-1, dims)
         if idx is None and inplace and site.channels is None:
             p2 = p2.clone()  # fn may save its input for backward; we overwrite x below
-        if read and idx is not None and spec is not None and spec.may_be_empty:
+        if read and guard:
             p2 = p2 * (idx >= 0).view(*idx.shape, *([1] * (p2.dim() - 2))).to(p2.dtype)
         new = fn(p2)
         if new is None:
@@ -137,8 +158,7 @@ class _Selection:
             if direct:
                 return full.copy_(nv).squeeze(1) if two_d else full.copy_(nv)
         else:
-            may_be_empty = spec is not None and spec.may_be_empty
-            nv = scatter_positions(v, idx, new, may_be_empty=may_be_empty, inplace=direct, original=p0)
+            nv = scatter_positions(v, idx, new, may_be_empty=guard, inplace=direct, original=p0, index=index if filled else None)
             if direct:
                 return x
         if site.n_heads:

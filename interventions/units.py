@@ -33,7 +33,7 @@ from torch import Tensor
 
 from steerlab.interventions.errors import PositionOutOfRange, UnitError
 
-__all__ = ["Positions", "MaskInfo", "gather_positions", "scatter_positions", "parse_heads", "parse_dims"]
+__all__ = ["Positions", "MaskInfo", "gather_positions", "scatter_positions", "position_index", "parse_heads", "parse_dims"]
 
 _FL_RE = re.compile(r"^(?:f(?P<f>\d+))?(?:\+)?(?:l(?P<l>\d+))?$")
 
@@ -69,7 +69,7 @@ class MaskInfo:
         m = mask.to(torch.long)
         lengths = m.sum(-1)
         starts = m.argmax(-1)  # the first real token (first maximum)
-        cpu = tuple(int(x) for x in lengths) if lengths.device.type == "cpu" else None
+        cpu = tuple(lengths.tolist()) if lengths.device.type == "cpu" else None
         return MaskInfo(starts, lengths, seq, past, cpu)
 
 
@@ -201,6 +201,22 @@ class Positions:
                         f"(valid: {-n}..{n - 1}); positions count real tokens, not padding"
                     )
 
+    def filled(self, info: MaskInfo, idx: Tensor | None) -> bool:
+        """Whether every slot of ``idx`` (this spec resolved for ``info``) is known to hold a
+        position, decided without a host sync (``False`` when that cannot be told)."""
+        if idx is None:
+            return True
+        if idx.device.type == "cpu":
+            return bool((idx >= 0).all())
+        n = min(info.lengths_cpu) if info.lengths_cpu else None
+        if n is None:
+            return False
+        if self.kind == "firstlast":
+            return n >= self.first + self.last
+        if self.kind == "static":
+            return all(-n <= p < n for p in self.static)
+        return False
+
     def resolve(self, info: MaskInfo) -> Int[Tensor, "batch k"] | None:
         """Padded indices ``[batch, k]`` (``-1`` for an empty slot); ``None`` for all positions."""
         if self.kind == "all":
@@ -243,10 +259,19 @@ def _slice_positions(s: slice) -> tuple[int, ...]:
     return out
 
 
-def gather_positions(x: Float[Tensor, "batch seq *rest"], idx: Int[Tensor, "batch k"]) -> Float[Tensor, "batch k *rest"]:
-    """``x[i, idx[i, j]]`` for every slot (an empty slot reads position 0)."""
-    index = idx.clamp_min(0).view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-    return x.gather(1, index)
+def position_index(idx: Int[Tensor, "batch k"], rest: tuple[int, ...], *, clamp: bool = True) -> Int[Tensor, "batch k *rest"]:
+    """``idx`` broadcast over a value's trailing dims (``rest``), as gather and scatter take it;
+    ``clamp`` sends empty slots (``-1``) to position 0."""
+    i = idx.clamp_min(0) if clamp else idx
+    return i.view(*idx.shape, *([1] * len(rest))).expand(-1, -1, *rest)
+
+
+def gather_positions(
+    x: Float[Tensor, "batch seq *rest"], idx: Int[Tensor, "batch k"], *, index: Tensor | None = None
+) -> Float[Tensor, "batch k *rest"]:
+    """``x[i, idx[i, j]]`` for every slot (an empty slot reads position 0). ``index``: the
+    :func:`position_index` of ``idx`` for ``x``, when already built."""
+    return x.gather(1, position_index(idx, tuple(x.shape[2:])) if index is None else index)
 
 
 def scatter_positions(
@@ -257,6 +282,7 @@ def scatter_positions(
     may_be_empty: bool,
     inplace: bool = False,
     original: Float[Tensor, "batch k *rest"] | None = None,
+    index: Tensor | None = None,
 ) -> Float[Tensor, "batch seq *rest"]:
     """Write ``values`` into ``x`` at ``idx``; empty slots leave ``x`` unchanged.
 
@@ -264,6 +290,8 @@ def scatter_positions(
     same value), so duplicate indices always carry identical values and the
     result does not depend on scatter order. ``original`` (the gathered
     values before editing) is needed only when a row has no filled slot.
+    ``index``: the unclamped :func:`position_index` of ``idx`` for ``x``, when
+    already built (used only without ``may_be_empty``).
     """
     if may_be_empty:
         valid: Bool[Tensor, "batch k"] = idx >= 0
@@ -276,7 +304,8 @@ def scatter_positions(
         fill = values.gather(1, first.view(-1, 1, *([1] * (values.dim() - 2))).expand(-1, 1, *values.shape[2:]))
         values = torch.where(valid.view(shape), values, fill.expand_as(values))
         idx = torch.where(valid, idx, tgt)
-    index = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    if index is None or may_be_empty:
+        index = position_index(idx, tuple(x.shape[2:]), clamp=False)
     if inplace:
         return x.scatter_(1, index, values.to(x.dtype))
     return x.scatter(1, index, values.to(x.dtype))

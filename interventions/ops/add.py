@@ -50,4 +50,5 @@ class Add(Intervention):
             self.register_buffer("vector", v)
 
     def forward(self, base: Float[Tensor, "*b d"], source: Tensor | None = None) -> Float[Tensor, "*b d"]:
-        return base + self.alpha * self.vector.to(base.dtype)
+        v = self.vector.to(base.dtype)
+        return base + v if self.alpha == 1.0 else base + self.alpha * v  # one op fewer per call at alpha 1 (same result)
