@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -151,47 +151,77 @@ def _event_order(lab: Lab, refresh: bool = False) -> tuple[dict, dict]:
 # -- one call's nnsight wrapper ------------------------------------------------------
 
 
+_ENVOYS: weakref.WeakKeyDictionary[Lab, tuple[Any, dict]] = weakref.WeakKeyDictionary()
+
+
+def _private_envoy(lab: Lab, nnsight) -> tuple[Any, dict]:
+    """A private ``NNsight`` tree of ``lab.model`` (kept per lab) with no module instrumented:
+    each call instruments only the modules it visits, and removes that afterwards."""
+    hit = _ENVOYS.get(lab)
+    if hit is not None and all(id(m) in hit[1] for m in lab.model.modules()):
+        return hit
+    with _restored(list(lab.model.modules())), warnings.catch_warnings():
+        # BERT's `output` submodules: nnsight renames them on its envoys; we address modules, not names
+        warnings.filterwarnings("ignore", message=".*which nnsight already serves.*")
+        envoy = nnsight.NNsight(lab.model)
+    hit = _ENVOYS[lab] = (envoy, {id(e._module): e for e in envoy.modules()})
+    return hit
+
+
+@contextmanager
+def _restored(modules: list[nn.Module]):
+    """On exit, each module's instance ``forward`` and nnsight state are as on entry."""
+    from nnsight.intervention.source import STATE
+
+    keys = ("forward", STATE)
+    saved = [(m, {k: m.__dict__[k] for k in keys if k in m.__dict__}) for m in modules]
+    try:
+        yield
+    finally:
+        for m, had in saved:
+            for k in keys:
+                if k in had:
+                    m.__dict__[k] = had[k]
+                else:
+                    m.__dict__.pop(k, None)
+
+
 class _Session:
-    """The nnsight wrapper for one ``execute`` call, and the model restored after it."""
+    """The nnsight wrapper for one ``execute`` call; the model is restored after it."""
 
     def __init__(self, lab: Lab, model, remote):
-        self.lab, self.remote, self.user_model = lab, remote, model
-        self.envoy = model
-        self._saved: list[tuple[nn.Module, dict]] = []
+        self.lab, self.remote, self.envoy = lab, remote, model
+        self._stack = ExitStack()
+        self._installed: set[int] = set()
 
     def __enter__(self) -> _Session:
         import nnsight
-        from nnsight.intervention.source import STATE
 
         self._nnsight = nnsight
         if self.envoy is None:
-            keys = ("forward", STATE)
-            self._saved = [(m, {k: m.__dict__[k] for k in keys if k in m.__dict__}) for m in self.lab.model.modules()]
-            self._keys = keys
-            try:
-                with warnings.catch_warnings():
-                    # BERT's `output` submodules: nnsight renames them on its envoys; we address modules, not names
-                    warnings.filterwarnings("ignore", message=".*which nnsight already serves.*")
-                    self.envoy = nnsight.NNsight(self.lab.model)
-            except BaseException:
-                self._restore()
-                raise
-        self.by_module = {id(e._module): e for e in self.envoy.modules()}
+            self.envoy, self.by_module = _private_envoy(self.lab, nnsight)
+            self.private = True
+        else:
+            self.by_module = {id(e._module): e for e in self.envoy.modules()}
+            self.private = False
         if self.remote:
             nnsight.register("steerlab")  # the handlers travel by value; the server has no steerlab
         return self
 
     def __exit__(self, *exc) -> None:
-        self._restore()
+        self._stack.close()
 
-    def _restore(self) -> None:
-        for m, had in self._saved:
-            for k in self._keys:
-                if k in had:
-                    m.__dict__[k] = had[k]
-                else:
-                    m.__dict__.pop(k, None)
-        self._saved = []
+    def _instrument(self, modules: list[nn.Module]) -> None:
+        """Hand these modules' values to nnsight for this call (a private tree only)."""
+        from nnsight.intervention.source import install_controller
+
+        todo = [m for m in modules if id(m) not in self._installed]
+        if not self.private or not todo:
+            return
+        self._stack.enter_context(_restored(todo))
+        for m in todo:
+            install_controller(self.by_module[id(m)])
+            self._installed.add(id(m))
 
     def check(self, sites) -> None:
         """Every site's module must run exactly once per forward (nnsight serves its first call)."""
@@ -237,6 +267,7 @@ class _Session:
                 first = hs
                 continue
             steps.append(_Step(self.index[key], self.by_module[id(site.module)], side, hs, site.port.inplace))
+        self._instrument([self.lab.model] + [site.module for site, _ in groups.values()])
         steps.sort(key=lambda s: s.rank)
         reads = [i for i, s in enumerate(steps) if any(not isinstance(h, Edit) or h.collect for h in s.handlers)]
         if stop_early:
