@@ -158,6 +158,9 @@ class Metric:
 
     name: str = "metric"
     tokenizer = None
+    #: reads only the logits of each example's last ``tail`` real tokens (None: any);
+    #: a sweep then asks the model for the logits of those positions alone
+    tail: int | None = None
 
     def bind(self, lab_or_tokenizer) -> Metric:
         m = copy.copy(self)
@@ -191,6 +194,7 @@ class _TokenMetric(Metric):
         self.specs = tokens
         self.position = position
         self.tokenizer = _tokenizer_of(tokenizer)
+        self.tail = -position if position < 0 else None
         self.ids: dict[str, Tensor] | None = None
         shown = ", ".join(repr(v) if not isinstance(v, Tensor) else f"<{v.numel()} ids>" for v in tokens.values())
         self.name = f"{kind}({shown})" + (f"@{position}" if position != -1 else "")
@@ -245,6 +249,7 @@ class _KL(Metric):
         if isinstance(position, bool) or not isinstance(position, int):
             raise ConfigError(f"position={position!r}: expected one int (a real-token index, -1 = last)")
         self.position = position
+        self.tail = -position if position < 0 else None
         self.to_base = to_base
         self.reference = None if reference is None else reference.detach().float().log_softmax(-1)
         self.name = "kl_to_base" if to_base else "kl"

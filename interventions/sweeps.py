@@ -32,6 +32,7 @@ there and its per-example value is NaN (means skip it).
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -50,9 +51,15 @@ from steerlab.interventions.units import MaskInfo, Positions
 
 __all__ = ["sweep", "SweepResult"]
 
-#: tokens per packed forward when ``configs_per_forward`` is not given (the
-#: logits of a packed forward, ``rows × seq × vocab``, bound its memory)
-AUTO_TOKENS = 1024
+#: the most tokens in one packed forward when ``configs_per_forward`` is not
+#: given (its logits, ``rows × seq × vocab``, bound its memory), by device type
+AUTO_TOKENS = {"cpu": 1024}
+AUTO_TOKENS_ACCELERATOR = 8192
+#: a block call's fixed cost in "token · d_model²" units: one more forward costs
+#: as much as ``OVERHEAD / d_model²`` more tokens (measured: SmolLM2 on a CPU core;
+#: kernel launches make it ~100x larger on a GPU)
+OVERHEAD = {"cpu": 1e7}
+OVERHEAD_ACCELERATOR = 1e9
 _NONE = 1 << 30  # padding of the slot table: never a real position
 
 
@@ -92,7 +99,7 @@ class _Plan:
     base_info: MaskInfo
     source_info: MaskInfo
     metric: Metric
-    per_forward: int
+    per_forward: int | None  # None: chosen by cost (see _chunks)
 
     @property
     def configs(self) -> list[tuple[int, int, int]]:
@@ -178,12 +185,47 @@ def _slots(positions, base_info: MaskInfo, source_info: MaskInfo, heads) -> list
     return slots
 
 
-def _per_forward(configs_per_forward, n_configs: int, info: MaskInfo) -> int:
+def _per_forward(configs_per_forward) -> int | None:
     if configs_per_forward is None:
-        return max(1, min(n_configs, AUTO_TOKENS // max(1, info.batch * info.seq)))
+        return None
     if isinstance(configs_per_forward, bool) or not isinstance(configs_per_forward, int) or configs_per_forward < 1:
         raise ConfigError(f"configs_per_forward={configs_per_forward!r}: expected a positive int")
-    return min(configs_per_forward, n_configs)
+    return configs_per_forward
+
+
+def _chunks(plan: _Plan, lab) -> list[list[tuple[int, int, int]]]:
+    """Split the configurations into packed forwards.
+
+    Given ``configs_per_forward``: consecutive runs of that many. Otherwise by
+    cost: a forward from layer ``s`` with ``r`` rows of ``T`` tokens costs about
+    ``(L - s) * (overhead + r * T)`` (``overhead`` in tokens, see ``OVERHEAD``),
+    so configurations whose patches start high are packed apart from those
+    that start low when that saves more compute than the extra forwards cost.
+    The minimum over splits of the start-sorted configurations (dynamic programming).
+    """
+    configs = plan.configs
+    if plan.per_forward is not None:
+        return [configs[i : i + plan.per_forward] for i in range(0, len(configs), plan.per_forward)]
+    dev = lab.device.type
+    tokens = plan.base_info.batch * plan.base_info.seq
+    cap = max(1, AUTO_TOKENS.get(dev, AUTO_TOKENS_ACCELERATOR) // tokens)
+    overhead = OVERHEAD.get(dev, OVERHEAD_ACCELERATOR) / (lab.d_model or 512) ** 2
+    L = lab.n_layers if lab.map.layers_path is not None else 1
+    start = (lambda c: plan.starts[c[0]]) if lab.map.layers_path is not None else (lambda c: 0)
+    order = sorted(configs, key=start)  # stable: site-major within a start layer
+    depth = [L - start(c) for c in order]
+    best = [0.0] + [math.inf] * len(order)
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(max(0, j - cap), j):  # chunk order[i:j] runs from order[i]'s layer up
+            cost = best[i] + depth[i] * (overhead + (j - i) * tokens)
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    chunks, j = [], len(order)
+    while j > 0:
+        chunks.append(order[cut[j] : j])
+        j = cut[j]
+    return chunks[::-1]
 
 
 def _plan(lab, base, source, sites, positions, heads, metric, configs_per_forward) -> _Plan:
@@ -201,8 +243,7 @@ def _plan(lab, base, source, sites, positions, heads, metric, configs_per_forwar
     bi, si = b.mask_info(), s.mask_info()
     slots = _slots(positions, bi, si, hs)
     starts = [site.layer if site.layer is not None else 0 for site in rs]
-    n = len(rs) * len(slots) * (len(hs) if hs else 1)
-    return _Plan(rs, starts, slots, hs, b, s, bi, si, m, _per_forward(configs_per_forward, n, bi))
+    return _Plan(rs, starts, slots, hs, b, s, bi, si, m, _per_forward(configs_per_forward))
 
 
 def _slot_table(plan: _Plan, device) -> Tensor:
@@ -257,6 +298,28 @@ def _model_kwargs(lab) -> dict:
     return lab.no_cache
 
 
+def _logit_window(lab, plan: _Plan, metric: Metric) -> int | None:
+    """How many final padded positions hold every logit ``metric`` reads, when the model
+    can compute only those (``logits_to_keep``); None: all. The LM head is a large part of
+    a small model's forward (SmolLM2: a 49k-word vocabulary, ~7 blocks' worth per token)."""
+    try:
+        takes = "logits_to_keep" in inspect.signature(lab.model.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if metric.tail is None or not takes:
+        return None
+    info = plan.base_info
+    first = int((info.starts + info.lengths - metric.tail).min())  # the earliest padded index read
+    return info.seq - max(first, 0)
+
+
+def _tail(inputs: Inputs, window: int) -> Inputs:
+    """``inputs`` cut to their last ``window`` positions (what the kept logits line up with)."""
+    seq = inputs.seq
+    cut = lambda v: v[:, -window:] if isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] == seq else v  # noqa: E731
+    return Inputs(tuple(cut(a) for a in inputs.args), {k: cut(v) for k, v in inputs.kwargs.items()})
+
+
 def _base_and_source(lab, plan: _Plan, starts: set[int]):
     """The unpatched runs: base metric and the residual entering each chunk's first layer;
     source metric and the source value at every swept site."""
@@ -295,37 +358,16 @@ def sweep(
     there: every position at once). ``metric``: a :mod:`~steerlab.interventions.metrics`
     metric or ``fn(output, inputs) -> Float[Tensor, "batch"]``.
     ``configs_per_forward``: configurations packed into one forward (default:
-    about ``AUTO_TOKENS`` tokens per forward).
+    chosen by cost, at most ``AUTO_TOKENS`` tokens per forward; see :func:`_chunks`).
     """
     if positions is _DEFAULT:
         positions = "all" if heads is None else None
     plan = _plan(lab, base, source, sites, positions, heads, metric, configs_per_forward)
-    configs = plan.configs
-    C = plan.per_forward
-    chunks = [configs[i : i + C] for i in range(0, len(configs), C)]
+    chunks = _chunks(plan, lab)
     starts = {min(plan.starts[c[0]] for c in ch) for ch in chunks} if lab.map.layers_path is not None else set()
     with torch.no_grad():
         metric, base_metric, source_metric, values, prefixes = _base_and_source(lab, plan, starts)
-        table = _slot_table(plan, lab.device)
-        B = plan.base_info.batch
-        out = torch.full((len(configs), B), math.nan)
-        it = chunks
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(chunks, desc="patching sweep", unit="forward")
-        done = 0
-        for chunk in it:
-            ivs, empty = _chunk_interventions(plan, chunk, table, values)
-            start = min(plan.starts[c[0]] for c in chunk)
-            prefix = prefixes[start].repeat(len(chunk)) if start in prefixes else None
-            packed = plan.base.repeat(len(chunk))
-            res = lab.run(packed, ivs, prefix=prefix, **_model_kwargs(lab))
-            v = _check_metric(metric(res.output, packed), len(chunk) * B, metric.name).view(len(chunk), B).cpu()
-            out[done : done + len(chunk)] = v.masked_fill(empty.cpu(), math.nan)
-            done += len(chunk)
-    n_heads = len(plan.heads) if plan.heads is not None else 1
-    grid = out.view(len(plan.sites), len(plan.slots), n_heads, B)
+        grid = _run_chunks(lab, plan, chunks, metric, values, prefixes, progress)
     return SweepResult(
         per_example=grid,
         base_metric=base_metric.cpu(),
@@ -337,8 +379,34 @@ def sweep(
         heads=plan.heads,
         metric=metric.name,
         forwards=len(chunks),
-        configs_per_forward=C,
+        configs_per_forward=max(len(c) for c in chunks),
     )
+
+
+def _run_chunks(lab, plan: _Plan, chunks, metric: Metric, values: dict, prefixes: dict, progress: bool) -> Tensor:
+    """The packed forwards; the per-example metric grid ``[site, slot, head, example]``."""
+    configs = plan.configs
+    index = {c: i for i, c in enumerate(configs)}
+    table = _slot_table(plan, lab.device)
+    B = plan.base_info.batch
+    out = torch.full((len(configs), B), math.nan)  # in the order of plan.configs
+    window = _logit_window(lab, plan, metric)
+    kwargs = {**_model_kwargs(lab), **({"logits_to_keep": window} if window else {})}
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="patching sweep", unit="forward")
+    for chunk in chunks:
+        ivs, empty = _chunk_interventions(plan, chunk, table, values)
+        start = min(plan.starts[c[0]] for c in chunk)
+        prefix = prefixes[start].repeat(len(chunk)) if start in prefixes else None
+        packed = plan.base.repeat(len(chunk))
+        res = lab.run(packed, ivs, prefix=prefix, **kwargs)
+        seen = _tail(packed, window) if window else packed
+        v = _check_metric(metric(res.output, seen), len(chunk) * B, metric.name).view(len(chunk), B).cpu()
+        out[[index[c] for c in chunk]] = v.masked_fill(empty.cpu(), math.nan)
+    n_heads = len(plan.heads) if plan.heads is not None else 1
+    return out.view(len(plan.sites), len(plan.slots), n_heads, B)
 
 
 def _labels(lab, plan: _Plan) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -18,8 +19,21 @@ import torch
 import steerlab as sl
 from steerlab.interventions.inputs import Inputs
 from tests.archs import tiny_model
-from tests.interventions._helpers import wrapped
-from tests.reliability import assert_unchanged, snapshot
+from tests.interventions._helpers import hidden_arg, wrapped
+from tests.reliability import (
+    CallType,
+    Fault,
+    InjectedFault,
+    Scenario,
+    UserHooks,
+    assert_unchanged,
+    check_fault,
+    fault_cases,
+    one_thread_fixture,
+    snapshot,
+)
+
+_one_thread = one_thread_fixture()
 
 TOL = 1e-5
 KINDS = ["resid_pre", "resid_mid", "resid_post", "attn.out", "mlp.out"]
@@ -296,3 +310,98 @@ def test_multi_token_metric_token(smollm):
         with pytest.raises(sl.ConfigError, match=r"bad=' Tchaikovsky' is \d+ tokens under this tokenizer \(\[.*\]\); a metric token must be a single token"):
             sl.sweep(lab, "The city of", "The town of", metric=sl.metrics.logit_diff(" Paris", " Tchaikovsky"))
         assert_unchanged(model, before, what="a sweep with a bad metric token")
+
+
+# -------------------------------------------------------------------------- faults (RELIABILITY rows 1-2)
+def _call_sweep(sc: Scenario, f: Fault) -> torch.Tensor:
+    """A site sweep (an in-place site among them) and a head sweep, positions counted on each side."""
+    pos = f.positions(sc)  # the battery's per-example positions, one beyond example 1: as a list here
+    positions = [0, -1] if pos is None else [0, int(pos[1, 0])]
+    source = f.source_inputs(sc, sc.source)
+    metric = sl.metrics.logit_diff(5, 7)
+    a = sl.sweep(sc.lab, sc.base, source, sites=[sc.site(0, "resid_mid"), sc.site(1, "resid_post")], positions=positions, metric=metric, configs_per_forward=3)
+    b = sl.sweep(sc.lab, sc.base, source, sites=sc.site(1, "attn.z"), heads="all", positions=positions[-1:], metric=metric, configs_per_forward=3)
+    return torch.cat([a.per_example.flatten(), b.per_example.flatten()])
+
+
+SWEEP = CallType("sweep", _call_sweep, frozenset({"source", "positions"}))
+
+
+@contextmanager
+def _packed_forward_raising(sc: Scenario, exc: BaseException):
+    """The last block fails in the second packed forward, which resumes from a prefix (block 0 skipped)."""
+    packed = [0]
+
+    def hook(module, args, kwargs):
+        if hidden_arg(args, kwargs).shape[0] > sc.base["input_ids"].shape[0]:
+            packed[0] += 1
+            if packed[0] == 2:
+                assert "forward" in vars(sc.lab.layers[0]), "the prefix is not in use"
+                raise exc
+
+    h = sc.lab.layers[-1].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+SWEEP_FAULTS = [f for _, f in fault_cases(faults=None) if f.channel in SWEEP.channels | {"context"}]
+SWEEP_FAULTS = list({f.name: f for f in SWEEP_FAULTS}.values()) + [
+    Fault("packed_forward_raises", "context", InjectedFault, "injected: packed",
+          make_context=lambda sc: _packed_forward_raising(sc, InjectedFault("injected: packed forward failed"))),
+    Fault("keyboard_interrupt_in_packed_forward", "context", KeyboardInterrupt,
+          make_context=lambda sc: _packed_forward_raising(sc, KeyboardInterrupt())),
+]
+_SC: dict[str, tuple[Scenario, UserHooks]] = {}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("fault", SWEEP_FAULTS, ids=[f.name for f in SWEEP_FAULTS])
+def test_sweep_fault_leaves_model_as_found(arch, fault):
+    if arch not in _SC:
+        sc = Scenario.of(tiny_model(arch))
+        _SC[arch] = (sc, UserHooks().install(sc.model, sc.lab.layers, [sc.lab.resolve(sc.site(1, "mlp.out")).module]))
+    sc, hooks = _SC[arch]
+    check_fault(sc, SWEEP, fault, user_hooks=hooks)
+
+
+def test_automatic_packing_follows_the_cost_model(monkeypatch):
+    """Free forwards: one forward per start layer (each from its own prefix); costly
+    forwards: everything in as few forwards as memory allows. Same numbers either way."""
+    from steerlab.interventions import sweeps
+
+    model = model_of("llama")
+    base, source = make_inputs([5, 5], 5, "right", 15), make_inputs([5, 5], 5, "right", 16)
+    metric = readout("llama")
+    with wrapped(model) as lab:
+        monkeypatch.setitem(sweeps.OVERHEAD, "cpu", 0.0)
+        split = sl.sweep(lab, base, source, sites="blocks.*.resid_post", metric=metric)
+        monkeypatch.setitem(sweeps.OVERHEAD, "cpu", 1e12)
+        merged = sl.sweep(lab, base, source, sites="blocks.*.resid_post", metric=metric)
+        monkeypatch.setitem(sweeps.AUTO_TOKENS, "cpu", 40)  # 4 configurations of 2 x 5 tokens
+        capped = sl.sweep(lab, base, source, sites="blocks.*.resid_post", metric=metric)
+    assert (split.forwards, split.configs_per_forward) == (3, 5)
+    assert (merged.forwards, merged.configs_per_forward) == (1, 15)
+    assert capped.forwards == 4 and capped.configs_per_forward == 4
+    assert_equal_cells(split.per_example, merged.per_example, TOL)
+    assert_equal_cells(capped.per_example, merged.per_example, TOL)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_packed_forwards_compute_only_the_logits_the_metric_reads(side):
+    """A last-token metric: the LM head runs on the last position (left padding) or on the
+    window that holds every example's last real token (right padding); same numbers."""
+    model = model_of("llama")
+    base, source = make_inputs([6, 4], 6, side, 17), make_inputs([6, 4], 6, side, 18)
+    metric = readout("llama")
+    rows: list[tuple[int, ...]] = []
+    with wrapped(model) as lab:
+        h = model.lm_head.register_forward_hook(lambda m, a, o: rows.append(tuple(o.shape[:2])))
+        try:
+            res = sl.sweep(lab, base, source, sites="blocks.*.mlp.out", positions=[0, -1], metric=metric, configs_per_forward=6)
+        finally:
+            h.remove()
+        want = serial(lab, base, source, res, metric)
+    assert rows[-3:] == [(2, 6), (2, 6), (12, 1 if side == "left" else 3)]  # the full base and source runs, then packed
+    assert_equal_cells(res.per_example, want, TOL)
