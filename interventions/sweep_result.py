@@ -199,11 +199,12 @@ class SweepResult:
         return fileformat.save(directory, kind=KIND, config=config, tensors=tensors, fingerprint=fingerprint)
 
     @classmethod
-    def load(cls, directory: str | Path) -> SweepResult:
-        meta, t = fileformat.load(directory, kind=KIND)
+    def load(cls, directory: str | Path, *, fingerprint: dict | None = None) -> SweepResult:
+        """Read a saved sweep (``fingerprint``: the model's, checked when given)."""
+        meta, t = fileformat.load(directory, kind=KIND, fingerprint=fingerprint)
         c = meta["config"]
         try:
-            return cls(
+            res = cls(
                 per_example=t["per_example"],
                 base_metric=t["base_metric"],
                 source_metric=t["source_metric"],
@@ -219,3 +220,14 @@ class SweepResult:
             )
         except (KeyError, TypeError) as e:
             raise FileFormatError(f"{directory} holds a patching sweep whose configuration lacks {e}") from None
+        want = (len(res.sites), len(res.positions), len(res.heads) if res.heads is not None else 1)
+        b = res.per_example.shape[-1] if res.per_example.dim() == 4 else -1
+        if tuple(res.per_example.shape[:3]) != want or res.base_metric.shape != (b,) or res.source_metric.shape != (b,):
+            raise FileFormatError(
+                f"{directory}: per_example has shape {tuple(res.per_example.shape)} and the metrics "
+                f"{tuple(res.base_metric.shape)}, {tuple(res.source_metric.shape)}; the configuration says "
+                f"[{', '.join(map(str, want))}, batch] and [batch]"
+            )
+        if len(res.tokens) != len(res.positions) or len(res.layers) != len(res.sites):
+            raise FileFormatError(f"{directory}: {len(res.tokens)} token labels for {len(res.positions)} positions, or {len(res.layers)} layers for {len(res.sites)} sites")
+        return res

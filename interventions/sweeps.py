@@ -356,7 +356,9 @@ def sweep(
     once). ``heads``: ``None`` (whole site), ``"all"`` or a list: a layer × head
     sweep at per-head sites (``attn.z``), each head at ``positions`` (default
     there: every position at once). ``metric``: a :mod:`~steerlab.interventions.metrics`
-    metric or ``fn(output, inputs) -> Float[Tensor, "batch"]``.
+    metric or ``fn(output, inputs) -> Float[Tensor, "batch"]`` (``inputs``: an
+    :class:`~steerlab.interventions.inputs.Inputs`, ``inputs.mask_info()`` says
+    where each row's real tokens are; a packed batch repeats the examples).
     ``configs_per_forward``: configurations packed into one forward (default:
     chosen by cost, at most ``AUTO_TOKENS`` tokens per forward; see :func:`_chunks`).
     """

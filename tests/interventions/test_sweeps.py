@@ -233,10 +233,19 @@ def test_result_views_and_round_trip(tmp_path):
     back = sl.SweepResult.load(tmp_path / "sweep")
     assert torch.equal(back.per_example, res.per_example) and back.per_example.dtype == res.per_example.dtype
     assert (back.sites, back.positions, back.tokens, back.heads, back.metric) == (res.sites, res.positions, res.tokens, res.heads, res.metric)
-    with pytest.raises(sl.FileFormatError, match="holds a 'interventions'|expected 'patching-sweep'"):
+    with pytest.raises(sl.FileFormatError, match="; expected 'patching-sweep'"):
         with wrapped(model) as lab:
             lab.save(tmp_path / "ivs", [sl.Zero("blocks.0.resid_post")])
         sl.SweepResult.load(tmp_path / "ivs")
+    # a file whose grid does not match its labels is refused
+    res.positions = res.positions[:-1]
+    res.tokens = res.tokens[:-1]
+    res.save(tmp_path / "bad")
+    with pytest.raises(sl.FileFormatError, match=r"per_example has shape \(3, 4, 1, 2\).*the configuration says \[3, 3, 1, batch\]"):
+        sl.SweepResult.load(tmp_path / "bad")
+    with pytest.raises(sl.FingerprintMismatch, match="saved for another model"):
+        back.save(tmp_path / "fp", fingerprint={"model_type": "gpt2", "width": 32})
+        sl.SweepResult.load(tmp_path / "fp", fingerprint={"model_type": "gpt2", "width": 64})
 
 
 # -------------------------------------------------------------------------- bad input
@@ -272,6 +281,8 @@ def test_batch_and_length_mismatch(lab_llama):
     # explicit positions align each side's own real tokens: fine
     res = sl.sweep(lab_llama, b, longer, positions=[-1], sites="blocks.2.resid_post", metric=sl.metrics.logit(5))
     assert res.values.shape == (1, 1)
+    spec = sl.sweep(lab_llama, b, longer, positions="f1+l2", sites="blocks.2.resid_post", metric=sl.metrics.logit(5))
+    assert spec.positions == [[0], [-2], [-1]]
     with pytest.raises(sl.PositionOutOfRange, match=r"positions=5 is beyond example 0, which has 5 real tokens"):
         sl.sweep(lab_llama, b, longer, positions=[0, 5], metric=sl.metrics.logit(5))
 
