@@ -191,6 +191,7 @@ class Edit:
         self.decode = decode
         self.collect = isinstance(iv, Collect)
         self.store: dict | None = None
+        self.on_read: Callable[[], None] | None = None  # a collect counts as a read: the engine may stop after the last
 
     def run(self, x: Tensor, ctx: ForwardContext, inplace: bool) -> Tensor:
         iv = self.iv
@@ -203,7 +204,10 @@ class Edit:
             def keep(part: Tensor) -> None:
                 self.store[key] = part.detach() if iv.detach else part  # type: ignore[attr-defined,index]
 
-            return self.sel.transform(x, ctx, keep, inplace=False, decode=self.decode, read=True)
+            out = self.sel.transform(x, ctx, keep, inplace=False, decode=self.decode, read=True)
+            if self.on_read is not None:
+                self.on_read()
+            return out
         if iv.sourced:
             if ctx.info.past > 0:
                 return x  # a source has no values at generated tokens
