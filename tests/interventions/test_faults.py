@@ -191,3 +191,17 @@ SMOLLM_CASES = [
 def test_fault_on_smollm(smollm_scenario, call, fault):
     sc, hooks = smollm_scenario
     check_fault(sc, CALL_TYPES[call], FAULTS[fault], user_hooks=hooks)
+
+
+def test_collect_stops_after_the_last_collected_site():
+    """A collect is a source-like run: it stops right after its last site (the engine's early exit)."""
+    sc, _ = scenario("llama")
+    ran = []
+    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: ran.append(i)) for i, layer in enumerate(sc.lab.layers)]
+    try:
+        cache = sc.lab.collect(sc.base, ["blocks.0.resid_post", "blocks.1.attn.z"])
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == [0, 1]
+    assert set(cache.keys()) == {"blocks.0.resid_post", "blocks.1.attn.z"}
