@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from steerlab.interventions.errors import LifetimeError, SourceError
+from steerlab.interventions.errors import LifetimeError, ShapeMismatch, SourceError
 from steerlab.interventions.graph import Run, SourceValue
 from steerlab.interventions.hooks import Edit, HookSet
 from steerlab.interventions.ops import Intervention
@@ -60,6 +60,7 @@ class Attachment:
                 )
             if isinstance(iv.source, SourceValue):
                 value = iv.source.value.to(self.lab.device)
+                self._check_source_value(iv, site, value)
                 getter = lambda v=value: v  # noqa: E731
             else:
                 kind = "a run" if isinstance(iv.source, Run) else "inputs" if iv.source is not None else "nothing"
@@ -69,6 +70,23 @@ class Attachment:
                 )
         valid = iv.source.valid if iv.sourced else None
         return Edit(iv, site, source=getter, decode=self.decode, source_valid=valid)
+
+    def _check_source_value(self, iv: Intervention, site, value) -> None:
+        """A SourceValue's shape past the batch (checked per forward) must be the slice ``iv`` edits."""
+        feat = self.lab.site_shape(site)
+        if iv.heads is not None:
+            feat = (len(iv.heads), *feat[1:])
+        if iv.dims is not None:
+            feat = (*feat[:-1], len(iv.dims))
+        if self.lab.has_positions(site):
+            k = (self._positions or iv.positions).count  # None: all positions, whatever the length
+            ok = value.dim() == len(feat) + 2 and tuple(value.shape[2:]) == feat and k in (None, value.shape[1])
+            want = f"[batch, {k if k is not None else 'pos'}, {', '.join(map(str, feat))}]"
+        else:
+            ok = tuple(value.shape[1:]) in (feat, (1, *feat))
+            want = f"[batch, {', '.join(map(str, feat))}]"
+        if not ok:
+            raise ShapeMismatch(f"the SourceValue for {type(iv).__name__} at {site.name!r} has shape {tuple(value.shape)}; expected {want}")
 
     # -- lifetime -------------------------------------------------------------
     @property

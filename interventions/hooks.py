@@ -23,7 +23,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from steerlab.interventions.errors import ShapeMismatch, UnitError
+from steerlab.interventions.errors import BatchMismatch, ShapeMismatch, UnitError
 from steerlab.interventions.ops import Collect, Intervention
 from steerlab.interventions.orthonormal import Orthonormal, materialise
 from steerlab.interventions.sites import ResolvedSite
@@ -410,6 +410,13 @@ class HookSet:
             if spec is not None and id(spec) not in seen:
                 seen.add(id(spec))
                 spec.validate(ctx.info, "positions")
+            if isinstance(h, Edit) and h.source is not None and not h.collect:
+                batch = h.source().shape[0]  # an attached SourceValue: its batch must fit every forward
+                if batch not in (1, ctx.info.batch):
+                    raise BatchMismatch(
+                        f"the SourceValue of {type(h.iv).__name__} at {h.sel.site.name!r} has batch {batch} but this "
+                        f"forward has {ctx.info.batch}; expected equal batches (or a SourceValue of batch 1, broadcast)"
+                    )
 
     def _context(self, x: Tensor) -> ForwardContext:
         ctx = self.ctx
