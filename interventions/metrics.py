@@ -201,7 +201,8 @@ class _TokenMetric(Metric):
         self._resolve()
 
     def _resolve(self, strict: bool = False) -> None:
-        needs_tok = any(isinstance(v, str) or (isinstance(v, (list, tuple)) and any(isinstance(x, str) for x in v)) for v in self.specs.values())
+        texts = lambda v: isinstance(v, str) or (isinstance(v, (list, tuple)) and any(isinstance(x, str) for x in v))  # noqa: E731
+        needs_tok = any(texts(v) for v in self.specs.values())
         if needs_tok and self.tokenizer is None and not strict:
             self.ids = None  # resolved at bind()
             return

@@ -229,5 +229,8 @@ class SweepResult:
                 f"[{', '.join(map(str, want))}, batch] and [batch]"
             )
         if len(res.tokens) != len(res.positions) or len(res.layers) != len(res.sites):
-            raise FileFormatError(f"{directory}: {len(res.tokens)} token labels for {len(res.positions)} positions, or {len(res.layers)} layers for {len(res.sites)} sites")
+            raise FileFormatError(
+                f"{directory}: {len(res.tokens)} token labels for {len(res.positions)} positions, "
+                f"or {len(res.layers)} layers for {len(res.sites)} sites"
+            )
         return res

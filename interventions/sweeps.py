@@ -120,7 +120,10 @@ def _sites(lab, sites) -> list[ResolvedSite]:
         for name in lab.expand(p):
             site = lab.resolve(name)
             if not lab.has_positions(site):
-                raise UnitError(f"site {site.name!r} has no position axis (its value is [batch, width]); a patching sweep needs [batch, pos, ...]")
+                raise UnitError(
+                    f"site {site.name!r} has no position axis (its value is [batch, width]); "
+                    "a patching sweep needs [batch, pos, ...]"
+                )
             out.setdefault(site.name, site)
     return list(out.values())
 
@@ -235,7 +238,9 @@ def _plan(lab, base, source, sites, positions, heads, metric, configs_per_forwar
     b = Inputs.of(base, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
     s = Inputs.of(source, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
     if s.batch not in (1, b.batch):
-        raise BatchMismatch(f"the source has batch {s.batch} but the base has {b.batch}; expected equal batches (or a source of 1, broadcast)")
+        raise BatchMismatch(
+            f"the source has batch {s.batch} but the base has {b.batch}; expected equal batches (or a source of 1, broadcast)"
+        )
     if s.batch != b.batch:
         s = s.repeat(b.batch)  # one source for every example: its metric is per example too
     rs = _sites(lab, sites)

@@ -80,8 +80,7 @@ def patching_heatmap(result, *, value: str = "values", title: str | None = None)
         if col_axis == "position":
             fig.update_xaxes(tickmode="array", tickvals=list(range(len(result.tokens))), ticktext=list(result.tokens), tickangle=-45)
         fig.update_xaxes(title_text="position (token)" if col_axis == "position" else "head")
-    fig.update_yaxes(
-        tickmode="array", tickvals=list(range(len(result.row_labels))), ticktext=result.row_labels, title_text=result.row_axis, autorange="reversed"
-    )
+    rows = result.row_labels
+    fig.update_yaxes(tickmode="array", tickvals=list(range(len(rows))), ticktext=rows, title_text=result.row_axis, autorange="reversed")
     fig.update_layout(title={"text": title}, template="plotly_white")
     return fig
