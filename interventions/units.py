@@ -76,13 +76,14 @@ class MaskInfo:
 class Positions:
     """A parsed position spec; :meth:`resolve` turns it into padded indices."""
 
-    __slots__ = ("kind", "static", "first", "last", "tensor")
+    __slots__ = ("kind", "static", "first", "last", "tensor", "_on_device")
 
     def __init__(self, spec):
         self.kind: str
         self.static: tuple[int, ...] = ()
         self.first = self.last = 0
         self.tensor: Tensor | None = None
+        self._on_device: dict = {}  # the static positions as a tensor, per device (built once: no copy per forward)
         if isinstance(spec, Positions):
             self.kind, self.static, self.first, self.last, self.tensor = spec.kind, spec.static, spec.first, spec.last, spec.tensor
         elif spec is None or (isinstance(spec, str) and spec == "all"):
@@ -226,7 +227,9 @@ class Positions:
         n = info.lengths[:, None]
         dev = info.starts.device
         if self.kind == "static":
-            p = torch.tensor(self.static, device=dev)[None, :]
+            p = self._on_device.get(dev)
+            if p is None:  # a host-to-device copy waits for the device: do it once, not in every forward
+                p = self._on_device[dev] = torch.tensor(self.static, device=dev)[None, :]
             r = torch.where(p < 0, p + n, p)
         elif self.kind == "firstlast":
             f = torch.arange(self.first, device=dev)[None, :].expand(info.batch, -1)
