@@ -32,7 +32,10 @@ model you wrapped yourself stays yours, as you left it.
 
 Not supported here (a named error before any compute): ``prefix=`` (the
 hook engine's prefix reuse replaces block forwards, which nnsight owns), and
-a site whose module runs more than once per forward.
+a site whose module runs more than once per forward. For ``remote=True`` the
+lab still learns site shapes and the forward order from one small local
+forward, so it must wrap a model that runs locally (same architecture; the
+weights may be random): a weightless (``meta``) model cannot be probed yet.
 """
 
 from __future__ import annotations
