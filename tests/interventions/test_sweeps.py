@@ -204,9 +204,9 @@ def test_smollm_sweep_equals_serial_loop(smollm):
     b, s = enc(base), enc(source)
     metric = sl.metrics.logit_diff(" Rome", " Paris", tokenizer=tok)
     with wrapped(model, tok) as lab:
-        res = sl.sweep(lab, b, s, sites=["blocks.4.resid_post", "blocks.12.attn.out", "blocks.29.resid_pre"], positions=[2, -3, -1], metric=metric)
+        res = sl.sweep(lab, b, s, sites=["blocks.4.resid_post", "blocks.12.attn.out", "blocks.29.resid_pre"], positions=[2, -1], metric=metric)
         want = serial(lab, b, s, res, metric)
-        heads = sl.sweep(lab, b, s, sites="blocks.20.attn.z", heads=[0, 3, 8], positions=-1, metric=metric)
+        heads = sl.sweep(lab, b, s, sites="blocks.20.attn.z", heads=[3, 8], positions=-1, metric=metric)
         want_heads = serial(lab, b, s, heads, metric)
     assert_equal_cells(res.per_example, want, 1e-5)
     assert_equal_cells(heads.per_example, want_heads, 1e-5)
