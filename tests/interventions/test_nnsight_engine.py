@@ -167,6 +167,31 @@ def test_runs_through_nnsight_not_hooks(monkeypatch):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_only_visited_modules_are_instrumented_and_the_tree_follows_model_changes():
+    from nnsight.intervention.source import STATE
+
+    model = tiny_model("llama")
+    base = tiny_inputs("llama", pad=1, side="left")
+    seen: dict[str, bool] = {}
+
+    def look(h):
+        seen.update({n: STATE in m.__dict__ for n, m in model.named_modules()})
+        return h
+
+    with wrapped(model) as lab:
+        ivs = [sl.Lambda("blocks.1.resid_post", look), sl.Add("blocks.2.mlp.out", torch.ones(32), positions=-1)]
+        lab.run(base, ivs, engine="nnsight")
+        assert {n for n, on in seen.items() if on} == {"", "model.layers.1", "model.layers.2.mlp"}
+        assert not any(STATE in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
+        # a module replaced after the first call (as an adapter library would): the tree is rebuilt
+        old = model.model.layers[2].mlp.down_proj
+        new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+        new.weight.data = old.weight.data * 2
+        model.model.layers[2].mlp.down_proj = new
+        iv = sl.Scale("blocks.2.mlp.post", factor=0.5, positions=-1)
+        torch.testing.assert_close(lab.run(base, iv, engine="nnsight").logits, lab.run(base, iv).logits, rtol=1e-6, atol=1e-6)
+
+
 def test_source_runs_stop_early_and_plain_sources_share_a_forward():
     model = tiny_model("llama")
     base = tiny_inputs("llama", pad=2, side="left")
