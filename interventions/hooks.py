@@ -127,7 +127,12 @@ class _Selection:
                 f"site {site.name!r}: the positions have {idx.shape[0]} rows but the value has batch {v.shape[0]}"
             )
         index = None if idx is None else ctx.index(spec, tuple(v.shape[2:]))
-        p0 = v if idx is None else gather_positions(v, idx, index=index)
+        if idx is not None and inplace and v.requires_grad:
+            # gather keeps its input for backward and the in-place write below modifies that input
+            # (autograd then refuses the backward); indexing keeps only the sizes and the indices
+            p0 = v[torch.arange(v.shape[0], device=v.device)[:, None], idx.clamp_min(0)]
+        else:
+            p0 = v if idx is None else gather_positions(v, idx, index=index)
         heads = None if self.heads is None else self._index("heads", self.heads, x.device)
         dims = None if self.dims is None else self._index("dims", self.dims, x.device)
         p1 = p0 if heads is None else p0.index_select(2, heads)
