@@ -258,3 +258,56 @@ def test_gradient_through_in_place_and_fused_sites_equals_manual(arch, site):
         loss_of(lab.run(inputs, [iv]).output).backward()
     assert leaf.grad.abs().sum() > 0
     torch.testing.assert_close(iv.vector.grad, leaf.grad, atol=1e-7, rtol=1e-4)
+
+
+def test_in_place_site_with_an_upstream_gradient():
+    """resid_mid is edited in place while the residual already requires grad (a trainable edit below it):
+    the gradients of both equal a manual, in-graph computation."""
+    model = model_of("llama")
+    inputs = make_inputs("llama", [7, 4], 7, "left", 17)
+    R = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(8)))[0][:4]
+    s = torch.randn(2, 1, 32, generator=torch.Generator().manual_seed(9))
+    last = [6, 6]  # left padding: the last real token is the last index
+    blk = model.model.layers[1]
+    A0 = R.T.clone()  # Orthonormal stores Rᵀ; orthonormal columns come back unchanged from QR
+    leaf_v = torch.zeros(64, requires_grad=True)
+    leaf_a = A0.clone().requires_grad_(True)
+    store = {}
+
+    def up(m, args, kwargs):  # Add at blocks.0.mlp.post, positions [0, -1]
+        x = args[0].clone() if args else kwargs["hidden_states"].clone()
+        for i, js in enumerate([[0, 6], [3, 6]]):
+            for j in js:
+                x[i, j] = x[i, j] + leaf_v
+        return ((x,), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    def keep_in(m, args, kwargs):
+        store["pre"] = args[0] if args else kwargs["hidden_states"]
+
+    def attn_out(m, args, out):
+        q, _ = torch.linalg.qr(leaf_a)
+        r = (q * torch.sign(torch.diagonal(_)).unsqueeze(0)).T
+        o = out[0]
+        mid = store["pre"] + o
+        delta = torch.zeros_like(o)
+        for i, j in enumerate(last):
+            h = mid[i, j]
+            delta[i, j] = ((s[i, 0] - h) @ r.T) @ r
+        return (o + delta, *out[1:])
+
+    hs = [
+        model.model.layers[0].mlp.down_proj.register_forward_pre_hook(up, with_kwargs=True),
+        blk.register_forward_pre_hook(keep_in, with_kwargs=True),
+        blk.self_attn.register_forward_hook(attn_out),
+    ]
+    try:
+        model(**inputs).logits.pow(2).mean().backward()
+    finally:
+        for h in hs:
+            h.remove()
+    with wrapped(model) as lab:
+        das = sl.SubspaceInterchange("blocks.1.resid_mid", size=4, init=R, positions=-1, source=sl.SourceValue(s))
+        steer = sl.Add("blocks.0.mlp.post", torch.zeros(64), trainable=True, positions=[0, -1])
+        lab.run(inputs, [steer, das]).logits.pow(2).mean().backward()
+    torch.testing.assert_close(steer.vector.grad, leaf_v.grad, atol=1e-7, rtol=1e-4)
+    torch.testing.assert_close(das.rotation.weight.grad, leaf_a.grad, atol=1e-7, rtol=1e-4)
