@@ -77,17 +77,21 @@ def manual_interchange(model, arch, site, heads, spec, base, source, src_spec=No
     return _out(run_edited(model, arch, LAYER, site, base, edit)), bool(todo)
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("pos", sorted(POSITIONS))
-@pytest.mark.parametrize("site", sorted(SITES))
-@pytest.mark.parametrize("arch", ARCHS10)
+def _cases():
+    """Decoders pad on the left (and, for two families, on the right too: every family's right padding
+    is in test_units); encoders on the right; gpt_neox (parallel residual) has no resid_mid."""
+    for arch in ARCHS10:
+        for site in sorted(SITES):
+            if arch == "gpt_neox" and site == "resid_mid":
+                continue
+            for pos in sorted(POSITIONS):
+                sides = ["right"] if arch in ENCODERS else ["left"] + (["right"] if arch in ("llama", "gpt2") and pos != "all" else [])
+                for side in sides:
+                    yield arch, site, pos, side
+
+
+@pytest.mark.parametrize("arch,site,pos,side", list(_cases()))
 def test_interchange_equals_manual_hooks(arch, site, pos, side):
-    if arch in ENCODERS and side == "left":
-        return  # encoders pad on the right
-    if side == "right" and arch not in ENCODERS and (arch not in ("llama", "gpt2") or pos == "all"):
-        return  # right padding on decoders: two families here; every family in test_units
-    if arch == "gpt_neox" and site == "resid_mid":
-        return  # parallel residual: no resid_mid (the catalog test covers its absence)
     model = model_of(arch)
     spec = POSITIONS[pos]
     if spec is None:  # all positions: base and source share the padding
