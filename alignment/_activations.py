@@ -25,6 +25,7 @@ from torch import Tensor
 
 from steerlab.alignment.counterfactuals import CounterfactualDataset, CounterfactualTable, check_equal_lengths
 from steerlab.alignment.encoders import Encoder
+from steerlab.interventions.errors import ConfigError
 from steerlab.interventions.graph import SourceValue
 from steerlab.interventions.lab import Lab
 from steerlab.interventions.ops import Intervention
@@ -103,6 +104,8 @@ class ActivationStore:
         self.values: dict[str, Tensor] = {s: torch.cat(v)[:, 0] if flat[s] else torch.cat(v) for s, v in values.items()}
         self.prefixes: dict[int, Prefix] = {layer: Prefix(layer, torch.cat(h), tuple_len) for layer, h in hidden.items()}
         self._positions: dict[Any, tuple[Tensor | None, Tensor | None]] = {}
+        self._pasts: dict[int, tuple | None] = {}
+        self.chunk_size = chunk_size
 
     @property
     def device(self) -> torch.device:
@@ -111,9 +114,52 @@ class ActivationStore:
     def inputs_for(self, rows: Int[Tensor, " b"]) -> Any:
         return _rows(self.encoded, rows)
 
-    def prefix(self, site: str, rows: Int[Tensor, " b"]) -> Prefix | None:
+    def prefix(self, site: str, rows: Int[Tensor, " b"], start: int = 0) -> Prefix | None:
+        """The cached prefix of ``site``'s block for inputs ``rows``; with ``start``, also
+        the KV cache of their first ``start`` positions (see :meth:`start_for`)."""
         layer = self.layers[self.lab.resolve(site).name]
-        return None if layer is None else self.prefixes[layer].select(rows)
+        if layer is None:
+            return None
+        p = self.prefixes[layer].select(rows)
+        if start:
+            past = self._pasts[start]
+            p = p.after(tuple((k[rows], v[rows]) for k, v in past))
+        return p
+
+    def start_for(self, site: str, spec) -> int:
+        """The first position every input's ``spec`` positions lie at or after (padded), when
+        the positions before it can come from a KV cache; 0 when they cannot (no suffix run)."""
+        _, padded = self.positions(spec)
+        if padded is None or not isinstance(self.encoded, dict) or "input_ids" not in self.encoded:
+            return 0
+        if self.layers.get(self.lab.resolve(site).name) is None or not self.lab.is_hf:
+            return 0
+        start = int(padded.min())
+        if start <= 0:
+            return 0
+        if start not in self._pasts:
+            low = self.prefixes[min(self.prefixes)]  # the lowest candidate block: every site resumes at or above it
+            try:
+                parts = [self.lab.past(_rows(self.encoded, slice(a, a + self.chunk_size)), start,
+                                       prefix=low.select(slice(a, a + self.chunk_size)))
+                         for a in range(0, len(self.inputs), self.chunk_size)]
+            except ConfigError:
+                parts = None  # this model's cache cannot be reused: run whole sequences
+            self._pasts[start] = None if parts is None else tuple(
+                (torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(len(parts[0]))
+            )
+        return start if self._pasts[start] is not None else 0
+
+    def suffix_inputs(self, rows: Int[Tensor, " b"], start: int) -> dict:
+        """Inputs of ``rows`` from position ``start`` on, with the full attention mask."""
+        enc = self.encoded
+        return {k: (v[rows] if k == "attention_mask" else v[rows][:, start:]) for k, v in enc.items()}
+
+    def suffix_positions(self, spec, start: int) -> Int[Tensor, "n k"]:
+        """``spec``'s real-token indices counted from the first real token at or after ``start``."""
+        _, padded = self.positions(spec)
+        pad = _seq(self.encoded) - self.lengths
+        return padded - start - (pad - start).clamp_min(0)[:, None]
 
     def positions(self, spec) -> tuple[Int[Tensor, "n k"] | None, Int[Tensor, "n k"] | None]:
         """``(real-token indices, padded indices)`` of ``spec`` for every input (``None, None``: all positions)."""
@@ -152,7 +198,7 @@ class Runner:
     the cached prefix; it returns the label scores ``[b, labels]``.
     """
 
-    def __init__(self, store: ActivationStore, dataset: CounterfactualDataset, site: str, positions):
+    def __init__(self, store: ActivationStore, dataset: CounterfactualDataset, site: str, positions, *, suffix: bool = True):
         self.store = store
         self.lab = store.lab
         self.encoder = dataset.encoder
@@ -166,6 +212,10 @@ class Runner:
             check_equal_lengths(dataset, store.lengths[self._map])
         real, _ = store.positions(positions)
         self._real = real
+        # an edit at late positions only: earlier positions come from a KV cache, the forward runs the rest
+        self.start = store.start_for(site, positions) if suffix else 0
+        if self.start:
+            self._real = store.suffix_positions(positions, self.start)
 
     def __len__(self) -> int:
         return self.table.base.shape[0]
@@ -199,8 +249,8 @@ class Runner:
             sources = [self.source_slice(rows, j) for j in range(len(ivs))]
         for iv, src in zip(ivs, sources):
             iv.source = SourceValue(src.to(self.lab.device))
-        inputs = self.store.inputs_for(base)
-        prefix = self.store.prefix(self.site, base)
+        inputs = self.store.suffix_inputs(base, self.start) if self.start else self.store.inputs_for(base)
+        prefix = self.store.prefix(self.site, base, self.start)
         pos = None if self._real is None else self._real[base]
         if repeat > 1:
             inputs = _repeat(inputs, repeat)
@@ -208,7 +258,8 @@ class Runner:
             pos = None if pos is None else pos.repeat(repeat, 1)
         inputs = _to(inputs, self.lab.device)
         if prefix is not None:
-            prefix = Prefix(prefix.layer, prefix.hidden.to(self.lab.device), prefix.tuple_len)
+            past = None if prefix.past is None else tuple((k.to(self.lab.device), v.to(self.lab.device)) for k, v in prefix.past)
+            prefix = Prefix(prefix.layer, prefix.hidden.to(self.lab.device), prefix.tuple_len, past)
         out = self.lab.run(inputs, list(ivs), positions=pos, prefix=prefix, **self.kwargs)
         return self.encoder.scores(out.output)
 

@@ -412,7 +412,7 @@ class BoundlessDAS(DAS):
         curve = train(run_train, [iv], self.cfg, evaluator=run_test, extra_loss=penalty, on_step=schedule, on_epoch=record, groups=groups)
         curve.temperature = temps
         k = max(iv.size, 1)
-        hard = SubspaceInterchange(self.site, size=k, width=width, init=iv.R.detach()[:k])
+        hard = SubspaceInterchange(self.site, size=k, width=width, init=iv.rotation().detach()[:k])
         return [hard], curve
 
     def _final_sizes(self, ivs, sizes: dict[str, int]) -> dict[str, int]:
@@ -434,7 +434,8 @@ def resolve_sizes(size: int | Mapping[str, int], variables: Sequence[str], site:
     total = sum(sizes.values())
     if total > width:
         what = f"a subspace of size {total}" if len(sizes) == 1 else f"disjoint subspaces of sizes {sizes} ({total} in all)"
-        raise SubspaceSizeError(f"{what} does not fit site {site!r} of width {width}; expected a total <= {width}")
+        verb = "does" if len(sizes) == 1 else "do"
+        raise SubspaceSizeError(f"{what} {verb} not fit site {site!r} of width {width}; expected a total <= {width}")
     return sizes
 
 
