@@ -255,7 +255,10 @@ def _forward(
             raise EarlyExit
 
     handlers = _handlers(plan, edits, reads, values=values, cache=cache, store=store, on_read=on_read, decode=decode)
-    hs = HookSet(lab.model, handlers, positions=plan.positions, source_positions=plan.source_positions, per_call=True)
+    continuing = prefix is not None and prefix.past is not None
+    hs = HookSet(lab.model, handlers, positions=plan.positions, source_positions=plan.source_positions, per_call=True, continuation=continuing)
+    if continuing:
+        model_kwargs = {**model_kwargs, **prefix.past_kwargs(lab.model)}
     out = None
     with torch.set_grad_enabled(grad):
         try:
@@ -314,6 +317,13 @@ def _run_plan(plan: _Plan, *, prefix: Prefix | None, model_kwargs: dict | None, 
                 raise ShapeMismatch(
                     f"the prefix holds {tuple(prefix.hidden.shape[:2])} (batch, seq) but {n.name} has "
                     f"({n.info.batch}, {n.info.seq})"
+                )
+            mask = n.inputs.mask
+            if prefix.past is not None and (mask is None or mask.shape[-1] != prefix.start + n.info.seq):
+                raise ShapeMismatch(
+                    f"the prefix caches the first {prefix.start} positions, so {n.name} takes the remaining "
+                    f"{n.info.seq} tokens with an attention mask over all {prefix.start + n.info.seq}; "
+                    f"got a mask over {None if mask is None else mask.shape[-1]}"
                 )
     values: dict[int, Tensor] = {}
     results: dict[int, RunResult] = {}

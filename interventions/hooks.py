@@ -317,8 +317,11 @@ class HookSet:
         source_positions: Positions | None = None,
         validate: bool = False,
         per_call: bool = False,
+        continuation: bool = False,
     ):
         self.root = root
+        # a prompt resumed after cached positions (Prefix.past): its tokens are prompt positions, not decode steps
+        self.continuation = continuation
         self.validate = validate  # check positions against each forward's real lengths (attached lifetime)
         # per call: only the forward the set was installed for is intervened; a forward nested in it
         # (an intervention calling the model) passes through. Attached: every forward, nested too.
@@ -393,6 +396,8 @@ class HookSet:
             past = mask.shape[-1] - seq
         else:
             mask, past = None, _cache_length(kwargs)
+        if self.continuation:
+            past = 0
         self.ctx = ForwardContext(MaskInfo.from_mask(mask, batch, seq, ref.device, past), override, self.source_positions)
         if self.validate and past == 0:
             self._validate(self.ctx)

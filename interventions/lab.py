@@ -11,6 +11,7 @@ leaves the model's hook registries as it found them.
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from steerlab.interventions.graph import Graph, GraphResult, Run, RunResult, Sou
 from steerlab.interventions.hooks import EarlyExit, _input_tensor, _output_tensor
 from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.ops import Collect, Intervention
-from steerlab.interventions.prefix import Prefix, tuple_len_of
+from steerlab.interventions.prefix import Prefix, resume_from, tuple_len_of
 from steerlab.interventions.sites import ResolvedSite, SiteCatalog, SiteResolver, canonical_names
 
 __all__ = ["Lab", "wrap", "Generation"]
@@ -353,6 +354,34 @@ class Lab:
             key = layer % self.n_layers
             out[key] = Prefix(key, cache[self.resolve(f"blocks.{layer}.resid_pre").name], self._tuple_len or 0)
         return out, cache
+
+    def past(self, inputs: Any, start: int, *, prefix: Prefix | None = None) -> tuple[tuple[Tensor, Tensor], ...]:
+        """Keys and values of the first ``start`` positions at every layer (one forward
+        of ``inputs`` cut to ``start`` tokens), for :meth:`Prefix.after`.
+
+        With ``prefix`` (of the full ``inputs``), the forward starts at its layer and
+        the blocks below it get empty placeholders: a forward resumed from that
+        layer or above never reads them.
+        """
+        inp = Inputs.of(inputs, tokenizer=self.tokenizer, device=self.device, is_lm=self.is_lm)
+        if not self.is_hf or "input_ids" not in inp.kwargs:
+            raise ConfigError("a KV-cache prefix needs a Hugging Face model run on input_ids")
+        if not 0 < start < inp.seq:
+            raise UnitError(f"start={start}: expected 0 < start < {inp.seq} (the inputs' length)")
+        cut = {k: v[:, :start] if isinstance(v, Tensor) and v.dim() == 2 else v for k, v in inp.kwargs.items()}
+        below = None if prefix is None else Prefix(prefix.layer, prefix.hidden[:, :start], prefix.tuple_len)
+        with torch.no_grad(), resume_from(self.layers, below, root=self.model) if below is not None else nullcontext():
+            out = self.model(**cut, use_cache=True)
+        cache = out.get("cache") if hasattr(out, "get") and out.get("cache") is not None else getattr(out, "past_key_values", None)
+        layers = getattr(cache, "layers", None)
+        if layers is None or not all(hasattr(layer, "keys") for layer in layers):
+            raise ConfigError(f"{type(self.model).__name__} keeps a {type(cache).__name__}; a KV-cache prefix needs a DynamicCache of keys and values")
+        if any(getattr(layer, "is_sliding", False) for layer in layers):
+            raise ConfigError(f"{type(self.model).__name__}'s cache has sliding-window layers; a KV-cache prefix supports full-attention caches only")
+        filled = [(layer.keys, layer.values) for layer in layers if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+        k0, v0 = filled[0]
+        empty = (torch.zeros(()).expand_as(k0), torch.zeros(()).expand_as(v0))  # placeholders: never read
+        return tuple((layer.keys, layer.values) if getattr(layer, "keys", None) is not None and layer.keys.numel() else empty for layer in layers)
 
     # -- attached lifetime --------------------------------------------------------------
     def attach(self, interventions: Sequence[Intervention] | Intervention, *, decode: bool = False, positions=None) -> Attachment:

@@ -8,10 +8,19 @@ replaced, for that call only, by the identity) and start from the cached
 value. Embeddings and masks are still computed from the inputs; they are
 cheap and keep every architecture's bookkeeping (rotary positions, masks)
 exactly as in a full forward.
+
+A prefix can also cover the *first positions at every layer*: with ``past``
+(the keys and values of the prompt's first ``start`` positions, a KV cache
+from :meth:`Lab.past`), a resumed forward is given only the remaining tokens
+(``input_ids[:, start:]`` with the full attention mask) and computes only
+them, above ``layer`` — what an edit at the last positions needs. Positions
+given to such a forward count the remaining tokens (they are prompt
+positions, not decode steps).
 """
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -31,17 +40,45 @@ class Prefix:
     layer: int
     hidden: Float[Tensor, "batch seq d"]
     tuple_len: int = 0  # 0: blocks return a tensor; n: a tuple of n items
+    #: per layer, (keys, values) ``[batch, kv_heads, start, d_head]`` of the first ``start`` positions
+    past: tuple[tuple[Tensor, Tensor], ...] | None = None
+
+    @property
+    def start(self) -> int:
+        """Positions covered by ``past`` (0 without it)."""
+        return 0 if self.past is None else self.past[0][0].shape[-2]
 
     def select(self, index) -> Prefix:
         """The prefix of a subset of the batch (``index``: rows, as for the inputs)."""
-        return Prefix(self.layer, self.hidden[index], self.tuple_len)
+        past = None if self.past is None else tuple((k[index], v[index]) for k, v in self.past)
+        return Prefix(self.layer, self.hidden[index], self.tuple_len, past)
 
     def repeat(self, n: int) -> Prefix:
         """``n`` stacked copies (copy-major), for packed sweeps."""
-        return Prefix(self.layer, self.hidden.repeat(n, 1, 1), self.tuple_len)
+        past = None if self.past is None else tuple((k.repeat(n, 1, 1, 1), v.repeat(n, 1, 1, 1)) for k, v in self.past)
+        return Prefix(self.layer, self.hidden.repeat(n, 1, 1), self.tuple_len, past)
+
+    def after(self, past: tuple[tuple[Tensor, Tensor], ...]) -> Prefix:
+        """This prefix with the first positions cached: ``hidden`` keeps only the positions ``past`` does not cover."""
+        start = past[0][0].shape[-2]
+        if past[0][0].shape[0] != self.hidden.shape[0] or not 0 < start < self.hidden.shape[1]:
+            raise ShapeMismatch(
+                f"a KV cache of {past[0][0].shape[0]} rows x {start} positions does not fit a prefix of "
+                f"{self.hidden.shape[0]} rows x {self.hidden.shape[1]} positions (expected the same rows and fewer positions)"
+            )
+        return Prefix(self.layer, self.hidden[:, start:], self.tuple_len, past)
+
+    def past_kwargs(self, model: nn.Module) -> dict:
+        """The model keyword carrying a fresh KV cache of ``past`` (a forward appends to it)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in self.past or ()])
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        return {name: cache}
 
     def __repr__(self) -> str:
-        return f"Prefix(layer={self.layer}, hidden={tuple(self.hidden.shape)})"
+        extra = f", start={self.start}" if self.past is not None else ""
+        return f"Prefix(layer={self.layer}, hidden={tuple(self.hidden.shape)}{extra})"
 
 
 def _identity(tuple_len: int):
