@@ -204,7 +204,12 @@ def full_vector_iia(runner: Runner, *, batch_size: int = 256) -> dict[str, IIA]:
     return out
 
 
-def subspaces_of(ivs: Sequence[Intervention], variables: Sequence[str], site: str, positions, method: str, iia: Mapping[str, IIA]) -> dict[str, Subspace]:
+def subspaces_of(
+    ivs: Sequence[Intervention], variables: Sequence[str], site: str, positions, method: str, iia: Mapping[str, IIA], encoder=None
+) -> dict[str, Subspace]:
+    """Each variable's found basis as a :class:`Subspace` (positions as a base-layer spec; a named
+    position of the encoder becomes its index, or ``"per-call"`` when it differs per example)."""
+    spec = encoder.position_spec(positions) if encoder is not None else _subspace_positions(positions)
     out = {}
     with torch.no_grad():
         for v, iv in zip(variables, ivs):
@@ -212,7 +217,7 @@ def subspaces_of(ivs: Sequence[Intervention], variables: Sequence[str], site: st
             meta = {"variable": v, "method": method, "positions": positions}
             if v in iia:
                 meta["iia"] = iia[v].value
-            out[v] = Subspace(r, site, positions=_subspace_positions(positions), metadata=meta)
+            out[v] = Subspace(r, site, positions=spec, metadata=meta)
     return out
 
 
@@ -311,7 +316,7 @@ class DAS:
         iia = evaluate(run_test, ivs, batch_size=self.cfg.eval_batch_size)
         result = DASResult(
             site=self.site, positions=self.positions, variables=tuple(variables), sizes=self._final_sizes(ivs, sizes),
-            subspaces=subspaces_of(ivs, variables, self.site, self.positions, self.method, iia), iia=iia,
+            subspaces=subspaces_of(ivs, variables, self.site, self.positions, self.method, iia, train.encoder), iia=iia,
             full_vector=full_vector_iia(run_test, batch_size=self.cfg.eval_batch_size), curve=curve, method=self.method,
             config=self._config(train, test), timings=timings, fingerprint=self.lab.fingerprint(),
         )

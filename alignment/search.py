@@ -230,7 +230,7 @@ def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, contr
         iia = evaluate(r_test, ivs, batch_size=cfg.eval_batch_size)
         timings["train"] = time.perf_counter() - t0
         res = DASResult(site=site, positions=spec, variables=tuple(variables), sizes=sizes_k,
-                        subspaces=subspaces_of(ivs, variables, site, spec, "DAS", iia), iia=iia, full_vector=full,
+                        subspaces=subspaces_of(ivs, variables, site, spec, "DAS", iia, train.encoder), iia=iia, full_vector=full,
                         curve=curve, config={**cfg.to_json(), "n_train": len(train), "n_test": len(test)}, timings=timings)
         if controls:
             t0 = time.perf_counter()
