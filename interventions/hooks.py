@@ -380,6 +380,10 @@ class HookSet:
             return None
         changed = False
         override = self.positions
+        if self._depth > 1 and override is not None and override.kind == "tensor":
+            # per-example positions belong to the batch they were set for, not to a forward nested
+            # in it (an intervention calling the model on other inputs): that one uses each spec
+            override = None
         if POSITIONS_KWARG in kwargs:
             kwargs = dict(kwargs)
             override = Positions(kwargs.pop(POSITIONS_KWARG))
@@ -401,7 +405,7 @@ class HookSet:
         self.ctx = ForwardContext(MaskInfo.from_mask(mask, batch, seq, ref.device, past), override, self.source_positions)
         if self.validate and past == 0:
             self._validate(self.ctx)
-        if self._maps:
+        if self._maps and self._depth == 1:  # a nested forward must not re-materialise the outer one's R
             materialise(self._maps)
         return (args, kwargs) if changed else None
 
