@@ -12,6 +12,9 @@ from torch.nn import functional as F
 from steerlab import reft
 from steerlab.interventions.errors import DataError, PositionOutOfRange
 from steerlab.models import embedded_path
+from tests.reliability import one_thread_fixture
+
+_one_thread = one_thread_fixture()  # one intra-op thread: much faster on a shared 2-core machine
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,9 @@ import torch
 
 from steerlab.interventions import fileformat
 from tests.reft import _ddp_worker as worker
+from tests.reliability import one_thread_fixture
+
+_one_thread = one_thread_fixture()  # one intra-op thread: much faster on a shared 2-core machine
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,6 +8,9 @@ import torch
 from steerlab import reft
 from steerlab.interventions.errors import DataError
 from tests.archs import tiny_model
+from tests.reliability import one_thread_fixture
+
+_one_thread = one_thread_fixture()  # one intra-op thread: much faster on a shared 2-core machine
 
 NEW = 5
 

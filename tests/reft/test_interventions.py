@@ -9,6 +9,9 @@ import steerlab as sl
 from steerlab.interventions.errors import ConfigError, SubspaceSizeError
 from steerlab.interventions.serialize import build_intervention, intervention_record
 from steerlab.reft import ConsReFT, DiReFT, LobiReFT, LoReFT, NoReFT
+from tests.reliability import one_thread_fixture
+
+_one_thread = one_thread_fixture()  # one intra-op thread: much faster on a shared 2-core machine
 
 D, K = 16, 4
 SITE = "blocks.0.resid_post"

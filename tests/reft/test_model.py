@@ -13,6 +13,9 @@ from steerlab.interventions.errors import (
     ConfigError, FileFormatError, FingerprintMismatch, PositionOutOfRange, SiteNotFound, SubspaceSizeError, UnitError,
 )
 from tests.archs import tiny_model
+from tests.reliability import one_thread_fixture
+
+_one_thread = one_thread_fixture()  # one intra-op thread: much faster on a shared 2-core machine
 
 LL = "llama"
 

@@ -7,6 +7,9 @@ import torch
 
 from steerlab import reft
 from tests.archs import tiny_model
+from tests.reliability import one_thread_fixture
+
+_one_thread = one_thread_fixture()  # one intra-op thread: much faster on a shared 2-core machine
 
 LAYER, RANK, D = 1, 4, 32
 POS = [[1, 4], [2, 5]]  # per-example positions, no padding: pyvene's indices are the real-token ones

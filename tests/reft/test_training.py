@@ -9,6 +9,9 @@ import transformers as T
 from steerlab import reft
 from steerlab.interventions.errors import ConfigError, DataError
 from steerlab.models import embedded_path
+from tests.reliability import one_thread_fixture
+
+_one_thread = one_thread_fixture()  # one intra-op thread: much faster on a shared 2-core machine
 
 PROMPTS = [f"Question {i}: what is {i} plus {i + 1}?" for i in range(8)]
 RESPONSES = [f"It is {2 * i + 1}." for i in range(8)]
