@@ -245,8 +245,8 @@ class Runner:
         with ``ivs``; ``sources[i]`` overrides the slice ``ivs[i]`` reads
         (``[repeat * b, ...]``), default: variable ``i``'s cached slice."""
         base = self.base_rows(rows)
-        if sources is None:
-            sources = [self.source_slice(rows, j) for j in range(len(ivs))]
+        if sources is None:  # one per variable; interventions beyond them (sourceless) take none
+            sources = [self.source_slice(rows, j) for j in range(min(len(ivs), len(self.table.variables)))]
         for iv, src in zip(ivs, sources):
             iv.source = SourceValue(src.to(self.lab.device))
         inputs = self.store.suffix_inputs(base, self.start) if self.start else self.store.inputs_for(base)

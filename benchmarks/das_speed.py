@@ -1,0 +1,161 @@
+"""DAS speed: a training step against pyvene's low-rank DAS, and search wall time against the number of sites.
+
+1. **A DAS step** (forward with the distributed interchange, cross-entropy over
+   the task's label tokens at the last position, backward, Adam) on
+   SmolLM2-135M, adjective-polarity prompts, site ``blocks.L.resid_post`` at
+   the last position, subspace size 16, batch 8 — against
+   ``pyvene.LowRankRotatedSpaceIntervention`` on the same model, site, size,
+   batch and prompts (pyvene runs the source and the base in full every
+   step). Ours three ways:
+
+   * ``uncached``: sources given as inputs (the engine stops each source run
+     right after the site, and keeps only the last position's logits);
+   * ``cached``: the base resumes from a cached prefix (blocks below L are
+     skipped) and the source slice is a cached ``SourceValue`` — what every
+     DAS epoch after the first does;
+   * ``cached + KV``: also the first positions come from a KV cache, so the
+     step runs only the last position above L (what ``steerlab.alignment``
+     does for an edit at the last position).
+
+   Targets: uncached <= 0.7x pyvene, cached <= 0.4x pyvene.
+
+2. **Search wall time** against the number of candidate sites: the cache
+   (one forward per model for all sites) and each candidate's time beside
+   the number of blocks run above its site.
+
+Run: ``python benchmarks/das_speed.py [--layers 6,15,25] [--threads 1] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import Bench, Row, print_table  # noqa: E402
+
+import steerlab as sl  # noqa: E402
+from steerlab.alignment import search, tasks  # noqa: E402
+from steerlab.alignment._activations import Runner  # noqa: E402
+from steerlab.alignment.das import build_subspace_interventions, store_for  # noqa: E402
+
+SIZE, BATCH = 16, 8
+
+
+def step_cases(lab, model, task, layer: int, pyvene_model) -> dict:
+    import pyvene as pv
+
+    tok = lab.tokenizer
+    data = task.counterfactuals(BATCH, tok, seed=layer)
+    site = f"blocks.{layer}.resid_post"
+    enc = data.encoder
+    batch = data.collate(range(BATCH), positions="last")
+    labels = batch.labels
+    ids = enc.label_ids
+    rows = torch.arange(BATCH)
+    store = store_for(lab, [data], [site])
+    cached, cached_kv = Runner(store, data, site, "last", suffix=False), Runner(store, data, site, "last")
+    assert cached_kv.start > 0
+
+    def ours_step(run):
+        ivs = build_subspace_interventions(site, {"POLARITY": SIZE}, lab.d_model, seed=0)
+        opt = torch.optim.Adam(ivs[0].parameters(), lr=1e-3)
+
+        def step():
+            loss = torch.nn.functional.cross_entropy(run(ivs), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    def uncached(ivs):
+        iv = ivs[0]
+        iv.source = batch.sources["POLARITY"]
+        out = lab.run(batch.base, [iv], positions=-1, source_positions=-1, logits_to_keep=1)
+        return out.logits[:, -1, ids]
+
+    cfg = pv.IntervenableConfig([{"layer": layer, "component": "block_output", "low_rank_dimension": SIZE,
+                                  "intervention_type": pv.LowRankRotatedSpaceIntervention}])
+    ivm = pv.IntervenableModel(cfg, pyvene_model)
+    ivm.disable_model_gradients()
+    piv = next(iter(ivm.interventions.values()))
+    piv = piv[0] if isinstance(piv, tuple) else piv
+    opt = torch.optim.Adam(piv.parameters(), lr=1e-3)
+    seq = batch.base["input_ids"].shape[1]
+    assert bool(batch.base["attention_mask"].all()) and batch.sources["POLARITY"]["input_ids"].shape[1] == seq  # no padding
+    loc = [[[seq - 1] for _ in range(BATCH)]]  # pyvene's positions: the last token of base and source
+
+    def pyvene_step():
+        _, out = ivm(batch.base, [batch.sources["POLARITY"]], unit_locations={"sources->base": (loc, loc)})
+        loss = torch.nn.functional.cross_entropy(out.logits[:, -1, ids], labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return {
+        "pyvene": pyvene_step,
+        "uncached": ours_step(uncached),
+        "cached": ours_step(lambda ivs: cached.run(rows, ivs)),
+        "cached + KV": ours_step(lambda ivs: cached_kv.run(rows, ivs)),
+    }
+
+
+def bench_steps(layers: list[int], quick: bool) -> None:
+    import copy
+
+    model, tok = sl.load("smollm2-135m")
+    pyvene_model = copy.deepcopy(model)  # pyvene removes every hook of the model it wraps: keep ours apart
+    lab = sl.wrap(model, tok)
+    task = tasks.sentiment()
+    rows = []
+    for layer in layers:
+        cases = step_cases(lab, model, task, layer, pyvene_model)
+        bench = Bench(rounds=3 if quick else 7, warmup=1, min_round_s=0.5)
+        for name, fn in cases.items():
+            bench.add(name, fn)
+        t = bench.run()
+        rows.append(Row(f"L{layer}: uncached ÷ pyvene", t["uncached"], t["pyvene"], 0.7))
+        rows.append(Row(f"L{layer}: cached prefix + source ÷ pyvene", t["cached"], t["pyvene"], 0.4))
+        rows.append(Row(f"L{layer}: cached + KV suffix ÷ pyvene", t["cached + KV"], t["pyvene"], 0.4))
+    print_table(f"DAS step on SmolLM2-135M (size {SIZE}, batch {BATCH}, last position, {torch.get_num_threads()} thread(s))", rows)
+
+
+def bench_search(quick: bool) -> None:
+    model, tok = sl.load("smollm2-135m")
+    lab = sl.wrap(model, tok)
+    task = tasks.sentiment()
+    train, test = task.datasets(lab, n_train=32, n_test=32, seed=0)
+    grids = [[20], [20, 24], [16, 20, 24, 28]] if quick else [[20], [20, 24], [16, 20, 24, 28], [8, 12, 16, 20, 24, 28]]
+    print("\n== search wall time vs candidate sites (SmolLM2-135M, last position, size 4, no controls, 2 epochs of 32)")
+    print(f"{'sites':<26} {'cache s':>8} {'candidates s':>13} {'blocks above (sum)':>19} {'s per block above':>18}")
+    for layers in grids:
+        sites = [f"blocks.{x}.resid_post" for x in layers]
+        t0 = time.perf_counter()
+        res = search(lab, train, test, sites=sites, positions="last", sizes=[4], controls=False, epochs=2, batch_size=16, eval_size=32)
+        total = time.perf_counter() - t0
+        above = sum(lab.n_layers - 1 - x for x in layers)
+        cand = res.timings["candidates"]
+        print(f"{','.join(map(str, layers)):<26} {res.timings['cache']:8.2f} {cand:13.2f} {above:19d} {cand / above:18.3f}   (total {total:.1f}s)")
+    print("(the cache is one forward to the highest site whatever the number of sites; a candidate's cost follows the blocks above it)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", default="6,15,25")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-search", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    bench_steps([int(x) for x in args.layers.split(",")], args.quick)
+    if not args.no_search:
+        bench_search(args.quick)
+
+
+if __name__ == "__main__":
+    main()
