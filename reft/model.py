@@ -304,7 +304,7 @@ class ReftModel(nn.Module):
         return generate(self, inputs, decode=decode, positions=positions, chat_template=chat_template, **generate_kwargs)
 
     # -- saving -----------------------------------------------------------------------------
-    def _records(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    def _records(self, state_dict: dict[str, Tensor] | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
         records, tensors = [], {}
         for i, iv in enumerate(self.interventions):
             rec, ts = intervention_record(iv, f"{i}.")
@@ -313,6 +313,13 @@ class ReftModel(nn.Module):
         for name in self.modules_to_save:
             for k, v in self._base_module(name).state_dict().items():
                 tensors[f"modules.{name}.{k}"] = v
+        if state_dict is not None:  # gathered by a sharding wrapper (FSDP / DeepSpeed full state dict)
+            full = {f"interventions.{k}": k for k in tensors if k[0].isdigit()}
+            full.update({f"model.{k.removeprefix('modules.')}": k for k in tensors if k.startswith("modules.")})
+            missing = sorted(set(full) - set(state_dict))
+            if missing:
+                raise FileFormatError(f"the gathered state dict lacks {missing[:4]}; expected the ReftModel's full state dict")
+            tensors = {ours: state_dict[theirs] for theirs, ours in full.items()}
         config = {
             "reft_config": None if self.reft_config is None else self.reft_config.to_dict(),
             "groups": self.groups,
@@ -322,16 +329,20 @@ class ReftModel(nn.Module):
         }
         return config, tensors
 
-    def save_pretrained(self, save_directory: str | Path, *, is_main_process: bool = True, **_ignored) -> Path | None:
+    def save_pretrained(
+        self, save_directory: str | Path, *, is_main_process: bool = True, state_dict: dict[str, Tensor] | None = None, **_ignored
+    ) -> Path | None:
         """Write ``steerlab.json`` + ``weights.safetensors`` (the one file format) atomically.
 
         Holds every intervention's type, placement and constructor arguments,
         the weight groups, the config, the trained base modules, and the base
         model's fingerprint. Only the main process writes (``is_main_process``).
+        ``state_dict``: this model's full state dict as a sharding wrapper
+        gathered it (FSDP's ``FULL_STATE_DICT``); the tensors are taken from it.
         """
         if not is_main_process:
             return None
-        config, tensors = self._records()
+        config, tensors = self._records(state_dict)
         return fileformat.save(save_directory, kind=KIND, config=config, tensors=tensors, fingerprint=self.lab.fingerprint())
 
     @classmethod

@@ -63,7 +63,7 @@ class ReftTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self._reft().save_pretrained(output_dir)
+        self._reft().save_pretrained(output_dir, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))  # the Trainer's own file, as it writes it

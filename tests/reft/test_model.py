@@ -243,6 +243,11 @@ def test_load_weights_in_place_keeps_parameter_identity(tmp_path):
     rm.load_weights(tmp_path / "a")
     assert [p for p in rm.parameters() if p.requires_grad] == params
     assert all(torch.equal(p, s) for p, s in zip(params, saved))
+    # a full state dict gathered by a sharding wrapper (FSDP) saves the same tensors
+    rm.save_pretrained(tmp_path / "b", state_dict={k: v.clone() for k, v in rm.state_dict().items()})
+    assert (tmp_path / "a" / "weights.safetensors").read_bytes() == (tmp_path / "b" / "weights.safetensors").read_bytes()
+    with pytest.raises(FileFormatError, match="the gathered state dict lacks"):
+        rm.save_pretrained(tmp_path / "c", state_dict={})
     other = reft.get_reft_model(tiny_model(LL), reft.ReftConfig(layers=[2], rank=2))
     with pytest.raises(FileFormatError, match="holds other interventions than this ReftModel"):
         other.load_weights(tmp_path / "a")
