@@ -177,16 +177,7 @@ def search(
     names = _sites(lab, sites)
     specs = [positions] if isinstance(positions, (str, int)) or positions is None else list(positions)
     sizes = [sizes] if isinstance(sizes, int) else list(sizes)
-    widths = {}
-    for s in names:  # validate every candidate before any compute
-        shape = lab.site_shape(lab.resolve(s))
-        if len(shape) != 1:
-            raise ConfigError(f"{s!r} is a per-head site {shape}; search aligns whole-vector sites")
-        widths[s] = shape[0]
-        for k in sizes:
-            resolve_sizes(k, variables, s, widths[s])
-    for p in specs:
-        train.encoder.position_spec(p)
+    widths = _validate(lab, train, names, specs, sizes)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_size=eval_size)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -210,6 +201,21 @@ def search(
     config = {**cfg.to_json(), "sites": names, "positions": specs, "sizes": sizes, "controls": controls,
               "n_train": len(train), "n_test": len(test)}
     return SearchResult(results, tuple(variables), config, timings, {s: site_layer(lab, s) for s in names}, lab.fingerprint())
+
+
+def _validate(lab: Lab, train: CounterfactualDataset, names: list[str], specs: list, sizes: list[int]) -> dict[str, int]:
+    """Check every candidate before any compute; return each site's width."""
+    widths = {}
+    for s in names:
+        shape = lab.site_shape(lab.resolve(s))
+        if len(shape) != 1:
+            raise ConfigError(f"{s!r} is a per-head site {shape}; search aligns whole-vector sites")
+        widths[s] = shape[0]
+        for k in sizes:
+            resolve_sizes(k, list(train.variables), s, widths[s])
+    for p in specs:
+        train.encoder.position_spec(p)
+    return widths
 
 
 def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, controls, localist, progress) -> list[DASResult]:

@@ -210,3 +210,33 @@ def test_subspace_larger_than_the_site_is_refused_before_compute(setup):
     finally:
         h.remove()
     assert not calls  # nothing ran
+
+
+def test_search_over_layers_and_sizes(setup, tmp_path):
+    from steerlab.alignment import SearchResult, search
+
+    task, _, _, lab, _, _, _, _ = setup
+    res = search(lab, task, sites=[task.site(1), task.site(3)], sizes=[2, 8], n_train=3000, n_test=1000,
+                 epochs=2, batch_size=64, seed=1, localist_samples=16, selection_size=256)
+    assert len(res.results) == 4 and res.variables == ("WX", "YZ")
+    layer1, layer3 = res.get(task.site(1), None, 8), res.get(task.site(3), None, 8)
+    # the relations live at layer 1; by layer 3 they have been combined into the output
+    assert layer1.iia["all"].value >= 0.85 and layer3.iia["all"].value <= 0.7, str(res)
+    assert layer1.iia["all"].value > res.get(task.site(1), None, 2).iia["all"].value
+    small = res.get(task.site(1), None, 2)
+    import math
+
+    assert small.localist_method == f"exhaustive: all {math.comb(16, 2) * math.comb(14, 2)} disjoint neuron assignments (sizes 2, 2 of 16)"
+    assert layer1.localist_method.startswith("exhaustive: all 12870")
+    # the full-vector interchange is computed once per site and shared by its sizes
+    assert small.full_vector == layer1.full_vector
+    rows = res.rows()
+    assert len(rows) == 16 and {r["variable"] for r in rows} == {"WX", "YZ", "WX+YZ", "all"}
+    assert res.best().site == task.site(1)
+    fig = res.plot()
+    assert "controls and upper bound, all positions" in [a.text for a in fig.layout.annotations]
+    res.save(tmp_path / "search")
+    back = SearchResult.load(tmp_path / "search")
+    assert back.rows() == rows and back.layers == res.layers
+    for a, b in zip(back.results, res.results):
+        assert torch.equal(a.subspaces["WX"].basis, b.subspaces["WX"].basis)
