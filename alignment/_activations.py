@@ -10,6 +10,12 @@ every candidate site at once. A :class:`Runner` then runs minibatches with
 interventions whose sources are cached slices
 (:class:`~steerlab.interventions.SourceValue`) and whose bases resume from
 the cached prefix, so a step computes only the blocks from the site upward.
+When every edited position lies at or after some position ``start`` (an
+edit at the last token, the usual DAS site for a prediction), the keys and
+values of the positions before it are cached too (``Prefix.past``, computed
+once per dataset from the lowest candidate block up), and a step runs only
+positions ``start..`` of the blocks above the site: measured 0.16x pyvene's
+DAS step on SmolLM2-135M, against 0.43-0.53x with the prefix alone.
 """
 
 from __future__ import annotations
