@@ -13,6 +13,7 @@ exists (``ReftConfig``, ``get_reft_model``, ``ReftTrainerForCausalLM``,
 
 from steerlab.reft._base import ReftIntervention
 from steerlab.reft.config import ReftConfig, TaskType
+from steerlab.reft.effects import SteeringEffect, steering_effect
 from steerlab.reft.data import (
     ClassificationDataset,
     InstructionDataset,
@@ -50,6 +51,8 @@ __all__ = [
     "ReftTrainerForSequenceClassification",
     "train",
     "TrainResult",
+    "SteeringEffect",
+    "steering_effect",
 ]
 
 from_pretrained = ReftModel.from_pretrained

@@ -70,11 +70,10 @@ class TrainResult:
         return f"TrainResult(steps={self.steps}, epochs={self.epochs}, loss {self.losses[0]:.4f} -> {self.losses[-1]:.4f}, {self.seconds:.1f}s)"
 
     def plot(self):
-        """The loss curve (a plotly ``Figure``)."""
-        import plotly.graph_objects as go
+        """The loss curve (:func:`steerlab.viz.reft_training_curve`)."""
+        from steerlab.viz import reft_training_curve
 
-        fig = go.Figure(go.Scatter(x=list(range(1, self.steps + 1)), y=self.losses, mode="lines", name="loss"))
-        return fig.update_layout(title="ReFT training loss", xaxis_title="step", yaxis_title="loss")
+        return reft_training_curve(self)
 
 
 def train(

@@ -11,12 +11,15 @@ from steerlab.viz.alignment import das_training_curve, iia_heatmap, subspace_pro
 from steerlab.viz.export import Pre, Section, find_browser, report, save, save_html, save_png
 from steerlab.viz.graph import run_graph
 from steerlab.viz.patching import patching_heatmap
+from steerlab.viz.reft import reft_training_curve, token_effects
 
 __all__ = [
     "iia_heatmap",
     "das_training_curve",
     "subspace_projection",
     "patching_heatmap",
+    "reft_training_curve",
+    "token_effects",
     "run_graph",
     "save",
     "save_html",
