@@ -235,6 +235,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     can_generate = getattr(lab.model, "can_generate", None)
     if not (callable(can_generate) and can_generate()):
         raise ConfigError(f"generate needs a model with a language-model head; {args.model} ({type(lab.model).__name__}) cannot generate text")
+    if args.interventions and _saved_kind(args.interventions) == "reft":
+        return _generate_reft(args, lab)
     ivs = lab.load_interventions(args.interventions) if args.interventions else []
     for iv in ivs:
         if iv.sourced and iv.source is None:
@@ -264,9 +266,89 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _saved_kind(directory: str) -> str | None:
+    """The ``kind`` a steerlab directory says it holds (``None`` if it cannot tell; loading then says why)."""
+    try:
+        return json.loads((Path(directory) / "steerlab.json").read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _generate_reft(args: argparse.Namespace, lab) -> int:
+    """Generation with a saved ReftModel (``save_pretrained``, ``steerlab train``): its prompt positions per example."""
+    import torch
+
+    from steerlab.reft import ReftModel
+
+    if args.source is not None:
+        raise ConfigError(f"--source: {args.interventions} holds ReFT interventions, which read no source run")
+    model, tok = lab.unwrap(), lab.tokenizer
+    rm = ReftModel.from_pretrained(args.interventions, model, tok)
+    try:
+        sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+
+        def gen():
+            torch.manual_seed(args.seed)
+            return rm.generate(list(args.prompts), decode=args.decode, chat_template=args.chat, max_new_tokens=args.max_new_tokens, **sampling).texts
+
+        steered = gen()
+        if args.compare:
+            with rm.disabled():
+                plain = gen()
+        names = ", ".join(f"{type(iv).__name__}@{iv.site}" for iv in rm.interventions)
+        print(f"# ReFT model from {args.interventions}: {len(rm.interventions)} interventions ({names}), positions {rm.positions!r}")
+        for i, (prompt, text) in enumerate(zip(args.prompts, steered, strict=True)):
+            print(f"[{i}] {prompt}")
+            if args.compare:
+                print(f"  before: {plain[i]!r}")
+                print(f"  after:  {text!r}")
+            else:
+                print(f"  {text!r}")
+    finally:
+        rm.unwrap()
+    return 0
+
+
+# -- train ---------------------------------------------------------------------------
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train ReFT interventions from a TOML run file (checkpoints, --resume)",
+        description="Train the ReFT interventions a TOML run file describes (model, [reft] layers/positions/rank, "
+        "[data] file of prompt/response or text/label rows, [train] epochs/lr/batch_size/checkpoint_every, output_dir). "
+        "Checkpoints go to OUTPUT_DIR/checkpoint-NNNNNN; --resume continues from the latest one and ends with the same "
+        "weights as an uninterrupted run. The trained model is saved to OUTPUT_DIR/final.",
+    )
+    p.add_argument("config", metavar="RUN.toml", help="the run file (paths in it are relative to its folder)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in the output directory")
+    p.add_argument("--output-dir", metavar="DIR", help="override output_dir (relative to the current directory)")
+    p.add_argument("--max-steps", type=int, metavar="N", help="stop after N steps of this invocation (a checkpoint is written; --resume continues)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar when stderr is a terminal)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from steerlab.training import RunConfig, train_from_config
+
+    cfg = RunConfig.from_toml(args.config, output_dir=args.output_dir)
+    run = train_from_config(cfg, resume=args.resume, max_steps=args.max_steps, progress=False if args.no_progress else None)
+    done = run.steps - (run.resumed_from or 0)
+    loss = f"loss {run.losses[0]:.4f} -> {run.losses[-1]:.4f}" if run.losses else "no steps"
+    print(f"trained {done} steps in {run.seconds:.1f} s (step {run.steps} of {run.total_steps}; {loss})")
+    if run.checkpoints:
+        print(f"last checkpoint: {run.checkpoints[-1]}")
+    if run.final is not None:
+        print(f"saved the ReFT model to {run.final} and its training curve to {cfg.output_dir / 'training_curve.html'}")
+        print(f"try: steerlab generate {cfg.model} 'PROMPT' --interventions {run.final} --compare")
+    else:
+        print(f"stopped before the end: continue with steerlab train {args.config} --resume")
+    return 0
+
+
 # -- main -----------------------------------------------------------------------------
 
-_COMMANDS: list[Callable] = [_add_sites, _add_patch, _add_generate]
+_COMMANDS: list[Callable] = [_add_sites, _add_patch, _add_generate, _add_train]
 
 
 class _Parser(argparse.ArgumentParser):
