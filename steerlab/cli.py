@@ -309,6 +309,155 @@ def _generate_reft(args: argparse.Namespace, lab) -> int:
     return 0
 
 
+# -- das / search ------------------------------------------------------------------------
+
+_TASKS = ("sentiment", "hierarchical-equality")
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out:
+        raise ConfigError(f"{what} {text!r}: expected a comma list of integers such as 10,22")
+    return out
+
+
+def _alignment_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="the language model for --task sentiment (default smollm2-135m); none for hierarchical-equality, which trains its MLP")
+    p.add_argument("--task", dest="alignment_task", choices=_TASKS, required=True,
+                   help="sentiment: adjective polarity on a templated review (SmolLM2); hierarchical-equality: the DAS paper's MLP task")
+    p.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype (default: float32)")
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--n-train", type=int, default=None, metavar="N", help="training counterfactuals (default: 128 sentiment, 8000 equality)")
+    p.add_argument("--n-test", type=int, default=None, metavar="N", help="held-out counterfactuals (default: 128 sentiment, 2000 equality)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-controls", action="store_true", help="skip the random-init and localist controls")
+    p.add_argument("--localist-samples", type=int, default=16, metavar="N", help="neuron subsets tried when they are too many to enumerate")
+    p.add_argument("--mlp-examples", type=int, default=200_000, metavar="N", help="hierarchical-equality: examples the MLP is trained on")
+    p.add_argument("--out", metavar="FILE", help="write the figure: FILE.html or FILE.png")
+    p.add_argument("--save", metavar="DIR", help="save the result (steerlab file format)")
+
+
+def _alignment_setup(args: argparse.Namespace):
+    """``(lab, task, train, test, site_of_layer)`` for ``--task``, every option checked before any compute."""
+    import time
+
+    import steerlab as sl
+    from steerlab.alignment import tasks
+
+    for name in ("n_train", "n_test", "epochs", "batch_size", "localist_samples", "mlp_examples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: expected a positive number")
+    if args.out and Path(args.out).suffix.lower() not in (".html", ".htm", ".png"):
+        raise ConfigError(f"--out {args.out!r}: expected a .html or .png file name")
+    if args.alignment_task == "hierarchical-equality":
+        if args.model is not None:
+            raise ConfigError(f"--task hierarchical-equality trains its own MLP; give no MODEL (got {args.model!r})")
+        if getattr(args, "positions", None) not in (None, "none"):
+            raise ConfigError("--positions: the equality MLP's sites have no position axis; leave it out")
+        task = tasks.hierarchical_equality(seed=args.seed)
+        t0 = time.perf_counter()
+        mlp, acc = task.train_model(seed=args.seed, n_train=args.mlp_examples)
+        print(f"trained the equality MLP on {args.mlp_examples} examples: held-out accuracy {acc:.4f} ({time.perf_counter() - t0:.0f} s)")
+        lab = sl.wrap(mlp, example_input=task.example_input())
+        train, test = task.datasets(n_train=args.n_train or 8000, n_test=args.n_test or 2000, seed=args.seed)
+        return lab, task, train, test, task.site
+    args.model = args.model or "smollm2-135m"
+    lab = _load_lab(args)
+    task = tasks.sentiment(seed=args.seed)
+    train, test = task.datasets(lab, n_train=args.n_train or 128, n_test=args.n_test or 128, seed=args.seed)
+    return lab, task, train, test, lambda layer: f"blocks.{layer}.resid_post"
+
+
+def _positions_list(text: str | None, task: str) -> list:
+    if text is None:
+        return ["last"] if task == "sentiment" else [None]
+    return [None if p.strip() == "none" else int(p) if p.strip().lstrip("-").isdigit() else p.strip() for p in text.split(",")]
+
+
+def _finish(args: argparse.Namespace, result, fig) -> None:
+    if args.save:
+        print(f"saved the result to {result.save(args.save)}")
+    if args.out:
+        from steerlab.viz import save
+
+        print(f"wrote {save(fig, args.out)}")
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser(
+        "search", help="DAS over layers × positions × sizes on a shipped task, with controls and the full-vector upper bound",
+        description="Train DAS at every (layer, positions, size) of a grid on a shipped task and print IIA on held-out "
+        "counterfactuals beside its controls (random-init model, best localist alignment of the same size) and the "
+        "full-vector interchange (the upper bound). --out writes the IIA figure.",
+    )
+    _alignment_arguments(p)
+    p.add_argument("--layers", required=True, metavar="L,L", help="layers to search: 10,14,18,22 (equality: hidden layers 1,2,3)")
+    p.add_argument("--positions", default=None, metavar="P,P", help="sentiment: named positions last,adjective (default: last)")
+    p.add_argument("--sizes", default="1,4", metavar="K,K", help="subspace sizes (per variable; default 1,4)")
+    p.set_defaults(func=_cmd_search)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from steerlab.alignment import search
+
+    layers, sizes = _int_list(args.layers, "--layers"), _int_list(args.sizes, "--sizes")
+    positions = _positions_list(args.positions, args.alignment_task)
+    lab, task, train, test, site = _alignment_setup(args)
+    try:
+        print(f"DAS search on {args.alignment_task}: layers {layers}, positions {positions}, sizes {sizes}; "
+              f"{len(train)} training / {len(test)} held-out counterfactuals")
+        res = search(lab, train, test, sites=[site(L) for L in layers], positions=positions, sizes=sizes,
+                     controls=not args.no_controls, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                     localist_samples=args.localist_samples, progress=True)
+        print(res)
+        best = res.best()
+        print(f"best: {best.site} positions {best.positions!r} sizes {best.sizes}: IIA {best.iia['all'].value:.3f} "
+              f"(chance {best.chance:.2f})")
+        _finish(args, res, res.plot() if args.out else None)
+    finally:
+        lab.unwrap()
+    return 0
+
+
+def _add_das(sub) -> None:
+    p = sub.add_parser(
+        "das", help="DAS (or Boundless DAS) at one site of a shipped task, with controls",
+        description="Train DAS at one layer and position of a shipped task and print its held-out IIA beside the "
+        "controls and the full-vector interchange; --out writes the training curve.",
+    )
+    _alignment_arguments(p)
+    p.add_argument("--layer", type=int, required=True, help="the layer (equality: hidden layer 1, 2 or 3)")
+    p.add_argument("--positions", default=None, metavar="P", help="sentiment: a named position, last or adjective (default: last)")
+    p.add_argument("--size", type=int, default=4, help="subspace size per variable (default 4)")
+    p.add_argument("--boundless", action="store_true", help="Boundless DAS: learn the size (one variable)")
+    p.set_defaults(func=_cmd_das)
+
+
+def _cmd_das(args: argparse.Namespace) -> int:
+    from steerlab.alignment import DAS, BoundlessDAS
+
+    (positions,) = _positions_list(args.positions, args.alignment_task)[:1]
+    lab, task, train, test, site = _alignment_setup(args)
+    try:
+        kwargs = dict(site=site(args.layer), positions=positions, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      seed=args.seed, controls=not args.no_controls, localist_samples=args.localist_samples)
+        method = BoundlessDAS(lab, **kwargs) if args.boundless else DAS(lab, size=args.size, **kwargs)
+        res = method.fit(train, test)
+        print(res)
+        _finish(args, res, res.plot() if args.out else None)
+    finally:
+        lab.unwrap()
+    return 0
+
+
 # -- train ---------------------------------------------------------------------------
 
 
@@ -348,7 +497,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 # -- main -----------------------------------------------------------------------------
 
-_COMMANDS: list[Callable] = [_add_sites, _add_patch, _add_generate, _add_train]
+_COMMANDS: list[Callable] = [_add_sites, _add_patch, _add_generate, _add_das, _add_search, _add_train]
 
 
 class _Parser(argparse.ArgumentParser):
