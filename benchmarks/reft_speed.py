@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import statistics
 import time
 from collections.abc import Callable
@@ -50,8 +51,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fns: dict[str, Callable[[], None]], device: str, repeats: int, inner: int) -> dict[str, float]:
+#: the clock: wall time on a GPU; on a CPU the process's CPU time, which other jobs sharing the
+#: cores do not inflate (wall-clock ratios on a loaded machine were off by up to 2x)
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fns: dict[str, Callable[[], None]], device: str, repeats: int, inner: int, clock: str = "wall") -> dict[str, float]:
     """Median seconds per call of each function, measured interleaved."""
+    now = CLOCK[clock]
     for fn in fns.values():  # warm-up
         fn()
         fn()
@@ -59,11 +66,11 @@ def timed(fns: dict[str, Callable[[], None]], device: str, repeats: int, inner: 
     for _ in range(repeats):
         for name, fn in fns.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(inner):
                 fn()
             _sync(device)
-            samples[name].append((time.perf_counter() - t0) / inner)
+            samples[name].append((now() - t0) / inner)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -191,20 +198,19 @@ class Bench:
         return step
 
 
-def generation_ratio(b: Bench, rm, new_tokens: int, repeats: int) -> float:
+def generation_ratio(b: Bench, rm, new_tokens: int, repeats: int, clock: str) -> float:
     """Steered (prompt positions only) ÷ plain generation, tokens per second."""
     half = b.ids[:, : b.ids.shape[1] // 2]
     enc = {"input_ids": half, "attention_mask": torch.ones_like(half)}
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
     def plain():
-        with rm.disabled():
-            rm.model.generate(**enc, **kw)
+        b.plain.generate(**enc, **kw)  # the untouched copy: no hooks at all
 
     def steered():
         rm.generate(enc, **kw)
 
-    t = timed({"plain": plain, "steered": steered}, b.device, repeats, 1)
+    t = timed({"plain": plain, "steered": steered}, b.device, repeats, 1, clock)
     return t["plain"] / t["steered"]
 
 
@@ -215,24 +221,28 @@ def run_model(name: str, cfg: dict, args) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     L = b.mid
     _, ours1, _ = b.ours([L], 4, "l1")
-    fns = {"floor": lambda: b.floor_step(L), "plain_step": b.plain_step, "ours1": ours1, "lora": b.lora()}
-    have_pyreft = not args.no_pyreft
+    fns = {"floor": lambda: b.floor_step(L), "plain_step": b.plain_step, "ours1": ours1}
+    have_lora = importlib.util.find_spec("peft") is not None
+    if have_lora:
+        fns["lora"] = b.lora()
+    have_pyreft = not args.no_pyreft and importlib.util.find_spec("pyreft") is not None  # optional on a bare GPU box
     if have_pyreft:
         fns["pyreft1"] = b.pyreft([L], 4, "l1")[0]
-    t = timed(fns, args.device, args.repeats, args.inner)
+    t = timed(fns, args.device, args.repeats, args.inner, args.clock)
     ms = lambda s: f"{1e3 * s:.2f} ms"  # noqa: E731
     rows.append((name, "floor: frozen fwd+bwd down to layer %d" % L, ms(t["floor"])))
     rows.append((name, "LoReFT r4 @ layer %d, l1: step ÷ floor (target <= 1.05)" % L, f"{t['ours1'] / t['floor']:.3f}  ({ms(t['ours1'])})"))
     if have_pyreft:
         rows.append((name, "pyreft LoReFT, same: step ÷ floor", f"{t['pyreft1'] / t['floor']:.3f}  ({ms(t['pyreft1'])})"))
-    rows.append((name, "peft LoRA r8 q,v all layers: step ÷ floor  (÷ plain fwd+bwd)",
-                 f"{t['lora'] / t['floor']:.3f}  ({t['lora'] / t['plain_step']:.3f})"))
+    if have_lora:
+        rows.append((name, "peft LoRA r8 q,v all layers: step ÷ floor  (÷ plain fwd+bwd)",
+                     f"{t['lora'] / t['floor']:.3f}  ({t['lora'] / t['plain_step']:.3f})"))
 
     rm, step, fwd = b.ours("all", 8, "f7+l7")
     fns = {"plain_step": b.plain_step, "plain_fwd": b.plain_forward, "recipe_step": step, "recipe_fwd": fwd}
     if have_pyreft:
         fns["pyreft_step"], fns["pyreft_fwd"] = b.pyreft(list(range(b.layers)), 8, "f7+l7")
-    t = timed(fns, args.device, args.repeats, args.inner)
+    t = timed(fns, args.device, args.repeats, args.inner, args.clock)
     rows.append((name, "plain frozen fwd+bwd / plain forward", f"{ms(t['plain_step'])} / {ms(t['plain_fwd'])}"))
     rows.append((name, "recipe (all layers, r8, f7+l7, tied): step ÷ plain fwd+bwd (target <= 1.10)",
                  f"{t['recipe_step'] / t['plain_step']:.3f}  ({ms(t['recipe_step'])})"))
@@ -249,7 +259,7 @@ def run_model(name: str, cfg: dict, args) -> list[tuple[str, str, str]]:
     mem_one = saved_bytes(ours1b, args.device)
     rows.append((name, "memory: single-layer step ÷ floor", f"{mem_one / mem_floor:.3f}"))
     rows.append((name, f"generation ({args.new_tokens} new tokens, prompt-only recipe): tokens/s ÷ plain (target >= 0.98)",
-                 f"{generation_ratio(b, rm, args.new_tokens, max(3, args.repeats // 2)):.3f}"))
+                 f"{generation_ratio(b, rm, args.new_tokens, args.repeats, args.clock):.3f}"))
     return rows
 
 
@@ -263,8 +273,13 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--models", default="all", help="comma-separated substrings of model names, or 'all'")
     p.add_argument("--no-pyreft", action="store_true")
+    p.add_argument("--clock", choices=["wall", "cpu"], default=None, help="default: cpu (process time) on a CPU, wall on a GPU")
+    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (1 is far faster on a shared machine)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
+    args.clock = args.clock or ("wall" if cuda else "cpu")
     args.batch = args.batch or 8
     args.seq = args.seq or (256 if cuda else 64)
     args.inner = args.inner or (10 if cuda else 1)
@@ -274,7 +289,7 @@ def main(argv=None) -> None:
             continue
         rows += run_model(name, cfg, args)
     dev = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nReFT speed on {dev}, batch {args.batch} x seq {args.seq}, {'bf16' if cuda else 'fp32'}, medians of {args.repeats}")
+    print(f"\nReFT speed on {dev}, batch {args.batch} x seq {args.seq}, {'bf16' if cuda else 'fp32'}, medians of {args.repeats} ({args.clock} time)")
     w = max(len(r[1]) for r in rows)
     last = None
     for model, what, value in rows:

@@ -89,14 +89,22 @@ def generate(
     if tok is not None and tok.pad_token_id is not None:
         generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
     T = enc["input_ids"].shape[1]
+    groups = [None] * rm.n_groups if pos is None else [pos[:, j].to(device) for j in range(rm.n_groups)]
     if not rm.enabled:
         seqs = rm.model.generate(**enc, **generate_kwargs)
+    elif not decode:
+        # the attached interventions already act at prefill only: give them this batch's positions
+        try:
+            for att, p in zip(rm._attachments, groups):
+                att.positions = p
+            seqs = rm.model.generate(**enc, **generate_kwargs)
+        finally:
+            for att in rm._attachments:
+                att.positions = None
     else:
         with rm.disabled(), ExitStack() as stack:
-            for j, group in enumerate(rm.groups):
-                p = None if pos is None else pos[:, j].to(device)
-                att = Attachment(rm.lab, [rm.interventions[i] for i in group], decode=decode, positions=p)
-                stack.enter_context(att)
+            for group, p in zip(rm.groups, groups):
+                stack.enter_context(Attachment(rm.lab, [rm.interventions[i] for i in group], decode=True, positions=p))
             seqs = rm.model.generate(**enc, **generate_kwargs)
     texts = tok.batch_decode(seqs[:, T:], skip_special_tokens=True) if tok is not None else None
     return Generation(seqs, T, texts)

@@ -31,6 +31,17 @@ def test_loreft_formula_and_orthonormal_R():
     assert not torch.allclose(iv(h), h, atol=1e-3)  # a random init edits
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loreft_equals_the_subspace_edit(dtype):
+    """Without an activation LoReFT evaluates the edit fused; it is subspace_edit(h, R, W h + b)."""
+    iv = LoReFT(SITE, rank=K, width=D, dtype=dtype)
+    h = _h(3, 5, dtype=dtype)
+    reference = sl.subspace_edit(h, iv.R, (h.float() @ iv.weight.float().T + iv.bias.float()))
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(iv(h).float(), reference.float(), atol=tol, rtol=tol)
+    assert iv(h).dtype == dtype
+
+
 def test_other_types_match_their_formulas():
     h = _h(2, 3)
     di = DiReFT(SITE, rank=K, width=D)
