@@ -104,7 +104,8 @@ class DASResult:
 
     # -- tabular view --------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
-        """One row per intervened set: DAS IIA beside its controls and the full-vector interchange."""
+        """One row per intervened set: DAS IIA beside its controls and the full-vector interchange;
+        ``above_full_vector`` flags a DAS IIA more than two standard errors above the full-vector one."""
         out = []
         for key, v in self.iia.items():
             if key == "all" and len(self.iia) == 2:
@@ -122,6 +123,10 @@ class DASResult:
                 "full_vector": _get(self.full_vector, key),
                 "chance": v.chance,
             }
+            full = row["full_vector"]
+            # a subspace edit should not beat swapping the whole vector; when it does, it moves the output
+            # by a route the site does not use on real inputs (an "interpretability illusion")
+            row["above_full_vector"] = full is not None and v.value > full + 2 * max(v.se, (v.chance * (1 - v.chance) / max(v.n, 1)) ** 0.5)
             out.append(row)
         return out
 
@@ -136,7 +141,9 @@ class DASResult:
         head = f"{self.method} at {self.site!r}, positions {self.positions!r}, sizes {self.sizes}"
         body = format_table(self.rows(), ["variable", "size", "iia", "se", "n", "random_init", "localist", "full_vector", "chance"])
         tail = f"localist: {self.localist_method}" if self.localist_method else ""
-        return "\n".join(x for x in (head, body, tail) if x)
+        above = [r["variable"] for r in self.rows() if r["above_full_vector"]]
+        warn = f"above the full-vector interchange (suspect an illusion): {above}" if above else ""
+        return "\n".join(x for x in (head, body, tail, warn) if x)
 
     def _repr_html_(self) -> str:  # notebooks show the table
         return "<pre>" + str(self).replace("&", "&amp;").replace("<", "&lt;") + "</pre>"
