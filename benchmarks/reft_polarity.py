@@ -187,7 +187,10 @@ def main(argv=None) -> None:
     p.add_argument("--epochs-llm", type=int, default=1)
     p.add_argument("--lr-reft-llm", type=float, default=4e-3)
     p.add_argument("--lr-lora-llm", type=float, default=5e-4)
+    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (1 is far faster on a shared machine)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import transformers
 
     transformers.logging.set_verbosity_error()  # the classifier head is new on purpose

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import steerlab as sl
-from steerlab.cli import main
+from steerlab.cli import build_parser, main
 
 ITALY, FRANCE = "The capital of Italy is", "The capital of France is"
 
@@ -105,6 +105,23 @@ def test_patch_writes_the_heatmap_of_the_sweep(capsys, tmp_path):
     result = sl.SweepResult.load(tmp_path / "sweep")
     assert torch.allclose(torch.tensor(heat["z"]), result.values.float(), atol=1e-6)
     assert result.tokens == [" Italy", " is"]
+
+
+def test_options_survive_nnsight_adding_save_to_every_object(capsys, tmp_path, monkeypatch):
+    # nnsight (imported by the nnsight engine) sets object.save; argparse then skipped the default of any
+    # option whose dest is "save", and a bound method stood in for "no --save given"
+    import nnsight  # noqa: F401
+
+    assert hasattr(object(), "save")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "patch", "smollm2-135m", "--base", ITALY, "--source", FRANCE, "--good", " Paris", "--bad", " Rome",
+                             "--sites", "blocks.25.resid_post", "--positions=-1")
+    assert code == 0, err
+    assert "saved" not in out and list(tmp_path.iterdir()) == []
+    parser = build_parser()
+    for sub in parser._subparsers._group_actions[0].choices.values():
+        clashes = [a.dest for a in sub._actions if hasattr(object, a.dest)]
+        assert clashes == [], f"{sub.prog}: option dests {clashes} shadowed by attributes of object"
 
 
 @pytest.mark.parametrize(

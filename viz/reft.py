@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -20,6 +20,7 @@ from steerlab.interventions.errors import ConfigError
 __all__ = ["reft_training_curve", "token_effects"]
 
 _UP, _DOWN = "#2ca02c", "#d62728"
+_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b"]
 
 
 def _epoch_ends(steps: int, epochs: int) -> list[int]:
@@ -32,28 +33,39 @@ def _epoch_ends(steps: int, epochs: int) -> list[int]:
 
 def reft_training_curve(result, *, title: str | None = None) -> go.Figure:
     """Loss per optimiser step (x: step, from 1) and, when the steps divide into equal
-    epochs, the mean loss of each epoch drawn at its last step."""
-    losses = list(getattr(result, "losses", None) or [])
-    if not losses:
-        raise ConfigError("reft_training_curve: the result holds no losses (did training run any step?)")
-    steps = list(range(1, len(losses) + 1))
+    epochs, the mean loss of each epoch drawn at its last step.
+
+    ``result``: a :class:`~steerlab.reft.TrainResult`, or a mapping ``{name: TrainResult}``
+    to compare runs (one loss line each, e.g. a seeded run and its control).
+    """
+    runs = dict(result) if isinstance(result, Mapping) else {"": result}
+    if not runs:
+        raise ConfigError("reft_training_curve: no training result to plot")
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=steps, y=losses, name="loss per step", mode="lines+markers" if len(losses) <= 60 else "lines",
-                             line={"color": "#1f77b4"}, hovertemplate="step %{x}<br>loss %{y:.4f}<extra></extra>"))
-    ends = _epoch_ends(len(losses), int(getattr(result, "epochs", 0) or 0))
-    if len(ends) > 1:
-        per = ends[0]
-        means = [sum(losses[e - per : e]) / per for e in ends]
-        fig.add_trace(go.Scatter(x=ends, y=means, name="epoch mean", mode="markers+lines", line={"color": "#ff7f0e", "dash": "dot"},
-                                 customdata=list(range(1, len(ends) + 1)),
-                                 hovertemplate="epoch %{customdata} (to step %{x})<br>mean loss %{y:.4f}<extra></extra>"))
-    first, last = losses[0], losses[-1]
-    seconds = getattr(result, "seconds", None)
-    took = f", {seconds:.1f} s" if seconds else ""
-    fig.update_layout(
-        title=title or f"ReFT training: loss {first:.3f} → {last:.3f} over {len(losses)} steps{took}",
-        xaxis_title="optimiser step", yaxis_title="loss (cross-entropy on the targets)", legend={"title": {"text": "series"}},
-    )
+    for i, (name, res) in enumerate(runs.items()):
+        losses = list(getattr(res, "losses", None) or [])
+        if not losses:
+            raise ConfigError(f"reft_training_curve: the result{f' {name!r}' if name else ''} holds no losses (did training run any step?)")
+        colour = _COLOURS[i % len(_COLOURS)]
+        label = f"{name}: " if name else ""
+        steps = list(range(1, len(losses) + 1))
+        fig.add_trace(go.Scatter(x=steps, y=losses, name=f"{label}loss per step", mode="lines+markers" if len(losses) <= 60 else "lines",
+                                 line={"color": colour}, hovertemplate=f"{label}step %{{x}}<br>loss %{{y:.4f}}<extra></extra>"))
+        ends = _epoch_ends(len(losses), int(getattr(res, "epochs", 0) or 0))
+        if len(ends) > 1 and len(runs) == 1:
+            per = ends[0]
+            means = [sum(losses[e - per : e]) / per for e in ends]
+            fig.add_trace(go.Scatter(x=ends, y=means, name="epoch mean", mode="markers+lines", line={"color": "#ff7f0e", "dash": "dot"},
+                                     customdata=list(range(1, len(ends) + 1)),
+                                     hovertemplate="epoch %{customdata} (to step %{x})<br>mean loss %{y:.4f}<extra></extra>"))
+    if title is None:
+        parts = []
+        for name, res in runs.items():
+            took = f", {res.seconds:.1f} s" if getattr(res, "seconds", None) else ""
+            parts.append(f"{f'{name} ' if name else ''}{res.losses[0]:.3f} → {res.losses[-1]:.3f} over {len(res.losses)} steps{took}")
+        title = "ReFT training loss: " + "; ".join(parts)
+    fig.update_layout(title=title, xaxis_title="optimiser step", yaxis_title="loss (cross-entropy on the targets)",
+                      legend={"title": {"text": "series"}})
     return fig
 
 

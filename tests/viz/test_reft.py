@@ -126,8 +126,15 @@ def test_reft_training_curve_holds_the_losses(steered):
     per = result.steps // result.epochs
     assert list(means.x) == [per * (e + 1) for e in range(result.epochs)]
     assert list(means.y) == pytest.approx([sum(result.losses[e * per : (e + 1) * per]) / per for e in range(result.epochs)])
-    assert f"{result.losses[0]:.3f} → {result.losses[-1]:.3f}" in fig.layout.title.text
+    assert f"{result.losses[0]:.3f} → {result.losses[-1]:.3f} over {result.steps} steps" in fig.layout.title.text
     assert fig.layout.xaxis.title.text == "optimiser step"
     assert result.plot().data[0].y == loss.y
     with pytest.raises(ConfigError, match="holds no losses"):
         reft_training_curve(reft.TrainResult())
+    other = reft.TrainResult([3.0, 2.0, 1.5], 1, 0.5)
+    both = reft_training_curve({"seeded": result, "control": other})
+    assert [t.name for t in both.data] == ["seeded: loss per step", "control: loss per step"]
+    assert list(both.data[0].y) == result.losses and list(both.data[1].y) == [3.0, 2.0, 1.5]
+    assert "control 3.000 → 1.500 over 3 steps" in both.layout.title.text
+    with pytest.raises(ConfigError, match="result 'control' holds no losses"):
+        reft_training_curve({"seeded": result, "control": reft.TrainResult()})
