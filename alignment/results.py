@@ -105,7 +105,8 @@ class DASResult:
     # -- tabular view --------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
         """One row per intervened set: DAS IIA beside its controls and the full-vector interchange;
-        ``above_full_vector`` flags a DAS IIA more than two standard errors above the full-vector one."""
+        ``above_full_vector`` flags a DAS IIA more than two standard errors above the full-vector one
+        (only where one variable is aligned at the site: the whole vector carries every variable there)."""
         out = []
         for key, v in self.iia.items():
             if key == "all" and len(self.iia) == 2:
@@ -125,8 +126,10 @@ class DASResult:
             }
             full = row["full_vector"]
             # a subspace edit should not beat swapping the whole vector; when it does, it moves the output
-            # by a route the site does not use on real inputs (an "interpretability illusion")
-            row["above_full_vector"] = full is not None and v.value > full + 2 * max(v.se, (v.chance * (1 - v.chance) / max(v.n, 1)) ** 0.5)
+            # by a route the site does not use on real inputs (an "interpretability illusion"). With several
+            # variables at one site the whole vector carries them all, so it bounds no single one: no flag.
+            bounded = full is not None and len(self.variables) == 1
+            row["above_full_vector"] = bounded and v.value > full + 2 * max(v.se, (v.chance * (1 - v.chance) / max(v.n, 1)) ** 0.5)
             out.append(row)
         return out
 

@@ -93,7 +93,7 @@ class SearchResult:
     def __str__(self) -> str:
         cols = ["site", "positions", "size", "variable", "iia", "se", "random_init", "localist", "full_vector", "chance", "seconds"]
         rows = self.rows()
-        above = [f"{r['site']} {r['positions']!r} size {r['size']}" for r in rows if r["above_full_vector"]]
+        above = list(dict.fromkeys(f"{r['site']} {r['positions']!r} size {r['size']}" for r in rows if r["above_full_vector"]))
         note = ("\nDAS above the full-vector interchange (more than 2 SE; a subspace edit that beats swapping the whole "
                 f"vector suggests an interpretability illusion): {'; '.join(above)}") if above else ""
         return format_table(rows, cols) + note

@@ -157,6 +157,15 @@ def test_table_and_plot(setup):
     assert all(set(row) >= {"iia", "se", "random_init", "localist", "full_vector", "chance"} for row in rows)
     text = str(r)
     assert "random_init" in text and "localist: exhaustive" in text
+    # the whole layer-1 vector carries both relations, so for a WX-only counterfactual it also swaps YZ
+    # (IIA near 0.5, far below DAS): it bounds neither variable, and no row is flagged as an illusion
+    assert r.full_vector["WX"].value < r.iia["WX"].value - 0.3
+    assert not any(row["above_full_vector"] for row in rows) and "illusion" not in text
+    from dataclasses import replace
+
+    one = replace(r, variables=("WX",), sizes={"WX": 8}, iia={"WX": r.iia["WX"], "all": r.iia["WX"]})
+    assert [row["above_full_vector"] for row in one.rows()] == [True]  # one variable: the whole vector bounds it
+    assert "suspect an illusion" in str(one)
     fig = r.plot()
     assert fig.layout.title.text.startswith("DAS at module:layers.0:output")
     names = {t.name for t in fig.data}
