@@ -63,8 +63,13 @@ class Lab:
     """A wrapped model. Create with :func:`wrap`."""
 
     def __init__(self, model: nn.Module, tokenizer=None, *, freeze: bool = True, example_input=None):
+        envoy = _nnsight_model(model)
+        if envoy is not None:  # the user's nnsight model: steerlab works on its module; engine="nnsight" uses it
+            model = envoy._module
+            tokenizer = tokenizer if tokenizer is not None else envoy.__dict__.get("tokenizer")
         if not isinstance(model, nn.Module):
-            raise TypeError(f"wrap() takes an nn.Module; got {type(model).__name__}")
+            raise TypeError(f"wrap() takes an nn.Module or an nnsight model; got {type(model).__name__}")
+        self.nnsight_model = envoy
         self.model = model
         self.tokenizer = tokenizer
         self.map = map_model(model)
@@ -91,8 +96,9 @@ class Lab:
 
     @property
     def device(self) -> torch.device:
-        p = next(self.model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        """Where the model takes its inputs: its first parameter's device, or where accelerate
+        computes it when that parameter is offloaded (on ``meta`` until each forward)."""
+        return execution_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -254,8 +260,7 @@ class Lab:
             iv.build(width)
         elif iv.width != width:
             raise ShapeMismatch(f"{type(iv).__name__} was built for width {iv.width} but its slice of {site.name!r} has width {width}")
-        p = next(site.module.parameters(), None)
-        device = p.device if p is not None else self.device
+        device = execution_device(site.module, self.device)
         if any(t.device != device for t in [*iv.parameters(), *iv.buffers()]):
             iv.to(device)  # each intervention lives on its site's device (models split with device_map)
         if not self.has_positions(site):
@@ -522,8 +527,35 @@ def _with_source(iv: Intervention, value: SourceValue) -> Intervention:
     return clone
 
 
+def execution_device(module: nn.Module, default: torch.device | None = None) -> torch.device:
+    """The device ``module`` computes on: its first parameter's, unless accelerate offloaded
+    it (CPU/disk offload leaves ``meta`` parameters and an ``AlignDevicesHook`` that loads them
+    onto its ``execution_device`` for each forward)."""
+    p = next(module.parameters(), None)
+    if p is not None and p.device.type != "meta":
+        return p.device
+    for m in module.modules():
+        hook = getattr(m, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            dev = getattr(h, "execution_device", None)
+            if dev is not None:
+                return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    return default if default is not None else torch.device("cpu")
+
+
+def _nnsight_model(model) -> Any:
+    """``model`` if it is an nnsight model (``NNsight``, ``LanguageModel``, ...) around an
+    ``nn.Module``, else ``None``; recognised without importing nnsight."""
+    if type(model).__module__.partition(".")[0] == "nnsight" and isinstance(model.__dict__.get("_module"), nn.Module):
+        return model
+    return None
+
+
 def wrap(model: nn.Module, tokenizer=None, *, freeze: bool = True, example_input=None) -> Lab:
     """Wrap ``model`` (any ``nn.Module``; a Hugging Face model gets canonical sites).
+
+    An nnsight model (``LanguageModel``, ``NNsight``) is accepted too: the lab
+    wraps its module, and ``engine="nnsight"`` traces through that nnsight model.
 
     ``freeze`` sets ``requires_grad=False`` on the model's parameters, restored by
     :meth:`Lab.unwrap`. ``example_input`` lets a plain module list its site shapes.
