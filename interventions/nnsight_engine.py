@@ -41,16 +41,18 @@ weights may be random): a weightless (``meta``) model cannot be probed yet.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from contextlib import ExitStack, contextmanager
 import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
+from jaxtyping import Int
 from torch import Tensor, nn
 
-from steerlab.interventions.errors import ConfigError
-from steerlab.interventions.graph import Graph, GraphResult
+from steerlab.interventions.errors import ConfigError, UnitError
+from steerlab.interventions.graph import Graph, GraphResult, RunResult
 from steerlab.interventions.hooks import (
     Edit,
     ForwardContext,
@@ -59,7 +61,9 @@ from steerlab.interventions.hooks import (
     run_on_inputs,
     run_on_output,
 )
+from steerlab.interventions.lab import execution_device
 from steerlab.interventions.orthonormal import Orthonormal, materialise
+from steerlab.interventions.units import Positions
 
 if TYPE_CHECKING:
     from steerlab.interventions.lab import Lab
@@ -82,11 +86,6 @@ class NNsightEngine:
     """
 
     def __init__(self, model: Any = None, *, remote: bool | str = False):
-        if remote and model is None:
-            raise ConfigError(
-                "remote execution needs the nnsight model that names the remote checkpoint: "
-                "NNsightEngine(LanguageModel('org/model'), remote=True), with lab = wrap(that model's module)"
-            )
         self.model = model
         self.remote = remote
 
@@ -99,15 +98,52 @@ class NNsightEngine:
 
         if prefix is not None:
             raise ConfigError("prefix= is not supported by the nnsight engine (it replaces block forwards, which nnsight owns); use the hook engine")
-        if self.model is not None and getattr(self.model, "_module", None) is not lab.model:
+        model = self.model if self.model is not None else getattr(lab, "nnsight_model", None)
+        if model is not None and getattr(model, "_module", None) is not lab.model:
             raise ConfigError(
-                f"NNsightEngine(model=...) wraps {type(getattr(self.model, '_module', self.model)).__name__}, "
-                "not this lab's model; wrap the lab around the nnsight model's module: wrap(lm._module, tokenizer)"
+                f"NNsightEngine(model=...) wraps {type(getattr(model, '_module', model)).__name__}, "
+                "not this lab's model; wrap the nnsight model itself: lab = wrap(lm)"
+            )
+        if self.remote and model is None:
+            raise ConfigError(
+                "remote execution needs the nnsight model that names the remote checkpoint: "
+                "lm = LanguageModel('org/model'); lab = wrap(lm); lab.execute(graph, engine=NNsightEngine(remote=True))"
             )
         plan = engine._Plan(lab, graph, positions, source_positions, validate)  # every check, before compute
-        with _Session(lab, self.model, self.remote) as session:
+        with _Session(lab, model, self.remote) as session:
             session.check([site for node in plan.nodes for site in _sites(node)])
             return engine._run_plan(plan, prefix=None, model_kwargs=model_kwargs, forward=session.forward)
+
+
+    def reft_forward(
+        self,
+        reft_model,
+        input_ids: Int[Tensor, "batch seq"],
+        attention_mask: Int[Tensor, "batch seq"] | None = None,
+        intervention_positions: Int[Tensor, "batch group k"] | None = None,
+        **model_kwargs,
+    ) -> RunResult:
+        """``reft_model(**batch)`` through this engine: a ReftModel's interventions, weight
+        groups and per-example positions (``[batch, groups, k]``, or ``[batch, k]`` with one
+        group) as one run; its attached hooks are set aside for the call, then restored."""
+        ivs, groups = list(reft_model.interventions), reft_model.groups
+        per_group = [None] * len(groups)
+        if intervention_positions is not None:
+            pos = intervention_positions
+            per_group = [pos] if pos.dim() == 2 and len(groups) == 1 else list(pos.unbind(1)) if pos.dim() == 3 else []
+            if len(per_group) != len(groups):
+                raise UnitError(f"intervention_positions has shape {tuple(pos.shape)}; expected [batch, {len(groups)}, k] ({len(groups)} position groups)")
+        inputs = {"input_ids": input_ids} | ({} if attention_mask is None else {"attention_mask": attention_mask})
+        was = [iv.positions for iv in ivs]
+        try:
+            for group, p in zip(groups, per_group):
+                for i in group if p is not None else ():
+                    ivs[i].positions = Positions(p)
+            with reft_model.disabled():
+                return reft_model.lab.run(inputs, ivs, engine=self, **model_kwargs)
+        finally:
+            for iv, p in zip(ivs, was):
+                iv.positions = p
 
 
 def _nothing() -> None:
@@ -166,9 +202,22 @@ def _private_envoy(lab: Lab, nnsight) -> tuple[Any, dict]:
     with _restored(list(lab.model.modules())), warnings.catch_warnings():
         # BERT's `output` submodules: nnsight renames them on its envoys; we address modules, not names
         warnings.filterwarnings("ignore", message=".*which nnsight already serves.*")
-        envoy = nnsight.NNsight(lab.model)
+        envoy = _envoy_class(nnsight)(lab.model)
     hit = _ENVOYS[lab] = (envoy, {id(e._module): e for e in envoy.modules()})
     return hit
+
+
+@functools.cache
+def _envoy_class(nnsight) -> type:
+    class _Envoy(nnsight.NNsight):
+        """``NNsight`` whose inputs go where the model computes: nnsight moves them to the
+        first parameter's device, which accelerate's offloading leaves on ``meta``."""
+
+        @property
+        def device(self) -> torch.device:
+            return execution_device(self._module)
+
+    return _Envoy
 
 
 @contextmanager
