@@ -332,17 +332,22 @@ class _Session:
         return _Program(self.envoy, first, steps, plan.positions, plan.source_positions, maps, stop_early, box)
 
 
-@contextmanager
-def _plain_calls(envoy):
+class _plain_calls:
     """While handlers run, a forward they start themselves (an intervention calling the
-    model) runs plainly, as under the hook engine, instead of feeding this trace."""
-    interleaver = envoy.interleaver
-    was = interleaver.interleaving
-    interleaver.interleaving = False
-    try:
-        yield
-    finally:
-        interleaver.interleaving = was
+    model) runs plainly, as under the hook engine, instead of feeding this trace.
+
+    A class, not a ``@contextmanager``: this code travels to NDIF by value, and a
+    decorated generator function does not survive that (it arrives as the bare generator)."""
+
+    def __init__(self, envoy):
+        self.interleaver = envoy.interleaver
+
+    def __enter__(self) -> None:
+        self.was = self.interleaver.interleaving
+        self.interleaver.interleaving = False
+
+    def __exit__(self, *exc) -> None:
+        self.interleaver.interleaving = self.was
 
 
 @dataclasses.dataclass(eq=False)

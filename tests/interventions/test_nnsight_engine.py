@@ -5,8 +5,10 @@ on tiny LLaMA, GPT-2 and BERT and on SmolLM2; against a hand-written nnsight
 trace (nnsight's own indexing, no steerlab code in the loop); that it really
 runs through nnsight (the hook engine disabled); early exit and batched
 sources; gradients; bad input (the hook engine's errors, before compute);
-the remote path (nnsight's serverless rehearsal, and ``remote=True`` handed
-to nnsight's NDIF backend); and the fault battery of RELIABILITY row 1.
+the remote path (nnsight's serverless rehearsal; ``remote=True`` is opened up
+to the network boundary in test_nnsight_models.py); and the fault battery of
+RELIABILITY rows 1-2 (every fault kind, on a graph call and on a DAS training
+step, with the user's own hooks in place).
 """
 
 from __future__ import annotations
@@ -331,33 +333,7 @@ def test_remote_rehearsal_serialises_the_whole_program(transformers_model):
     torch.testing.assert_close(got.cache["blocks.2.resid_post"], expected.cache["blocks.2.resid_post"], rtol=1e-5, atol=1e-5)
 
 
-def test_remote_true_goes_to_nnsights_ndif_backend(transformers_model, monkeypatch):
-    """``remote=True`` reaches nnsight's RemoteBackend with the model's key; the request it would
-    send is built (here answered by the local rehearsal instead of a server)."""
-    from nnsight.intervention.backends import remote as remote_mod
-    from nnsight.intervention.backends.local import LocalSimulationBackend
-    from nnsight.schema.request import RequestModel
-
-    model, lm = transformers_model
-    sent = []
-
-    def fake_call(self, tracer):
-        blob = RequestModel.serialize(tracer, compress=False)
-        sent.append((self.model_key, len(blob)))
-        return LocalSimulationBackend(lm)(tracer)
-
-    monkeypatch.setattr(remote_mod.RemoteBackend, "__call__", fake_call)
-    monkeypatch.setattr(type(lm), "to_model_key", lambda self: "nnsight.modeling.transformers.TransformersModel:tiny-llama")
-    g, out = _remote_graph()
-    with wrapped(model) as lab:
-        expected = lab.execute(g)[out]
-        got = lab.execute(g, engine=sl.NNsightEngine(lm, remote=True))[out]
-    assert [k for k, _ in sent] == ["nnsight.modeling.transformers.TransformersModel:tiny-llama"] * 2  # the source, then the base
-    assert all(n > 1000 for _, n in sent)
-    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
-
-
-# -- RELIABILITY row 1: the fault battery, through the nnsight engine ------------------------
+# -- RELIABILITY rows 1-2: the fault battery, through the nnsight engine ------------------------
 
 
 def _call_execute_nnsight(sc: Scenario, f) -> torch.Tensor:
@@ -377,20 +353,45 @@ def _call_execute_nnsight(sc: Scenario, f) -> torch.Tensor:
     return sc.lab.execute(g, positions=f.positions(sc), engine="nnsight", **f.model_kwargs(sc))[out].logits
 
 
-NNSIGHT_CALL = register_call_type(CallType("execute_nnsight", _call_execute_nnsight, frozenset({"intervention", "source", "kwargs", "positions"})))
+def _call_train_step_nnsight(sc: Scenario, f) -> torch.Tensor:
+    """One optimisation step of a DAS subspace and a LoReFT, the forward an nnsight trace."""
+    from steerlab.reft import LoReFT
+
+    torch.manual_seed(0)
+    das = sl.SubspaceInterchange(sc.site(1, "resid_post"), size=2, width=sc.width, positions=[-1], source=f.source_inputs(sc, sc.source))
+    loreft = LoReFT(sc.site(0, "resid_post"), rank=2, width=sc.width, positions=[-1])
+    opt = torch.optim.Adam([*das.parameters(), *loreft.parameters()], lr=0.05)
+    ivs = [loreft, das, *f.interventions(sc, sc.site(2, "mlp.out"))]
+    res = sc.lab.run(sc.base, ivs, positions=f.positions(sc), engine="nnsight", **f.model_kwargs(sc))
+    loss = f.backward_wrap(torch.nn.functional.cross_entropy(res.logits[:, -1].float(), torch.tensor([5, 9])))
+    loss.backward()
+    opt.step()
+    return torch.cat([res.logits.detach().flatten(), das.R.detach().flatten(), loreft.R.detach().flatten()])
+
+
+_CHANNELS = frozenset({"intervention", "source", "kwargs", "positions"})
+NNSIGHT_CALLS = {
+    "execute_nnsight": register_call_type(CallType("execute_nnsight", _call_execute_nnsight, _CHANNELS)),
+    "train_step_nnsight": register_call_type(CallType("train_step_nnsight", _call_train_step_nnsight, _CHANNELS | {"backward"})),
+}
 _SCENARIO: dict[str, tuple] = {}
 
 
-def _scenario():
+def _scenario(call: str):
     if "llama" not in _SCENARIO:
         model = tiny_model("llama")
         sc = Scenario.of(model)
         hooks = UserHooks().install(model, sc.lab.layers, [sc.lab.resolve(sc.site(1, "mlp.out")).module])
-        _SCENARIO["llama"] = (sc, hooks, NNSIGHT_CALL.fn(sc, NO_FAULT))
-    return _SCENARIO["llama"]
+        _SCENARIO["llama"] = (sc, hooks)
+    sc, hooks = _SCENARIO["llama"]
+    if call not in _SCENARIO:
+        _SCENARIO[call] = NNSIGHT_CALLS[call].fn(sc, NO_FAULT)
+    return sc, hooks, _SCENARIO[call]
 
 
-@pytest.mark.parametrize("fault", [f for _, f in fault_cases(["execute_nnsight"])], ids=lambda f: f.name)
-def test_fault_leaves_model_as_found(fault):
-    sc, hooks, clean = _scenario()
-    check_fault(sc, NNSIGHT_CALL, fault, clean=clean, user_hooks=hooks)
+@pytest.mark.parametrize(("call", "fault"), list(fault_cases(list(NNSIGHT_CALLS))), ids=lambda x: x.name)
+def test_fault_leaves_model_as_found(call, fault):
+    """RELIABILITY rows 1-2: after each fault, hook registries as before, outputs bit-identical
+    to the untouched model's, the clean call reproducible, the user's hooks registered and firing."""
+    sc, hooks, clean = _scenario(call.name)
+    check_fault(sc, call, fault, clean=clean, user_hooks=hooks)
