@@ -155,8 +155,16 @@ def engine_rows(rows: list[tuple], engines: list[str]) -> list[tuple]:
     for label, case, _floor, _t, _note in rows:
         if case.endswith(" [nnsight]"):
             what = label.split(" ÷")[0]
-            out.append((f"{what}: nnsight engine ÷ hook engine", case, case.removesuffix(" [nnsight]"), None, ""))
+            out.append((f"{what}: nnsight engine ÷ hook engine", case, case.removesuffix(" [nnsight]"), None, "overhead"))
     return out
+
+
+def _note(note: str, ours: float, floor: float, n_layers: int) -> str:
+    """An engine row's note: the nnsight engine's added cost per call, in ms and per layer."""
+    if note != "overhead":
+        return note
+    extra = (ours - floor) * 1e3
+    return f"{extra:+.2f} ms/call ({extra * 1e3 / n_layers:+.0f} µs/layer)"
 
 
 def bench_model(name: str, loader, args) -> None:
@@ -173,7 +181,7 @@ def bench_model(name: str, loader, args) -> None:
         ops = {c: count_ops(bench.cases[c]) for c in ("plain", "noop", "add_all", "das_all", "add_one", "two plain", f"ic{lab.n_layers - 1}")}
     b, s = inp["input_ids"].shape
     title = f"{name} (batch {b}, seq {s}, {args.dtype}, {device.type}; {lab.n_layers} layers, d={lab.d_model})"
-    print_table(title, [Row(label, t[c], t[f], tgt, note) for label, c, f, tgt, note in rows])
+    print_table(title, [Row(label, t[c], t[f], tgt, _note(note, t[c], t[f], lab.n_layers)) for label, c, f, tgt, note in rows])
     n = lab.n_layers
     print(f"  ATen ops per call (load-independent): plain {ops['plain']}, empty run +{ops['noop'] - ops['plain']}, "
           f"Add on all layers +{ops['add_all'] - ops['plain']} ({(ops['add_all'] - ops['noop']) / n:.1f}/layer), "
