@@ -171,6 +171,8 @@ class GraphResult:
         self._results = results
 
     def __getitem__(self, run: Run) -> RunResult:
+        if not isinstance(run, Run):  # a name would otherwise hit str.index and read as "kept no output"
+            raise GraphError(f"graph results are indexed by the Run that graph.run(...) returned; got {type(run).__name__} {run!r:.60}")
         try:
             return self._results[run.index]
         except KeyError:

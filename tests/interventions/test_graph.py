@@ -311,3 +311,17 @@ def test_in_place_site_with_an_upstream_gradient():
         lab.run(inputs, [steer, das]).logits.pow(2).mean().backward()
     torch.testing.assert_close(steer.vector.grad, leaf_v.grad, atol=1e-7, rtol=1e-4)
     torch.testing.assert_close(das.rotation.weight.grad, leaf_a.grad, atol=1e-7, rtol=1e-4)
+
+
+def test_results_are_indexed_by_run_and_a_name_is_a_clear_error():
+    lab = sl.wrap(tiny_model("llama"))
+    g = sl.Graph()
+    src = g.run(torch.tensor([[5, 6, 7]]), name="src")
+    x = g.run(torch.tensor([[8, 9, 10]]), [sl.Interchange("blocks.0.resid_post", positions=[-1], source=src)], name="x")
+    res = lab.execute(g)
+    assert torch.equal(res[x].logits, lab.run(torch.tensor([[8, 9, 10]]), [sl.Interchange("blocks.0.resid_post", positions=[-1], source=torch.tensor([[5, 6, 7]]))]).logits)
+    with pytest.raises(KeyError, match=r"Run\('src', 0 interventions\) kept no output: it only supplied values to other runs"):
+        res[src]
+    with pytest.raises(sl.GraphError, match="indexed by the Run that graph.run\\(...\\) returned; got str 'x'"):
+        res["x"]
+    lab.unwrap()
