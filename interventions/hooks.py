@@ -38,6 +38,9 @@ POSITIONS_KWARG = "intervention_positions"
 
 #: the context of a forward nested in a per-call forward: no handler acts on it
 _NESTED: ForwardContext = object()  # type: ignore[assignment]
+# a decode step of a set whose edits all act on prompt positions only: every site hook returns at
+# once (no mask bookkeeping, no re-materialised R), so steering costs nothing per generated token
+_DECODE_SKIP: ForwardContext = object()  # type: ignore[assignment]
 
 
 class EarlyExit(Exception):
@@ -334,6 +337,7 @@ class HookSet:
         self.ctx: ForwardContext | None = None
         self._handles: list = []
         self._maps = [m for h in self.handlers if isinstance(h, Edit) for m in h.iv.modules() if isinstance(m, Orthonormal)]
+        self._prompt_only = all(isinstance(h, Edit) and not h.decode for h in self.handlers)
 
     @property
     def installed(self) -> bool:
@@ -402,6 +406,9 @@ class HookSet:
             mask, past = None, _cache_length(kwargs)
         if self.continuation:
             past = 0
+        if past > 0 and self._prompt_only:
+            self.ctx = _DECODE_SKIP
+            return (args, kwargs) if changed else None
         self.ctx = ForwardContext(MaskInfo.from_mask(mask, batch, seq, ref.device, past), override, self.source_positions)
         if self.validate and past == 0:
             self._validate(self.ctx)
@@ -442,7 +449,7 @@ class HookSet:
 
     def _make_pre(self, handlers: list, inplace: bool):
         def hook(module, args, kwargs):
-            if self.ctx is _NESTED:
+            if self.ctx is _NESTED or self.ctx is _DECODE_SKIP:
                 return None
             x, where = _input_tensor(args, kwargs)
             ctx = self._context(x)
@@ -459,7 +466,7 @@ class HookSet:
 
     def _make_post(self, handlers: list):
         def hook(module, args, out):
-            if self.ctx is _NESTED:
+            if self.ctx is _NESTED or self.ctx is _DECODE_SKIP:
                 return None
             x = _output_tensor(out)
             ctx = self._context(x)
