@@ -170,6 +170,12 @@ def test_table_and_plot(setup):
     assert fig.layout.title.text.startswith("DAS at module:layers.0:output")
     names = {t.name for t in fig.data}
     assert {"DAS loss", "random-init loss", "DAS IIA", "random-init IIA", "chance", "localist", "full vector"} <= names
+    traces = {t.name: t for t in fig.data}
+    assert list(traces["DAS loss"].y) == r.curve.loss and list(traces["random-init loss"].y) == r.random_init_curve.loss
+    assert list(traces["DAS IIA"].y) == r.curve.epoch_iia and list(traces["random-init IIA"].y) == r.random_init_curve.epoch_iia
+    assert set(traces["localist"].y) == {r.localist["all"].value} and set(traces["chance"].y) == {0.5}
+    assert traces["full vector"].y[0] == pytest.approx(sum(v.value for v in r.full_vector.values()) / len(r.full_vector))
+    assert f"final IIA {r.iia['all'].value:.3f}" in fig.layout.title.text
 
 
 def test_projection_separates_the_variable(setup):
@@ -178,6 +184,16 @@ def test_projection_separates_the_variable(setup):
     assert "projected onto the WX subspace" in fig.layout.title.text
     assert {t.name for t in fig.data} == {"WX = True", "WX = False"}
     proj = r.project(lab, test[:400], variable="WX")
+    # the points are the bases' layer-1 activations times the WX basis, computed here by hand
+    bases = torch.stack(list({tuple(b.tolist()): b for b in test[:400].collate(range(400)).base}.values()))
+    with torch.no_grad():
+        by_hand = lab.model.layers[0](bases) @ r.subspaces["WX"].basis.T
+    assert torch.allclose(proj.coords, by_hand, atol=1e-5)
+    for t in fig.data:
+        value = t.name == "WX = True"
+        idx = [i for i, v in enumerate(proj.values) if v == value]
+        assert list(t.x) == pytest.approx(by_hand[idx, 0].tolist(), abs=1e-5)
+        assert list(t.y) == pytest.approx(by_hand[idx, 1].tolist(), abs=1e-5)
     # WX is recoverable from its 8 coordinates: a least-squares probe separates the two classes
     y = torch.tensor([1.0 if v else -1.0 for v in proj.values])
     x = torch.cat([proj.coords, torch.ones(len(y), 1)], 1)

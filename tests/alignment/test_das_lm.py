@@ -104,5 +104,13 @@ def test_smollm_search_two_layers(smol):
     fig = res.plot()
     assert fig.layout.title.text.startswith("Distributed alignment search: IIA over sites and sizes")
     assert {"DAS size 4", "random-init size 4", "localist size 4", "full vector (upper bound)"} <= {t.name for t in fig.data}
+    # the figure holds the result's numbers: per layer, DAS and each control beside it, and the heatmap cells
+    traces = {t.name: t for t in fig.data}
+    assert list(traces["DAS size 4"].y) == [r["iia"] for r in rows]
+    assert list(traces["random-init size 4"].y) == [r["random_init"] for r in rows]
+    assert list(traces["localist size 4"].y) == [r["localist"] for r in rows]
+    assert list(traces["full vector (upper bound)"].y) == [r["full_vector"] for r in rows]
+    (heat,) = [t for t in fig.data if t.type == "heatmap"]
+    assert [list(z) for z in heat.z] == [[r["iia"] for r in rows]] and list(heat.x) == ["L10 resid_post", "L22 resid_post"]
     assert high.subspaces["POLARITY"].basis.shape == (4, 576) and high.subspaces["POLARITY"].positions == [-1]
     assert_unchanged(lab.model, before, what="a search with controls")
