@@ -40,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _models  # noqa: E402
 from _timing import Bench, Row, count_ops, import_time, print_table  # noqa: E402
 
 import steerlab as sl  # noqa: E402
@@ -53,15 +54,8 @@ PROMPTS = [
 
 
 def deep_llama(device: torch.device, dtype: torch.dtype):
-    """A random LLaMA, width 64 and 30 layers: little compute per hook, many hooks."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64, num_hidden_layers=30, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, vocab_size=512, max_position_embeddings=256, pad_token_id=0,
-    )
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    """The narrow deep LLaMA (``_models``) and 4 prompts of 32 tokens, one left-padded."""
+    model = _models.deep_llama(device, dtype)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 500, (4, 32), generator=g)
     mask = torch.ones_like(ids)
