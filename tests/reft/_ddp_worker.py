@@ -63,3 +63,10 @@ if __name__ == "__main__":
     (out / f"seen.{rank}.json").write_text(json.dumps(SEEN))
     if rank == 0:
         rm.save_pretrained(out / "final")
+    # both ranks leave together: a rank that exits while the other still holds the gloo group can be
+    # aborted at interpreter shutdown ("terminate called without an active exception", seen in CI order)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
