@@ -11,6 +11,7 @@ unpickle anything would fail differently. A static check finds no
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
 import json
 import pickle
@@ -110,11 +111,23 @@ def _edit_meta(fn: Callable[[dict], None]) -> Callable[[Path], None]:
 
 
 def _weights(d: Path) -> bytes:
-    return (d / "weights.safetensors").read_bytes()
+    return fileformat.weights_path(d).read_bytes()
 
 
-def _set_weights(d: Path, data: bytes) -> None:
-    (d / "weights.safetensors").write_bytes(data)
+def _set_weights(d: Path, data: bytes, *, reseal: bool = True) -> None:
+    """Replace the weights with ``data``; ``reseal`` also records their new name, size and SHA-256
+    in steerlab.json (a hand-crafted file whose checksum agrees, so the deeper checks are reached)."""
+    path = fileformat.weights_path(d)
+    if not reseal:
+        path.write_bytes(data)
+        return
+    path.unlink()
+    sha = hashlib.sha256(data).hexdigest()
+    name = f"weights-{sha[:16]}.safetensors"
+    (d / name).write_bytes(data)
+    m = _meta(d)
+    m["weights"] = {"file": name, "sha256": sha, "bytes": len(data)}
+    _set_meta(d, m)
 
 
 def _header(d: Path) -> tuple[dict, bytes]:
@@ -129,10 +142,10 @@ def _with_header(d: Path, header: dict, body: bytes) -> None:
 
 
 def _rewrite_weights(d: Path, fn: Callable[[dict], dict]) -> None:
-    """Re-save the weights file with ``fn(tensors)`` (a valid safetensors file)."""
-    from safetensors.torch import load_file
+    """Re-save the weights file with ``fn(tensors)`` (a valid safetensors file, resealed)."""
+    from safetensors.torch import load, save
 
-    save_file(fn(load_file(str(d / "weights.safetensors"))), str(d / "weights.safetensors"), metadata={"format": "steerlab"})
+    _set_weights(d, save(fn(load(_weights(d))), metadata={"format": "steerlab"}))
 
 
 def _record(i: int, fn: Callable[[dict], None]):
@@ -193,7 +206,7 @@ CASES = [
     ("manifest_shape_wrong", _edit_meta(lambda m: m["tensors"]["0.vector"].update(shape=[33])), sl.FileFormatError, "tensor '0.vector'"),
     ("weights_dtype_wrong", lambda d: _rewrite_weights(d, lambda t: {**t, "0.vector": t["0.vector"].double()}), sl.FileFormatError, "float64[32]"),
     ("shape_vs_intervention", lambda d: (_rewrite_weights(d, lambda t: {**t, "0.vector": torch.zeros(33)}),
-                                         _edit_meta(lambda m: m["tensors"]["0.vector"].update(shape=[33]))(d)), sl.FileFormatError, "expects (32,)"),
+                                         _edit_meta(lambda m: m["tensors"]["0.vector"].update(shape=[33]))(d)), sl.FileFormatError, "at width 32 has [32]"),
     ("missing_tensor", lambda d: _rewrite_weights(d, lambda t: {k: v for k, v in t.items() if k != "0.vector"}), sl.FileFormatError, "missing tensors ['0.vector']"),
     ("extra_tensor_in_file", lambda d: _rewrite_weights(d, lambda t: {**t, "evil": torch.zeros(1)}), sl.FileFormatError, "extra tensors ['evil']"),
     ("extra_tensor_everywhere", lambda d: (_rewrite_weights(d, lambda t: {**t, "7.w": torch.zeros(1)}),
@@ -211,21 +224,21 @@ CASES = [
     ("no_config_section", _edit_meta(lambda m: m.pop("config")), sl.FileFormatError, 'lacks its "config"'),
     ("non_json_config", lambda d: (d / "steerlab.json").write_bytes(b"\x80\x04\x95 not json"), sl.FileFormatError, "is not valid JSON"),
     ("json_with_nan", lambda d: _set_meta(d, json.dumps(_meta(d)).replace('"alpha": 1.0', '"alpha": NaN')), sl.FileFormatError, "NaN"),
-    ("json_with_infinity", lambda d: _set_meta(d, json.dumps(_meta(d)).replace('"version": 1', '"version": Infinity')), sl.FileFormatError, "Infinity"),
+    ("json_with_infinity", lambda d: _set_meta(d, json.dumps(_meta(d)).replace('"version": 2', '"version": Infinity')), sl.FileFormatError, "Infinity"),
     ("deeply_nested_json", _deep_json, sl.FileFormatError, "is not valid JSON"),
     ("no_steerlab_json", lambda d: (d / "steerlab.json").unlink(), sl.FileFormatError, "has no steerlab.json"),
     ("steerlab_json_is_a_dir", lambda d: ((d / "steerlab.json").unlink(), (d / "steerlab.json").mkdir()), sl.FileFormatError, "has no steerlab.json"),
-    ("no_weights", lambda d: (d / "weights.safetensors").unlink(), sl.FileFormatError, "has no weights.safetensors"),
+    ("no_weights", lambda d: fileformat.weights_path(d).unlink(), sl.FileFormatError, "the weights file its steerlab.json names"),
     ("unknown_type", _record(0, lambda r: r.update(type="loreft_v9")), sl.UnknownInterventionType, "unknown intervention type 'loreft_v9'"),
     ("python_path_as_type", _record(0, lambda r: r.update(type="os.system")), sl.UnknownInterventionType, "unknown intervention type 'os.system'"),
     ("remote_code", _record(0, lambda r: r.update(type="transformers.AutoModel", trust_remote_code=True,
                                                   auto_map={"AutoModel": "evil.Model"})), sl.UnknownInterventionType, "'transformers.AutoModel'"),
-    ("record_without_site", _record(0, lambda r: r.pop("site")), sl.FileFormatError, "lacks its type or site"),
-    ("record_not_a_dict", _edit_meta(lambda m: m["config"]["interventions"].__setitem__(0, "add")), sl.FileFormatError, "lacks its type or site"),
+    ("record_without_site", _record(0, lambda r: r.pop("site")), sl.FileFormatError, "intervention 0 lacks the field 'site'"),
+    ("record_not_a_dict", _edit_meta(lambda m: m["config"]["interventions"].__setitem__(0, "add")), sl.FileFormatError, "intervention 0 is 'add'; expected an object"),
     ("interventions_not_a_list", _edit_meta(lambda m: m["config"].update(interventions={"0": 1})), sl.FileFormatError, "lists no interventions"),
     ("argument_of_wrong_type", _record(0, lambda r: r["arguments"].update(alpha="strong")), sl.FileFormatError, "cannot rebuild 'add'"),
     ("unknown_argument", _record(0, lambda r: r["arguments"].update(exec="rm -rf /")), sl.FileFormatError, "cannot rebuild 'add'"),
-    ("width_not_a_number", _record(1, lambda r: r.update(width="wide")), sl.FileFormatError, "cannot rebuild 'subspace_interchange'"),
+    ("width_not_a_number", _record(1, lambda r: r.update(width="wide")), sl.FileFormatError, "'width' is 'wide'; expected an integer or null"),
     ("size_beyond_width", _record(1, lambda r: r["arguments"].update(size=40)), sl.FileFormatError, "cannot rebuild 'subspace_interchange'"),
     ("bad_positions", _record(0, lambda r: r.update(positions="f7+zz")), sl.FileFormatError, "cannot rebuild 'add'"),
     ("path_is_a_file", lambda d: (shutil.rmtree(d), d.write_bytes(b"PK\x03\x04")), sl.FileFormatError, "is not a steerlab directory"),
