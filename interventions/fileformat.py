@@ -81,6 +81,9 @@ __all__ = [
     "weights_path",
     "check_device",
     "dtype_name",
+    "field_of",
+    "parse_json",
+    "check_fingerprint",
 ]
 
 FORMAT_VERSION = 2
@@ -613,7 +616,7 @@ _TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "tru
                dict: "an object", type(None): "null"}
 
 
-def field(record: Any, key: str, types: type | tuple[type, ...], where: str) -> Any:
+def field_of(record: Any, key: str, types: type | tuple[type, ...], where: str) -> Any:
     """``record[key]``, which must exist and be of ``types`` (``bool`` is not an ``int``; an ``int``
     is a ``float``), else :class:`FileFormatError` naming the value and what was expected."""
     types = types if isinstance(types, tuple) else (types,)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from steerlab.interventions import fileformat
 from steerlab.interventions.errors import FileFormatError, NotSerialisable, SteerlabError
-from steerlab.interventions.fileformat import TensorSpec, field
+from steerlab.interventions.fileformat import TensorSpec, field_of
 from steerlab.interventions.graph import Graph, Run, SourceValue
 from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.ops import Intervention, Lambda, intervention_class
@@ -74,9 +74,9 @@ def check_record(record: Any, where: str, lab: Lab | None = None) -> type[Interv
     """The record's fields and types, its type registered, its placement on ``lab``'s model
     (site, heads, dims, width) when given; returns the intervention class."""
     for key, types in _RECORD.items():
-        field(record, key, types, where)
+        field_of(record, key, types, where)
     for key in ("positions", "source_positions"):
-        field(record, key, (str, list, type(None)), where)
+        field_of(record, key, (str, list, type(None)), where)
     cls = intervention_class(record["type"])
     width = record["width"]
     if width is not None and width < 1:
@@ -307,8 +307,8 @@ def _run_records(saved: fileformat.SavedFile, lab: Lab) -> list[dict]:
 
 def _check_run(saved: fileformat.SavedFile, rec: dict, lab: Lab) -> set[str]:
     d, i = saved.directory, rec["index"]
-    field(rec, "name", str, f"{d}: run {i}")
-    field(rec, "output", (bool, type(None)), f"{d}: run {i}")
+    field_of(rec, "name", str, f"{d}: run {i}")
+    field_of(rec, "output", (bool, type(None)), f"{d}: run {i}")
     used = set()
     for k in rec["inputs"]:
         if not isinstance(k, str) or f"runs.{i}.inputs.{k}" not in saved.specs:

@@ -289,7 +289,7 @@ def test_malformed_graph_is_refused(lab, good_graph, name, craft, phrase):
 SUBSPACE_CASES = [
     ("not_orthonormal", lambda d: _rewrite_weights(d, lambda t: {"basis": t["basis"] * 2}), "not orthonormal"),
     ("record_without_site", _edit_meta(lambda m: m["config"].pop("site")), "site"),
-    ("basis_shape_vs_record", _edit_meta(lambda m: m["config"].update(size=3)), "the record says [3, 32]"),
+    ("basis_shape_vs_record", _edit_meta(lambda m: m["config"].update(size=3)), "the record says float32[3, 32]"),
     ("interventions_file_as_subspace", None, "holds a 'interventions'; expected 'subspace'"),
 ]
 
