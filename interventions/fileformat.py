@@ -175,20 +175,24 @@ def save(
         "tensors": {k: {"dtype": dtype_name(v.dtype), "shape": list(v.shape)} for k, v in tensors.items()},
         "weights": {"file": name, "sha256": sha, "bytes": len(payload)},
     }
-    try:
-        text = json.dumps(meta, indent=2, allow_nan=False) + "\n"
-    except (TypeError, ValueError) as e:
-        raise FileFormatError(f"the {kind} configuration is not plain JSON data (finite numbers, strings, lists, objects): {e}") from None
+    _json_text(meta)  # refuse what is not JSON before touching the folder
     _check_target(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with _locked(directory) as dir_fd:
-            _commit(directory, dir_fd, name, payload, text.encode())
+            _commit(directory, dir_fd, name, payload, meta)
     except SaveError:
         raise
     except OSError as e:
         raise SaveError(f"saving the {kind} to {directory} failed ({e}); the save that was there, if any, is unchanged") from e
     return directory
+
+
+def _json_text(meta: dict[str, Any]) -> bytes:
+    try:
+        return (json.dumps(meta, indent=2, allow_nan=False) + "\n").encode()
+    except (TypeError, ValueError) as e:
+        raise FileFormatError(f"the {meta['kind']} configuration is not plain JSON data (finite numbers, strings, lists, objects): {e}") from None
 
 
 def _weights_bytes(tensors: dict[str, Tensor], kind: str, nonfinite: set[str]) -> bytes:
@@ -217,7 +221,7 @@ def _check_target(directory: Path) -> None:
         return
     if _read_only(directory):
         raise SaveError(f"{directory} is read-only; refusing to save into it (make it writable, or save elsewhere)")
-    for p in [directory / CONFIG_NAME, *(_current_weights(directory) or [])]:
+    for p in [directory / CONFIG_NAME, *_current_weights(directory)[0]]:
         if p.exists() and not p.is_symlink() and _read_only(p):
             raise SaveError(f"{p} is read-only: the save there is protected; refusing to replace it (chmod u+w it, or save elsewhere)")
 
@@ -248,21 +252,26 @@ def _locked(directory: Path) -> Iterator[int | None]:
         os.close(fd)
 
 
-def _commit(directory: Path, dir_fd: int | None, name: str, payload: bytes, text: bytes) -> None:
-    """Weights under their content name, then ``steerlab.json`` (the commit), then the old weights go."""
-    old = _current_weights(directory)
-    old_v1 = old is not None and any(p.name == WEIGHTS_NAME for p in old)
+def _commit(directory: Path, dir_fd: int | None, name: str, payload: bytes, meta: dict[str, Any]) -> None:
+    """Weights under their content name, then ``steerlab.json`` (the commit), then the old weights go.
+
+    Replacing a version-1 save, the new record lists its ``weights.safetensors`` under
+    ``"superseded"`` until it is gone, so a kill between the commit and its removal
+    leaves it to the next save to remove (and to no one else's file of that name)."""
+    old, superseded = _current_weights(directory)
+    if superseded:
+        meta = {**meta, "superseded": [WEIGHTS_NAME]}
     written = False
     try:
         written = not (directory / name).exists()
         _write_replace(directory, name, payload)
-        _write_replace(directory, CONFIG_NAME, text, dir_fd=dir_fd)  # <- the commit point
+        _write_replace(directory, CONFIG_NAME, _json_text(meta), dir_fd=dir_fd)  # <- the commit point
     except BaseException:
-        if written and not any(p.name == name for p in old or []):
+        if written and not any(p.name == name for p in old):
             with contextlib.suppress(OSError):
                 os.unlink(directory / name)
         raise
-    _remove_stale(directory, keep=name, old_v1=old_v1)
+    _remove_stale(directory, keep=name, superseded=superseded)
 
 
 def _write_replace(directory: Path, name: str, data: bytes, *, dir_fd: int | None = None) -> None:
@@ -286,26 +295,28 @@ def _write_replace(directory: Path, name: str, data: bytes, *, dir_fd: int | Non
             os.fsync(dir_fd)
 
 
-def _current_weights(directory: Path) -> list[Path] | None:
-    """The weights file(s) the folder's current ``steerlab.json`` uses (``None``: no readable save)."""
+def _current_weights(directory: Path) -> tuple[list[Path], bool]:
+    """The weights file(s) the folder's current ``steerlab.json`` uses, and whether a version-1
+    ``weights.safetensors`` belongs to it (its own, or one its record lists as superseded)."""
     try:
         meta = json.loads(_read_regular(directory / CONFIG_NAME, MAX_JSON_BYTES))
     except (FileFormatError, FileNotFoundError, ValueError, RecursionError):
-        return None
+        return [], False
     if not isinstance(meta, dict) or meta.get("format") != "steerlab":
-        return None
+        return [], False
     if meta.get("version") == 1:
-        return [directory / WEIGHTS_NAME]
+        return [directory / WEIGHTS_NAME], True
     w = meta.get("weights")
     f = w.get("file") if isinstance(w, dict) else None
-    return [directory / f] if isinstance(f, str) and _WEIGHTS_RE.fullmatch(f) else []
+    superseded = meta.get("superseded") == [WEIGHTS_NAME] and (directory / WEIGHTS_NAME).exists()
+    return ([directory / f] if isinstance(f, str) and _WEIGHTS_RE.fullmatch(f) else []), superseded
 
 
-def _remove_stale(directory: Path, *, keep: str, old_v1: bool) -> None:
+def _remove_stale(directory: Path, *, keep: str, superseded: bool) -> None:
     """After the commit: old weights files, weights left by interrupted saves, stale temporaries."""
     for entry in os.scandir(directory):
         n = entry.name
-        ours = (_WEIGHTS_RE.fullmatch(n) and n != keep) or _TMP_RE.fullmatch(n) or (old_v1 and n == WEIGHTS_NAME)
+        ours = (_WEIGHTS_RE.fullmatch(n) and n != keep) or _TMP_RE.fullmatch(n) or (superseded and n == WEIGHTS_NAME)
         if ours and not entry.is_dir(follow_symlinks=False):
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
