@@ -57,7 +57,7 @@ def _from_iias(d: dict | None) -> dict[str, IIA] | None:
 
 
 def _check_iias(rec: dict, key: str, optional: bool, where: str) -> None:
-    d = field_of(rec, key, (dict, type(None)) if optional else dict, where) if (key in rec or not optional) else None
+    d = field_of(rec, key, (dict, type(None)) if optional else dict, where)
     for k, v in (d or {}).items():
         ok = isinstance(v, dict) and all(isinstance(v.get(f), (int, float)) and not isinstance(v.get(f), bool) for f in ("value", "n", "chance")) \
             and isinstance(v["n"], int) and 0 <= v["value"] <= 1 and 0 <= v["chance"] <= 1 and v["n"] >= 0
@@ -66,11 +66,12 @@ def _check_iias(rec: dict, key: str, optional: bool, where: str) -> None:
 
 
 def _check_curve(d: Any, where: str) -> None:
-    if d is None:
+    if d is None and where.endswith("random_init_curve"):
         return
-    if not isinstance(d, dict) or not all(isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-                                          for k, v in d.items() if k in Curve.__dataclass_fields__):
-        raise FileFormatError(f"{where} is {d!r:.80}; expected lists of numbers (loss, epoch_step, epoch_iia, temperature, size)")
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    if not isinstance(d, dict) or set(d) != set(Curve.__dataclass_fields__) or \
+            not all(isinstance(v, list) and all(number(x) for x in v) for v in d.values()):
+        raise FileFormatError(f"{where} is {d!r:.80}; expected lists of numbers: {', '.join(Curve.__dataclass_fields__)}")
 
 
 @dataclass
@@ -248,12 +249,17 @@ class DASResult:
         for key, optional in (("iia", False), ("full_vector", False), ("random_init", True), ("localist", True)):
             _check_iias(rec, key, optional, where)
         for key in ("curve", "random_init_curve"):
-            _check_curve(rec.get(key), f"{where}: {key}")
+            field_of(rec, key, (dict, type(None)), where)
+            _check_curve(rec[key], f"{where}: {key}")
         field_of(rec, "method", str, where)
         for key, types in (("localist_method", (str, type(None))), ("localist_dims", (dict, type(None))),
                            ("config", dict), ("timings", dict)):
-            if key in rec:
-                field_of(rec, key, types, where)
+            field_of(rec, key, types, where)
+        dims = rec["localist_dims"] or {}
+        if not all(isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v) for v in dims.values()):
+            raise FileFormatError(f"{where}: localist_dims {dims!r:.80}; expected lists of dimension indices")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rec["timings"].values()):
+            raise FileFormatError(f"{where}: timings {rec['timings']!r:.80}; expected seconds")
         return {f"{prefix}subspace.{k}" for k in subs}
 
     @classmethod

@@ -56,7 +56,7 @@ import re
 import secrets
 import stat
 import struct
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -323,8 +323,10 @@ def _remove_stale(directory: Path, *, keep: str, superseded: bool) -> None:
 
 
 # --------------------------------------------------------------------------- reading
-def _read_regular(path: Path, limit: int | None = None) -> bytes:
-    """The bytes of a regular file, never through a symbolic link (``FileNotFoundError`` if absent)."""
+def _read_regular(path: Path, limit: int | None = None, *, check: Callable[[int, int], Any] | None = None) -> bytes:
+    """The bytes of a regular file, never through a symbolic link (``FileNotFoundError`` if absent).
+    ``check(fd, size)`` runs before the file is read (it may ``pread`` a header), so a file
+    whose size disagrees with what it declares is refused without reading it."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(path, flags)
@@ -342,6 +344,8 @@ def _read_regular(path: Path, limit: int | None = None) -> bytes:
             raise FileFormatError(f"{path} is not a regular file (a device, pipe or socket); a steerlab save's files are regular files")
         if limit is not None and st.st_size > limit:
             raise FileFormatError(f"{path} is {st.st_size:,} bytes; a steerlab record is at most {limit:,}")
+        if check is not None:
+            check(fd, st.st_size)
         chunks, left = [], st.st_size
         while left > 0:
             chunk = os.read(fd, min(left, 1 << 24))
@@ -451,16 +455,16 @@ def read(
         _check_kind(meta, kind, directory)
         check_fingerprint(meta.get("fingerprint"), fingerprint, directory)
         w_path = directory / (WEIGHTS_NAME if meta["version"] == 1 else meta["weights"]["file"])
+        parsed: dict[str, Any] = {}
         try:
-            data = _read_regular(w_path)
+            data = _read_regular(w_path, check=lambda fd, size: parsed.update(_check_weights_file(meta, fd, size, w_path)))
         except FileNotFoundError:
             if _read_meta_or_none(directory) != meta:
                 continue
             raise FileFormatError(f"{directory} has no {w_path.name}, the weights file its {CONFIG_NAME} names") from None
         _check_hash(meta, data, w_path)
-        specs, offsets = _parse_header(data, w_path)
-        _check_manifest(meta["tensors"], specs, w_path)
-        return SavedFile(directory, meta, specs, w_path, data, offsets)
+        _check_manifest(meta["tensors"], parsed["specs"], w_path)
+        return SavedFile(directory, meta, parsed["specs"], w_path, data, parsed["offsets"])
     raise FileFormatError(f"{directory} kept changing while it was read (another process is saving there); try again")
 
 
@@ -561,27 +565,40 @@ def check_fingerprint(saved: Any, model: dict[str, Any] | None, where: Path | st
 def _check_hash(meta: dict, data: bytes, w_path: Path) -> None:
     if meta["version"] < 2:
         return
-    w = meta["weights"]
-    if len(data) != w["bytes"]:
-        raise FileFormatError(f"{w_path} is {len(data):,} bytes; {CONFIG_NAME} says {w['bytes']:,} (the file is truncated or was replaced)")
     got = hashlib.sha256(data).hexdigest()
-    if got != w["sha256"]:
+    if got != meta["weights"]["sha256"]:
         raise FileFormatError(
-            f"{w_path} has SHA-256 {got[:16]}..., not the {w['sha256'][:16]}... that {CONFIG_NAME} records: "
+            f"{w_path} has SHA-256 {got[:16]}..., not the {meta['weights']['sha256'][:16]}... that {CONFIG_NAME} records: "
             "its bytes changed after it was saved (damaged or edited)"
         )
 
 
-def _parse_header(data: bytes, w_path: Path) -> tuple[dict[str, TensorSpec], dict[str, tuple[int, int]]]:
-    """The safetensors header, checked: every tensor's dtype, shape and byte range (nothing is loaded)."""
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit
+
+
+def _check_weights_file(meta: dict, fd: int, size: int, w_path: Path) -> dict[str, Any]:
+    """Before the weights are read: the recorded size (version 2), then the safetensors header,
+    read on its own, whose tensors must end exactly where the file does."""
     bad = lambda why: FileFormatError(f"{w_path} is corrupt or truncated: {why}")  # noqa: E731
-    if len(data) < 8:
-        raise bad(f"{len(data)} bytes, shorter than a safetensors header")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8 or n < 2:
-        raise bad(f"the header claims {n:,} bytes; the file has {len(data) - 8:,} after the length")
+    if meta["version"] >= 2 and size != meta["weights"]["bytes"]:
+        raise FileFormatError(f"{w_path} is {size:,} bytes; {CONFIG_NAME} says {meta['weights']['bytes']:,} (the file is truncated or was replaced)")
+    if size < 8:
+        raise bad(f"{size} bytes, shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if n < 2 or n > min(size - 8, _MAX_HEADER):
+        raise bad(f"the header claims {n:,} bytes; the file has {size - 8:,} after the length (and a header is at most {_MAX_HEADER:,})")
+    specs, offsets, end = _parse_header(os.pread(fd, n, 8), w_path)
+    if end != size - 8 - n:
+        raise bad(f"the tensors end at byte {end:,} of a {size - 8 - n:,}-byte data section")
+    return {"specs": specs, "offsets": offsets}
+
+
+def _parse_header(raw: bytes, w_path: Path) -> tuple[dict[str, TensorSpec], dict[str, tuple[int, int]], int]:
+    """A safetensors header, checked: every tensor's dtype, shape and byte range, back to back
+    from byte 0 (nothing is loaded); returns the specs, offsets and the end of the data."""
+    bad = lambda why: FileFormatError(f"{w_path} is corrupt or truncated: {why}")  # noqa: E731
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"), parse_constant=_not_json)
+        header = json.loads(raw.decode("utf-8"), parse_constant=_not_json)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise bad(f"the header is not JSON ({str(e)[:80]})") from None
     if not isinstance(header, dict):
@@ -607,9 +624,7 @@ def _parse_header(data: bytes, w_path: Path) -> tuple[dict[str, TensorSpec], dic
         if a != end:
             raise bad(f"tensor {name!r} starts at byte {a}; expected {end} (tensors are stored back to back)")
         end = b
-    if end != len(data) - 8 - n:
-        raise bad(f"the tensors end at byte {end:,} of a {len(data) - 8 - n:,}-byte data section")
-    return specs, offsets
+    return specs, offsets, end
 
 
 def _check_manifest(manifest: dict, specs: dict[str, TensorSpec], w_path: Path) -> None:

@@ -21,6 +21,7 @@ and without touching the caller's random number generator.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,8 +97,12 @@ def _check_placement(record: dict, lab: Lab, where: str) -> None:
         site = lab.resolve(record["site"])
         shape = lab.site_shape(site)
         has_positions = lab.has_positions(site)
+        source = lab.resolve(record["source_site"]) if record["source_site"] is not None else site
+        source_shape = lab.site_shape(source)
     except SteerlabError as e:
         raise FileFormatError(f"{where}: {e}") from e
+    if source_shape != shape:
+        raise FileFormatError(f"{where}: source_site {source.name!r} has features {source_shape}; {site.name!r} has {shape}")
     heads = record["heads"]
     if heads is not None:
         if not site.n_heads:
@@ -142,9 +147,16 @@ def expected_tensors(record: dict, where: str) -> tuple[Intervention, dict[str, 
         iv = _construct(cls, record, where)
     got = {**iv.placement(), "arguments": iv.arguments(), "width": iv.width}
     for key, value in got.items():
-        if record.get(key) != value:
+        if _json(record.get(key)) != _json(value):  # typed: "trainable": 1 is not true, "alpha": 2 not 2.0
             raise FileFormatError(f"{where}: {key!r} is {record.get(key)!r:.80}, which {record['type']!r} reads as {value!r:.80} (an edited or foreign record)")
     return iv, {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in iv.state_dict().items()}
+
+
+def _json(v: Any) -> str:
+    try:
+        return json.dumps(v, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):
+        return repr(v)
 
 
 def check_tensors(record: dict, specs: dict[str, TensorSpec], prefix: str, where: str) -> None:
@@ -247,7 +259,9 @@ def load_interventions(
 
 # --------------------------------------------------------------------------- run graphs
 def save_graph(directory: str | Path, graph: Graph, lab: Lab) -> Path:
-    """Save a run graph: each run's inputs (as tensors), interventions and edges."""
+    """Save a run graph: each run's inputs (as tensors), interventions and edges (every sourced
+    intervention needs its source, as for running the graph)."""
+    graph.validate_sources()
     records, tensors = [], {}
     for run in graph.order():
         inp = Inputs.of(run.inputs, tokenizer=lab.tokenizer, is_lm=lab.is_lm)
@@ -325,6 +339,9 @@ def _check_run(saved: fileformat.SavedFile, rec: dict, lab: Lab) -> set[str]:
         if src is not None and not cls.sourced:
             raise FileFormatError(f"{where}: a {ivrec['type']!r} takes no source; the record gives {src!r:.60}")
         if src is None:
+            if cls.sourced:
+                raise FileFormatError(f"{where}: a {ivrec['type']!r} reads a source, and the record names none "
+                                      "(expected \"source\": {\"run\": <an earlier run>} or {\"value\": true})")
             continue
         if src == {"value": True}:
             if prefix + "source_value" not in saved.specs:

@@ -110,6 +110,8 @@ def _check(saved: SavedFile, model: nn.Module, lab: Lab) -> tuple[list[dict], Re
     rc = field_of(cfg, "reft_config", (dict, type(None)), where)
     config = None
     if rc is not None:
+        if set(rc) != set(ReftConfig.__dataclass_fields__):
+            raise FileFormatError(f"{where}: the saved reft_config has the fields {sorted(rc)}; expected {sorted(ReftConfig.__dataclass_fields__)}")
         try:
             config = ReftConfig.from_dict(rc)
         except (SteerlabError, TypeError) as e:
