@@ -22,9 +22,10 @@ from torch import Tensor
 
 from steerlab.alignment.iia import IIA
 from steerlab.interventions import fileformat
-from steerlab.interventions.errors import FileFormatError
+from steerlab.interventions.errors import FileFormatError, SteerlabError
 from steerlab.interventions.fileformat import TensorSpec, field_of
 from steerlab.interventions.subspace import Subspace
+from steerlab.interventions.units import Positions
 
 __all__ = ["Curve", "DASResult", "Projection", "format_table"]
 
@@ -235,6 +236,10 @@ class DASResult:
         names of the tensors it owns."""
         field_of(rec, "site", str, where)
         field_of(rec, "positions", (str, list, type(None)), where)
+        try:
+            Positions(rec["positions"])
+        except SteerlabError as e:
+            raise FileFormatError(f"{where}: {e}") from None
         variables = field_of(rec, "variables", list, where)
         sizes = field_of(rec, "sizes", dict, where)
         subs = field_of(rec, "subspaces", dict, where)

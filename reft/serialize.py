@@ -93,7 +93,8 @@ def _check(saved: SavedFile, model: nn.Module, lab: Lab) -> tuple[list[dict], Re
     raw = cfg.get("interventions")
     if not isinstance(raw, list) or not raw:
         raise FileFormatError(f"{where} lists no interventions (\"interventions\" is {raw!r:.60}; expected a non-empty list)")
-    bad = [r.get("type") if isinstance(r, dict) else r for r in raw if not isinstance(r, dict) or r.get("type") not in INTERVENTION_TYPES]
+    bad = [r.get("type") if isinstance(r, dict) else r for r in raw
+           if not isinstance(r, dict) or not isinstance(r.get("type"), str) or r["type"] not in INTERVENTION_TYPES]
     if bad:
         raise FileFormatError(f"{where} holds a {bad[0]!r:.60} intervention, which is not a ReFT type {sorted(INTERVENTION_TYPES)}")
     records = check_interventions(saved, lab, extra_prefix=_MODULES)
@@ -112,12 +113,19 @@ def _check(saved: SavedFile, model: nn.Module, lab: Lab) -> tuple[list[dict], Re
     if rc is not None:
         if set(rc) != set(ReftConfig.__dataclass_fields__):
             raise FileFormatError(f"{where}: the saved reft_config has the fields {sorted(rc)}; expected {sorted(ReftConfig.__dataclass_fields__)}")
+        for key, types in _CONFIG_TYPES.items():
+            field_of(rc, key, types, f"{where}: reft_config")
         try:
             config = ReftConfig.from_dict(rc)
         except (SteerlabError, TypeError) as e:
             raise FileFormatError(f"{where}: the saved reft_config is invalid: {e}") from None
         _check_config_matches(config, records, groups, saved_modules, lab, where)
     return records, config, groups, saved_modules
+
+
+_CONFIG_TYPES = {"layers": (list, int, str), "rank": int, "positions": (str, int, list), "intervention": str, "site": str,
+                 "tied": bool, "act_fn": (str, type(None)), "dropout": float, "dtype": (str, type(None)), "modules_to_save": list,
+                 "task_type": str, "intervention_kwargs": dict}
 
 
 def _check_module_tensors(saved: SavedFile, model: nn.Module, names: list[str], where: str) -> None:
