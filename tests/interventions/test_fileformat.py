@@ -14,6 +14,7 @@ import ast
 import hashlib
 import io
 import json
+import os
 import pickle
 import shutil
 import struct
@@ -241,6 +242,27 @@ CASES = [
     ("width_not_a_number", _record(1, lambda r: r.update(width="wide")), sl.FileFormatError, "'width' is 'wide'; expected an integer or null"),
     ("size_beyond_width", _record(1, lambda r: r["arguments"].update(size=40)), sl.FileFormatError, "cannot rebuild 'subspace_interchange'"),
     ("bad_positions", _record(0, lambda r: r.update(positions="f7+zz")), sl.FileFormatError, "cannot rebuild 'add'"),
+    # checks added with format version 2
+    ("fingerprint_null", _edit_meta(lambda m: m.update(fingerprint=None)), sl.FingerprintMismatch, "records no model fingerprint"),
+    ("fingerprint_key_missing", _edit_meta(lambda m: m["fingerprint"].pop("width")), sl.FingerprintMismatch, "the fingerprint lacks ['width']"),
+    ("nan_in_weights", lambda d: _rewrite_weights(d, lambda t: {**t, "0.vector": t["0.vector"].index_fill(0, torch.tensor([3]), float("nan"))}),
+     sl.FileFormatError, "holds 1 NaN or infinite value(s) of 32"),
+    ("flipped_byte", lambda d: _set_weights(d, _weights(d)[:-5] + bytes([_weights(d)[-5] ^ 4]) + _weights(d)[-4:], reseal=False),
+     sl.FileFormatError, "its bytes changed after it was saved"),
+    ("weights_symlinked", lambda d: (shutil.copy(fileformat.weights_path(d), d.parent / "copy"), fileformat.weights_path(d).unlink(),
+                                     fileformat.weights_path(d).symlink_to(d.parent / "copy")), sl.FileFormatError, "is a symbolic link"),
+    ("weights_a_pipe", lambda d: (fileformat.weights_path(d).unlink(), os.mkfifo(fileformat.weights_path(d))), sl.FileFormatError,
+     "is not a regular file"),
+    ("record_dtypes_lie", _record(0, lambda r: r.update(dtypes={"vector": "float16"})), sl.FileFormatError, "the record's dtypes"),
+    ("argument_retyped", _record(0, lambda r: r["arguments"].update(trainable="false")), sl.FileFormatError,
+     "'arguments' is {'alpha': 1.0, 'trainable': 'false'}, which 'add' reads as"),
+    ("heads_on_a_site_without_heads", _record(1, lambda r: r.update(heads=[0])), sl.FileFormatError, "which is not a per-head site"),
+    ("huge_width", _record(1, lambda r: r.update(width=250_000_000)), sl.FileFormatError, "width 250000000, but its slice of 'blocks.0.resid_post'"),
+    ("unknown_site", _record(0, lambda r: r.update(site="blocks.9.resid_post")), sl.FileFormatError, "unknown site 'blocks.9.resid_post'"),
+    ("foreign_header_metadata", lambda d: _with_header(d, {**_header(d)[0], "__metadata__": {"format": "pt"}}, _header(d)[1]),
+     sl.FileFormatError, "a foreign or edited file"),
+    ("integer_beyond_64_bits", _edit_meta(lambda m: m["config"]["interventions"][1].update(width=2**70)), sl.FileFormatError,
+     "outside the 64-bit range"),
     ("path_is_a_file", lambda d: (shutil.rmtree(d), d.write_bytes(b"PK\x03\x04")), sl.FileFormatError, "is not a steerlab directory"),
     ("empty_directory", lambda d: (shutil.rmtree(d), d.mkdir()), sl.FileFormatError, "has no steerlab.json"),
     ("missing_directory", lambda d: shutil.rmtree(d), sl.FileFormatError, "is not a steerlab directory"),
@@ -254,6 +276,11 @@ def test_malformed_directory_is_refused(lab, good, name, craft, error, phrase):
     with pytest.raises(error) as info:
         lab.load_interventions(good)
     assert phrase in str(info.value), str(info.value)
+
+
+def test_a_missing_device_is_named_as_such(lab, good):
+    with pytest.raises(sl.ConfigError, match="device='cuda:99' is not available on this machine"):
+        fileformat.load(good, device="cuda:99")
 
 
 def test_at_least_twenty_crafted_files():
