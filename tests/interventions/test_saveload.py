@@ -439,3 +439,35 @@ def test_subspace_round_trip(tmp_path):
     head = sl.Subspace(torch.eye(8)[:2], "blocks.1.attn.z", heads=[1, 3])
     head.save(tmp_path / "h")
     assert sl.Subspace.load(tmp_path / "h").heads == (1, 3)
+
+
+# --------------------------------------------------------------------------- loading: side effects and races
+def test_loading_leaves_the_callers_random_numbers_alone(tmp_path):
+    lab, x, _ = setup("llama", torch.float32)
+    lab.save(tmp_path / "d", [sl.SubspaceInterchange(SITE, size=3, width=lab.d_model), sl.BoundlessSubspaceInterchange(SITE, width=lab.d_model)])
+    torch.manual_seed(11)
+    want = torch.rand(4)
+    torch.manual_seed(11)
+    lab.load_interventions(tmp_path / "d")  # rebuilding draws a random R before the saved one is assigned
+    assert torch.equal(torch.rand(4), want)
+
+
+def test_a_load_racing_a_save_reads_the_save_that_won(tmp_path, monkeypatch):
+    """A save committing between the load's reading of steerlab.json and of the weights it names
+    removes those weights: the load reads steerlab.json again and returns the new save."""
+    lab, x, _ = setup("llama", torch.float32)
+    d = tmp_path / "d"
+    lab.save(d, [sl.Scale(SITE, factor=2.0)])
+    real = fileformat._read_meta
+    calls = []
+
+    def racing(directory):
+        meta = real(directory)
+        if not calls:
+            lab.save(d, [sl.Add(SITE, torch.ones(lab.d_model))])  # another process commits just now
+        calls.append(meta["config"]["interventions"][0]["type"])
+        return meta
+
+    monkeypatch.setattr(fileformat, "_read_meta", racing)
+    (iv,) = lab.load_interventions(d)
+    assert calls[:2] == ["scale", "add"] and isinstance(iv, sl.Add)
