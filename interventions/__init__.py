@@ -36,6 +36,7 @@ from steerlab.interventions.orthonormal import Orthonormal
 from steerlab.interventions.prefix import Prefix
 from steerlab.interventions.subspace import Subspace
 from steerlab.interventions.sweeps import SweepResult, sweep
+from steerlab.interventions.from_pyvene import import_pyvene
 from steerlab.interventions.units import Positions
 
 __all__ = [
@@ -72,6 +73,7 @@ __all__ = [
     "Lambda",
     "Collect",
     "sweep",
+    "import_pyvene",
     "SweepResult",
     "metrics",
     *_errors,

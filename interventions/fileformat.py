@@ -84,6 +84,7 @@ __all__ = [
     "field_of",
     "parse_json",
     "check_fingerprint",
+    "read_file",
 ]
 
 FORMAT_VERSION = 2
@@ -356,6 +357,15 @@ def _read_regular(path: Path, limit: int | None = None, *, check: Callable[[int,
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def read_file(path: str | Path, limit: int | None = None) -> bytes:
+    """A file's bytes as a save's files are read: a regular file, never through a link, at most
+    ``limit`` bytes; a missing one is :class:`FileFormatError`."""
+    try:
+        return _read_regular(Path(path), limit)
+    except FileNotFoundError:
+        raise FileFormatError(f"{path} does not exist (or is a folder)") from None
 
 
 def _parse_int(s: str) -> int:

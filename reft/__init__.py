@@ -24,6 +24,7 @@ from steerlab.reft.data import (
 )
 from steerlab.reft.interventions import ConsReFT, DiReFT, LobiReFT, LoReFT, NoReFT
 from steerlab.reft.model import ReftModel, get_reft_model
+from steerlab.reft.from_pyreft import import_pyreft
 from steerlab.reft.positions import prompt_positions
 from steerlab.reft.loop import TrainResult, train
 
@@ -39,6 +40,7 @@ __all__ = [
     "ReftModel",
     "get_reft_model",
     "from_pretrained",
+    "import_pyreft",
     "InstructionDataset",
     "ClassificationDataset",
     "ReftDataCollator",

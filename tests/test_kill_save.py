@@ -110,7 +110,7 @@ def _in_child(save: Callable[[], None], kill_at: int | None, mid_write: bool = F
 class Scenario:
     name: str
     prepare: Callable[[Path], None]  # the folder before the save (user files, maybe an old save)
-    save: Callable[[Path], None]  # the save under test
+    write: Callable[[Path], None]  # the save under test (not `save`: nnsight gives every object a `.save`)
     state: Callable[[Path], str]  # "old" | "new" | "none"; raises if the folder holds a broken save
     has_old: bool
 
@@ -189,7 +189,7 @@ def run_scenario(sc: Scenario, root: Path) -> Outcome:
     """Every kill point of ``sc`` (after each step, and halfway into each write)."""
     probe = root / "probe"
     sc.prepare(probe)
-    status, steps = _in_child(lambda: sc.save(probe), None)
+    status, steps = _in_child(lambda: sc.write(probe), None)
     assert status == "done" and steps >= 6, (status, steps)
     out = Outcome(sc.name, messages=[])
     for mid_write in (False, True):
@@ -197,7 +197,7 @@ def run_scenario(sc: Scenario, root: Path) -> Outcome:
             d = root / f"k{n}{'w' if mid_write else ''}"
             sc.prepare(d)
             theirs = _theirs(d)
-            status, _ = _in_child(lambda d=d: sc.save(d), n, mid_write)
+            status, _ = _in_child(lambda d=d: sc.write(d), n, mid_write)
             if status != "killed":
                 continue  # a write that is not the n-th step: nothing to cut halfway
             out.kills += 1
@@ -206,7 +206,7 @@ def run_scenario(sc: Scenario, root: Path) -> Outcome:
                 assert _theirs(d) == theirs, "a user's file changed"
                 assert state in ("old", "new") or (state == "none" and not sc.has_old), f"the folder holds {state}"
                 setattr(out, state, getattr(out, state) + 1)
-                sc.save(d)  # the next save recovers: only its own two files beside the user's
+                sc.write(d)  # the next save recovers: only its own two files beside the user's
                 assert sc.state(d) == "new" and _theirs(d) == theirs
                 assert sorted(set(os.listdir(d)) - {p.split("/")[0] for p in theirs}) == sorted([fileformat.CONFIG_NAME, fileformat.weights_path(d).name])
             except (AssertionError, sl.SteerlabError) as e:

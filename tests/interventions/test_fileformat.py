@@ -361,7 +361,8 @@ def _unpickling_calls(path: Path) -> list[str]:
             name = ast.unparse(f)
             kw = {k.arg: k.value for k in node.keywords}
             if name.endswith("torch.load"):
-                ok = "trainer" in path.name and isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                # the Trainer's own files, and the explicit peer importer (import_pyvene / import_pyreft), tensors only
+                ok = path.name in ("trainer.py", "from_pyvene.py") and isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
                 if not ok:
                     found.append(f"{name}(...) at line {node.lineno}")
             elif name.split(".")[0] in _PICKLE_MODULES or name.endswith(("Unpickler", "pickle.load", "pickle.loads")):
