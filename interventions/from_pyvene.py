@@ -72,8 +72,9 @@ def read_pickled_tensors(path: Path, *, limit: int = 2**34) -> dict[str, Tensor]
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as z:
             unpacked = sum(i.file_size for i in z.infolist())
-    except zipfile.BadZipFile:
-        raise FileFormatError(f"{path} is not a torch zip archive (a legacy or foreign pickle); steerlab reads only torch.save's zip format") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, UnicodeDecodeError, ValueError, EOFError, OSError) as e:
+        raise FileFormatError(f"{path} is not a torch zip archive ({type(e).__name__}: {str(e)[:80]}); steerlab reads only "
+                              "torch.save's zip format, not legacy or foreign pickles") from None
     if unpacked > 2 * len(raw) + 2**20:
         raise FileFormatError(f"{path} would unpack to {unpacked:,} bytes from {len(raw):,}; refused (a zip bomb)")
     try:
@@ -124,6 +125,9 @@ def _plan(type_str: Any, rep: Any, key: Any, dim: Any, known: dict[str, str], wh
         raise FileFormatError(f"{where}: component {comp!r}; steerlab imports {sorted(COMPONENTS)}")
     if fileformat.field_of(rep, "unit", str, where) != "pos":
         raise FileFormatError(f"{where}: unit {rep['unit']!r}; steerlab imports interventions on positions ('pos')")
+    units = rep.get("max_number_of_units", 1)
+    if not isinstance(units, int) or isinstance(units, bool) or units < 1:
+        raise FileFormatError(f"{where}: max_number_of_units {units!r:.40}; expected a positive integer")
     rank = rep.get("low_rank_dimension")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise FileFormatError(f"{where}: low_rank_dimension {rank!r}; expected a positive integer")
@@ -140,6 +144,9 @@ def orthogonal_weight(state: dict[str, Tensor], prefix: str, shape: tuple[int, i
     """The weight a module under torch's orthogonal parametrisation computes from its saved state
     (``<prefix>.parametrizations.weight.original`` and ``...weight.0.base``), or ``<prefix>``
     itself when the peer saved the weight directly."""
+    used = [v for k, v in state.items() if k == prefix or k.startswith(prefix + ".")]
+    if any(not v.is_floating_point() for v in used):
+        raise FileFormatError(f"{where}: the saved rotation holds {sorted({str(v.dtype) for v in used})}; expected floating tensors")
     if prefix in state:
         w = state[prefix]
     else:
@@ -177,6 +184,8 @@ def import_pyvene(directory: str | Path, lab: Lab, *, positions=None) -> list[In
             width = lab.site_shape(lab.resolve(p.site))[-1]
         except SteerlabError as e:
             raise FileFormatError(f"{where}: {e}") from e
+        if p.low_rank_dimension is not None and p.low_rank_dimension > width:
+            raise FileFormatError(f"{where}: low_rank_dimension {p.low_rank_dimension} for a site of width {width}")
         if p.type_name == "VanillaIntervention":
             iv: Intervention = Interchange(p.site, positions=positions)
         else:

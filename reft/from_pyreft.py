@@ -77,6 +77,8 @@ def _build(p: PeerIntervention, lab, *, positions, act_fn, dropout, dtype, where
     r = p.low_rank_dimension
     if r is None or not 1 <= r <= d:
         raise FileFormatError(f"{where}: low_rank_dimension {r!r} for a site of width {d}")
+    if p.interchange_dim is not None and p.interchange_dim != d:
+        raise FileFormatError(f"{where}: intervention dimension {p.interchange_dim} for a site of width {d} (a ReFT edits the whole vector)")
     kw = {"rank": r, "width": d, "positions": positions, "dropout": dropout, "dtype": dtype}
     lin = ("learned_source.weight", "learned_source.bias") if "learned_source.weight" in p.state else ("weight", "bias")
     t = p.type_name

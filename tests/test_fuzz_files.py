@@ -56,6 +56,7 @@ HERE = Path(__file__).resolve().parent
 V1 = HERE / "regression" / "v1"
 SITE = "blocks.1.resid_post"
 LOADERS = ("interventions", "graph", "subspace", "reft", "das_result", "das_search")
+PEERS = ("import_pyreft", "import_pyvene")  # a peer's pickled save, read only by these two (tensors only)
 CLASSES = ("byte flips", "truncation", "header edits", "JSON deletions", "JSON type changes", "huge values", "NaN",
            "dtype and shape lies", "config vs record", "fingerprint", "symlinks", "pickles")
 MEMORY_LIMIT = 100 * 2**20
@@ -80,6 +81,8 @@ class Env:
             "reft": lambda d: reft.ReftModel.from_pretrained(d, self.model_b).unwrap(),  # leaves model b as found
             "das_result": lambda d: DASResult.load(d, fingerprint=fp),
             "das_search": lambda d: SearchResult.load(d, fingerprint=fp),
+            "import_pyreft": lambda d: reft.import_pyreft(d, self.model_b, positions="l1").unwrap(),
+            "import_pyvene": lambda d: sl.import_pyvene(d, self.lab),
         }[name]
 
 
@@ -125,7 +128,31 @@ def make_bases(root: Path, env: Env) -> dict[tuple[str, str], Path]:
     for name in LOADERS:
         bases[(name, "v2")] = v2 / name
         bases[(name, "v1")] = to_v1(v2 / name, root / "v1" / name)
+    bases[("import_pyreft", "peer")] = _pyreft_save(root / "peer" / "pyreft")
+    bases[("import_pyvene", "peer")] = _pyvene_save(root / "peer" / "pyvene")
     return bases
+
+
+def _pyreft_save(folder: Path) -> Path:
+    import pyreft  # installed for the tests (README)
+
+    torch.manual_seed(1)
+    kinds = [pyreft.LoreftIntervention, pyreft.ConsreftIntervention, pyreft.NodireftIntervention]
+    reps = [{"layer": i, "component": "block_output", "low_rank_dimension": 2,
+             "intervention": K(embed_dim=32, low_rank_dimension=2, dtype=torch.float32, add_bias=False)} for i, K in enumerate(kinds)]
+    pyreft.get_reft_model(_model(), pyreft.ReftConfig(representations=reps), set_device=False).save(str(folder))
+    return folder
+
+
+def _pyvene_save(folder: Path) -> Path:
+    import pyvene as pv
+
+    torch.manual_seed(2)
+    cfg = pv.IntervenableConfig([{"layer": 0, "component": "block_output", "intervention_type": pv.RotatedSpaceIntervention},
+                                 {"layer": 1, "component": "block_output", "low_rank_dimension": 3,
+                                  "intervention_type": pv.LowRankRotatedSpaceIntervention}])
+    pv.IntervenableModel(cfg, _model()).save(str(folder))
+    return folder
 
 
 def to_v1(src: Path, dst: Path) -> Path:
@@ -145,7 +172,7 @@ class Save:
 
     def __init__(self, path: Path, fmt: str):
         self.path, self.fmt = path, fmt
-        self.wpath = fileformat.weights_path(path)
+        self.wpath = fileformat.weights_path(path) if fmt != "peer" else sorted(path.glob("intkey_*.bin"))[-1]  # pyvene: the low-rank one
 
     def meta(self) -> dict:
         return json.loads((self.path / "steerlab.json").read_text())
@@ -674,6 +701,98 @@ def _pickles(loader: str, fmt: str) -> list[Mutation]:
             M("only a pickle .bin", only_bin), M("a pickle as an extra tensor", as_tensor), M("a pickle in the header metadata", in_metadata)]
 
 
+# --------------------------------------------------------------------------- a peer's save
+def _peer_mutations(loader: str) -> list[Mutation]:
+    M = lambda cls, name, fn: Mutation(cls, name, loader, "peer", fn)  # noqa: E731
+
+    def config(fn):
+        def apply(s: Save):
+            c = json.loads((s.path / "config.json").read_text())
+            fn(c)
+            (s.path / "config.json").write_text(json.dumps(c))
+        return apply
+
+    def rewrite(fn):
+        def apply(s: Save):
+            t = torch.load(s.wpath, weights_only=True)
+            s.wpath.write_bytes(_torch_zip(fn(dict(t))))
+        return apply
+
+    def first_float(t: dict) -> str:  # a matrix that is not square: transposing it changes its shape
+        return sorted(k for k, v in t.items() if v.is_floating_point() and v.dim() == 2 and v.shape[0] != v.shape[1])[0]
+
+    def poison(t):
+        k = first_float(t)
+        t[k] = t[k].clone()
+        t[k].view(-1)[0] = float("nan")
+        return t
+
+    def link(s: Save):
+        shutil.copy(s.wpath, s.path.parent / (s.path.name + ".elsewhere"))
+        s.wpath.unlink()
+        os.symlink(s.path.parent / (s.path.name + ".elsewhere"), s.wpath)
+
+    out = [M("byte flips", f"{n} bit(s), seed {seed}", lambda s, seed=seed, n=n: _flip_raw(s, seed, n)) for seed, n in ((0, 1), (1, 3))]
+    out += [M("truncation", "a .bin by half", lambda s: s.wpath.write_bytes(s.wpath.read_bytes()[: s.wpath.stat().st_size // 2])),
+            M("truncation", "a .bin to 0 bytes", lambda s: s.wpath.write_bytes(b"")),
+            M("truncation", "config.json by half", lambda s: (s.path / "config.json").write_text((s.path / "config.json").read_text()[:200])),
+            M("truncation", "sorted_keys without its last entry", config(lambda c: c["sorted_keys"].pop())),
+            M("header edits", "the zip's end record broken", lambda s: s.wpath.write_bytes(s.wpath.read_bytes()[:-22] + b"\0" * 22)),
+            M("header edits", "not a zip (magic changed)", lambda s: s.wpath.write_bytes(b"XX" + s.wpath.read_bytes()[2:]))]
+    for key in ("intervention_types", "representations", "sorted_keys", "intervention_dimensions"):
+        out += [M("JSON deletions", f"del {key}", config(lambda c, key=key: c.pop(key))),
+                M("JSON type changes", f"{key}={{}}", config(lambda c, key=key: c.__setitem__(key, {"a": 1})))]
+    for i, field in ((0, "layer"), (1, "component"), (2, "unit"), (3, "max_number_of_units"), (4, "low_rank_dimension")):
+        out += [M("JSON type changes", f"representations.0.{field}=[1]", config(lambda c, i=i: c["representations"][0].__setitem__(i, [1])))]
+    out += [M("JSON deletions", "representations.0 cut to 2 fields", config(lambda c: c["representations"].__setitem__(0, c["representations"][0][:2])))]
+    out += [M("huge values", "low_rank_dimension 10**9", config(lambda c: c["representations"][0].__setitem__(4, 10**9))),
+            M("huge values", "layer 10**9", config(lambda c: c["representations"][0].__setitem__(0, 10**9))),
+            M("huge values", "intervention_dimensions 10**9", config(lambda c: c["intervention_dimensions"].__setitem__(0, 10**9))),
+            M("huge values", "a zip entry claiming 10**12 bytes", lambda s: s.wpath.write_bytes(_zip_bomb()))]
+    out += [M("NaN", "a NaN in a tensor", rewrite(poison)),
+            M("NaN", "config.json with NaN", lambda s: (s.path / "config.json").write_text((s.path / "config.json").read_text().replace("true", "NaN", 1)
+                                                                                         .replace('"mode"', '"x": NaN, "mode"', 1)))]
+    out += [M("dtype and shape lies", "a tensor transposed", rewrite(lambda t: {**t, first_float(t): t[first_float(t)].T.contiguous()})),
+            M("dtype and shape lies", "a tensor as int64", rewrite(lambda t: {**t, first_float(t): t[first_float(t)].long()}))]
+    if loader == "import_pyreft":
+        out += [M("config vs record", "low_rank_dimension 3 for rank-2 tensors", config(lambda c: c["representations"][0].__setitem__(4, 3))),
+                M("config vs record", "another class for the same tensors",
+                  config(lambda c: c["intervention_types"].__setitem__(0, "<class 'pyreft.interventions.NoreftIntervention'>")))]
+    else:
+        out += [M("config vs record", "interchange_dim beyond the width", config(lambda c: c["intervention_dimensions"].__setitem__(0, 40))),
+                M("config vs record", "a component steerlab does not import", config(lambda c: c["representations"][0].__setitem__(1, "head_query_output")))]
+    out += [M("symlinks", "a .bin linked to a valid copy", link), M("symlinks", "a .bin linked to /dev/zero", lambda s: (s.wpath.unlink(), os.symlink("/dev/zero", s.wpath)))]
+    out += [M("pickles", "a class reference", lambda s: s.wpath.write_bytes(_torch_zip({"weight": os.system}))),
+            M("pickles", "a legacy pickle", lambda s: s.wpath.write_bytes(pickle.dumps({"weight": torch.zeros(2, 32).numpy()}))),
+            M("pickles", "a list of tensors", lambda s: s.wpath.write_bytes(_torch_zip([torch.zeros(2)]))),
+            M("pickles", "an unknown class name", config(lambda c: c["intervention_types"].__setitem__(0, "<class 'os.system'>")))]
+    return out
+
+
+def _torch_zip(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _zip_bomb() -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\0" * (64 * 2**20))  # 64 MB of zeros in a few KB
+    return buf.getvalue()
+
+
+def _flip_raw(s: Save, seed: int, count: int) -> None:
+    raw = bytearray(s.wpath.read_bytes())
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        i = int(torch.randint(0, len(raw), (1,), generator=g))
+        raw[i] ^= 1 << int(torch.randint(0, 8, (1,), generator=g))
+    s.wpath.write_bytes(bytes(raw))
+
+
 # Version 1 shares every check behind the weights file with version 2, so it gets a sample of each
 # class (the names below, every 6th JSON deletion and the retyped constructor arguments); version 2
 # gets them all (JSON edits: each field deleted, every fourth retyped).
@@ -697,6 +816,9 @@ def _in_v1_sample(m: Mutation, i: int) -> bool:
 def mutations(bases: dict[tuple[str, str], Path]) -> list[Mutation]:
     out: list[Mutation] = []
     for (loader, fmt), base in bases.items():
+        if fmt == "peer":
+            out += _peer_mutations(loader)
+            continue
         meta = json.loads((base / "steerlab.json").read_text())
         flips = [Mutation("byte flips", f"{n} bit(s), seed {seed}", loader, fmt, _flip(seed, n)) for seed, n in ((0, 1), (1, 1), (2, 3))]
         every = flips + _truncations(loader, fmt) + _header_edits(loader, fmt) + _huge(loader, fmt, meta) + _nans(loader, fmt, meta) \
@@ -715,12 +837,22 @@ class _Unpickled(BaseException):
     pass
 
 
-def _refuse_unpickling() -> None:
+def _refuse_unpickling(weights_only: bool = False) -> None:
+    """Every unpickling entry point raises; with ``weights_only``, ``torch.load(weights_only=True)``
+    still works (the peers' importers: torch's restricted unpickler, tensors only)."""
     def refuse(*a, **k):
         raise _Unpickled("a steerlab load path tried to unpickle")
 
-    for mod, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")]:
+    real = torch.load
+
+    def torch_load(*a, **k):
+        if weights_only and k.get("weights_only") is True:
+            return real(*a, **k)
+        raise _Unpickled("a steerlab load path tried to unpickle" + (" without weights_only=True" if weights_only else ""))
+
+    for mod, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
         setattr(mod, name, refuse)
+    torch.load = torch_load
 
 
 def _status(key: str) -> int:
@@ -747,7 +879,7 @@ def _one(load: Callable[[Path], Any], d: Path) -> dict[str, Any]:
     return out
 
 
-def attempts(load: Callable[[Path], Any], dirs: list[Path]) -> list[dict[str, Any]]:
+def attempts(load: Callable[[Path], Any], dirs: list[Path], *, weights_only: bool = False) -> list[dict[str, Any]]:
     """``load`` on each folder, in one forked child (one fork per batch keeps the battery fast; the
     peak-RSS mark is reset before each attempt). A child that dies marks the rest ``crashed``."""
     r, w = os.pipe()
@@ -755,7 +887,7 @@ def attempts(load: Callable[[Path], Any], dirs: list[Path]) -> list[dict[str, An
     if pid == 0:
         os.close(r)
         try:
-            _refuse_unpickling()
+            _refuse_unpickling(weights_only)
             soft, hard = resource.getrlimit(resource.RLIMIT_AS)
             resource.setrlimit(resource.RLIMIT_AS, (_status("VmSize") + 2 * 2**30, hard))  # a runaway allocation fails here, not the machine
             for d in dirs:
@@ -776,7 +908,7 @@ def attempts(load: Callable[[Path], Any], dirs: list[Path]) -> list[dict[str, An
 def run_all(root: Path, env: Env, *, write: Path | None = None) -> list[tuple[Mutation, dict]]:
     bases = make_bases(root / "bases", env)
     for (loader, fmt), base in bases.items():  # the unmutated saves load
-        (got,) = attempts(env.loader(loader), [base])
+        (got,) = attempts(env.loader(loader), [base], weights_only=loader in PEERS)
         assert got["outcome"] == "loaded", (loader, fmt, got)
     muts = mutations(bases)
     dirs = []
@@ -790,9 +922,9 @@ def run_all(root: Path, env: Env, *, write: Path | None = None) -> list[tuple[Mu
     if write is not None:
         return []
     results: dict[int, dict] = {}
-    for loader in LOADERS:
+    for loader in (*LOADERS, *PEERS):
         idx = [i for i, m in enumerate(muts) if m.loader == loader]
-        results.update(zip(idx, attempts(env.loader(loader), [dirs[i] for i in idx])))
+        results.update(zip(idx, attempts(env.loader(loader), [dirs[i] for i in idx], weights_only=loader in PEERS)))
     for d in dirs:
         _remove(d)
     return [(m, results[i]) for i, m in enumerate(muts)]
@@ -805,17 +937,21 @@ def _remove(d: Path) -> None:
 
 
 def exempt(m: Mutation) -> bool:
-    """The stated exception: flipped bytes in a version-1 file (no checksum) may leave finite values."""
-    return m.cls == "byte flips" and m.fmt == "v1"
+    """The stated exception: flipped bytes in a file without a checksum (format version 1, a peer's
+    pickle) may leave finite values of the right shapes."""
+    return m.cls == "byte flips" and m.fmt in ("v1", "peer")
 
 
 def table(results: list[tuple[Mutation, dict]]) -> str:
     """loader × class: tried / refused with a named error / loaded (and any other outcome)."""
     lines = ["| loader | " + " | ".join(CLASSES) + " | all |", "|---" * (len(CLASSES) + 2) + "|"]
-    for loader in (*LOADERS, None):
+    for loader in (*LOADERS, *PEERS, None):
         cells = []
         for cls in (*CLASSES, None):
             rows = [(m, r) for m, r in results if (loader is None or m.loader == loader) and (cls is None or m.cls == cls)]
+            if not rows:
+                cells.append("-")
+                continue
             named = sum(r["outcome"] == "named" for _, r in rows)
             loaded = sum(r["outcome"] == "loaded" for _, r in rows)
             other = len(rows) - named - loaded
@@ -848,8 +984,10 @@ def test_no_attempt_adds_100_mb(results):
 
 def test_the_battery_is_large_and_covers_every_loader_and_class(results):
     assert len(results) >= 200
-    assert {(m.loader, m.cls) for m, _ in results} == {(x, c) for x in LOADERS for c in CLASSES}
-    assert {m.fmt for m, _ in results} == {"v1", "v2"}
+    assert {(m.loader, m.cls) for m, _ in results if m.loader in LOADERS} == {(x, c) for x in LOADERS for c in CLASSES}
+    no_fingerprint = {(x, c) for x in PEERS for c in CLASSES if c != "fingerprint"}  # a peer's save has none
+    assert {(m.loader, m.cls) for m, _ in results if m.loader in PEERS} == no_fingerprint
+    assert {m.fmt for m, _ in results} == {"v1", "v2", "peer"}
     assert len({m.id for m, _ in results}) == len(results)  # names are unique
 
 
@@ -858,7 +996,7 @@ def test_each_class_holds_files_the_previous_code_accepted(results):
     accepted = set(json.loads((HERE / "fuzz_files_main.json").read_text())["accepted"])
     ids = {m.id: m for m, _ in results}
     assert accepted <= set(ids), sorted(accepted - set(ids))[:5]
-    assert {ids[i].cls for i in accepted} == set(CLASSES)
+    assert {ids[i].cls for i in accepted} == set(CLASSES)  # (the peers' importers are new: nothing to compare)
 
 
 def test_a_folder_that_is_itself_a_link_still_loads(env, tmp_path):
