@@ -22,10 +22,9 @@ from torch import Tensor
 
 from steerlab.alignment.iia import IIA
 from steerlab.interventions import fileformat
-from steerlab.interventions.errors import FileFormatError, SteerlabError
+from steerlab.interventions.errors import FileFormatError
 from steerlab.interventions.fileformat import TensorSpec, field_of
 from steerlab.interventions.subspace import Subspace
-from steerlab.interventions.units import Positions
 
 __all__ = ["Curve", "DASResult", "Projection", "format_table"]
 
@@ -235,11 +234,9 @@ class DASResult:
         their bases as the weights header declares them), before anything is built; returns the
         names of the tensors it owns."""
         field_of(rec, "site", str, where)
-        field_of(rec, "positions", (str, list, type(None)), where)
-        try:
-            Positions(rec["positions"])
-        except SteerlabError as e:
-            raise FileFormatError(f"{where}: {e}") from None
+        pos = field_of(rec, "positions", (int, str, list, type(None)), where)  # a base-layer spec or an encoder's position names
+        if isinstance(pos, list) and not all(isinstance(p, (int, str)) and not isinstance(p, bool) for p in pos):
+            raise FileFormatError(f"{where}: positions {pos!r:.80}; expected positions or position names")
         variables = field_of(rec, "variables", list, where)
         sizes = field_of(rec, "sizes", dict, where)
         subs = field_of(rec, "subspaces", dict, where)

@@ -327,7 +327,7 @@ def _wrong(value: Any, path: tuple) -> list[Any]:
     if isinstance(value, str):
         return [7, ["x"]]
     if isinstance(value, list):
-        return [{"a": 1}, "x"]
+        return [{"a": 1}, 1.5]  # not "x": a string is a valid position name for a DAS result
     if isinstance(value, dict):
         return [[1], "x"]
     return [5, ["x"]]  # null
