@@ -54,7 +54,8 @@ class Bar(Protocol):
 
     def set_description(self, desc: str | None = None, refresh: bool = True) -> Any: ...
 
-    def write(self, s: str) -> None: ...
+    def write(self, s: str) -> None:
+        """Print a line to stdout above the bar (nothing when the bar is off)."""
 
 
 class _Silent:
