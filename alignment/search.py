@@ -174,12 +174,7 @@ def search(
             candidate's row printed above the bar as it finishes; default: when the output is a
             terminal or a notebook (:mod:`steerlab.interventions.progress`).
     """
-    if not isinstance(train, CounterfactualDataset):
-        if not hasattr(train, "datasets"):
-            raise DataError(f"search() takes a CounterfactualDataset or a task; got {type(train).__name__}")
-        train, task_test = train.datasets(lab, n_train=n_train, n_test=n_test, seed=seed)
-        test = test if test is not None else task_test
-    test = test if test is not None else train
+    train, test = _datasets(lab, train, test, n_train, n_test, seed)
     variables = list(train.variables)
     names = _sites(lab, sites)
     specs = [positions] if isinstance(positions, (str, int)) or positions is None else list(positions)
@@ -189,16 +184,7 @@ def search(
     timings: dict[str, float] = {}
     n_candidates = len(names) * len(specs) * len(sizes)
     with bar(total=n_candidates, desc="DAS search", unit="candidate", progress=progress) as b:
-        b.set_postfix(phase="caching activations")
-        t0 = time.perf_counter()
-        store = store_for(lab, [train, test], names)
-        timings["cache"] = time.perf_counter() - t0
-        rstore = None
-        if controls:
-            b.set_postfix(phase="caching random-init activations")
-            t0 = time.perf_counter()
-            rstore = store_for(random_init_lab(lab, seed=seed), [train, test], names)
-            timings["random_init_cache"] = time.perf_counter() - t0
+        store, rstore = _stores(lab, train, test, names, controls, seed, b, timings)
         results = []
         t_all = time.perf_counter()
         localist = dict(limit=localist_limit, samples=localist_samples, selection_size=selection_size, seed=seed)
@@ -211,6 +197,31 @@ def search(
     config = {**cfg.to_json(), "sites": names, "positions": specs, "sizes": sizes, "controls": controls,
               "n_train": len(train), "n_test": len(test)}
     return SearchResult(results, tuple(variables), config, timings, {s: site_layer(lab, s) for s in names}, lab.fingerprint())
+
+
+def _datasets(lab: Lab, train, test, n_train: int, n_test: int, seed: int) -> tuple[CounterfactualDataset, CounterfactualDataset]:
+    """``(train, test)``: given, or drawn from a task; test defaults to the task's held-out split, else train."""
+    if not isinstance(train, CounterfactualDataset):
+        if not hasattr(train, "datasets"):
+            raise DataError(f"search() takes a CounterfactualDataset or a task; got {type(train).__name__}")
+        train, task_test = train.datasets(lab, n_train=n_train, n_test=n_test, seed=seed)
+        test = test if test is not None else task_test
+    return train, test if test is not None else train
+
+
+def _stores(lab: Lab, train, test, names: list[str], controls: bool, seed: int, b: Bar, timings: dict[str, float]):
+    """The activation stores of the model and (with controls) of its re-initialised copy, timed."""
+    b.set_postfix(phase="caching activations")
+    t0 = time.perf_counter()
+    store = store_for(lab, [train, test], names)
+    timings["cache"] = time.perf_counter() - t0
+    if not controls:
+        return store, None
+    b.set_postfix(phase="caching random-init activations")
+    t0 = time.perf_counter()
+    rstore = store_for(random_init_lab(lab, seed=seed), [train, test], names)
+    timings["random_init_cache"] = time.perf_counter() - t0
+    return store, rstore
 
 
 def _validate(lab: Lab, train: CounterfactualDataset, names: list[str], specs: list, sizes: list[int]) -> dict[str, int]:

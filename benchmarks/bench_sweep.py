@@ -56,7 +56,8 @@ def deep_llama(device, dtype):
 
 def smollm(device, dtype):
     """SmolLM2-135M; one prompt pair of 9 tokens (a 30 × 9 sweep)."""
-    model, tok = sl.load("smollm2-135m", dtype=dtype, device=device)
+    model, tok, note = _models.smollm(device, dtype)
+    print(f"SmolLM2-135M: {note}", flush=True)
     return sl.wrap(model, tok), BASE, SOURCE, sl.metrics.logit_diff(" Rome", " Paris")
 
 

@@ -354,13 +354,18 @@ def _start(checkpoints: Checkpoints | None, optimizer, identity: dict[str, Any])
     return 0, [], None
 
 
-def _run_step(group: list[Tensor], batch_of, loss_of) -> Tensor:
-    """Forward and backward of one optimiser step's micro-batches; the step's loss, still on its device."""
+def _take_step(group: list[Tensor], batch_of, loss_of, optimizer: torch.optim.Optimizer, factor: float) -> Tensor:
+    """One optimiser step over its micro-batches at ``factor`` times each group's initial learning rate;
+    the step's loss, still on its device (nothing is read here)."""
     parts = []
     for rows in group:
         loss = loss_of(batch_of(rows)) / len(group)
         loss.backward()
         parts.append(loss.detach())
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * factor
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
 
@@ -406,11 +411,7 @@ def run_loop(
             group = _groups(order.epoch(epoch), settings)[step % spe]
             if on_step is not None:
                 on_step(step, total)
-            for g in optimizer.param_groups:
-                g["lr"] = g["initial_lr"] * lr_factor(step, total, warm)
-            log.add(_run_step(group, batch_of, loss_of))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            log.add(_take_step(group, batch_of, loss_of, optimizer, lr_factor(step, total, warm)))
             step += 1
             result.epochs = epoch + 1
             b.update(1)
