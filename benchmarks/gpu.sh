@@ -67,8 +67,10 @@ EOF
   exit 0
 fi
 
-# a carried .gpu/ (written by --prepare .gpu): the wheels go to /tmp/site, SmolLM2's shape is used if the package is absent
-if [ -d .gpu/wheels ]; then
+have() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
+# a carried .gpu/ (written by --prepare .gpu): the wheels go to /tmp/site (where the peers are missing),
+# SmolLM2's shape is used where the package is absent
+if [ -d .gpu/wheels ] && ! have pyvene; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -80,25 +82,24 @@ if ! "$PY" -c "import steerlab" 2>/dev/null; then
   fi
 fi
 
-have() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
 NNSIGHT=""; have nnsight || NNSIGHT="--no-nnsight"
 PYREFT=""; have pyreft || PYREFT="--no-pyreft"
 
 # name | seconds | command (the tiny variant adds its flags at the end)
 if [ $TINY = 1 ]; then
   PIECES=(
-    "base|150|benchmarks/bench_base.py --device $DEVICE --dtype $DTYPE --quick --no-import --no-sweep $NNSIGHT --models deep"
-    "sweep|90|benchmarks/bench_sweep.py --device $DEVICE --dtype $DTYPE --quick --models deep"
+    "base|300|benchmarks/bench_base.py --device $DEVICE --dtype $DTYPE --quick --no-import --no-sweep $NNSIGHT --models deep"
+    "sweep|240|benchmarks/bench_sweep.py --device $DEVICE --dtype $DTYPE --quick --models deep --every 15"
     "das|240|benchmarks/das_speed.py --device $DEVICE --dtype $DTYPE --quick --no-search --layers 2 --batch 2"
     "reft|240|benchmarks/reft_speed.py --device $DEVICE --dtype $DTYPE $PYREFT --models narrow --batch 2 --seq 16 --repeats 1 --inner 1 --new-tokens 2"
     "atp|60|benchmarks/bench_atp.py --device $DEVICE --dtype $DTYPE --quick"
   )
-  BUDGET=$((BUDGET > 900 ? BUDGET : 900))
+  BUDGET=$((BUDGET > 1500 ? BUDGET : 1500))
 else
   PIECES=(
-    "base|120|benchmarks/bench_base.py --device $DEVICE --dtype $DTYPE --quick --no-import --no-sweep $NNSIGHT"
-    "sweep|60|benchmarks/bench_sweep.py --device $DEVICE --dtype $DTYPE --quick"
-    "das|100|benchmarks/das_speed.py --device $DEVICE --dtype $DTYPE --quick --no-search --layers 6,15,25"
+    "base|110|benchmarks/bench_base.py --device $DEVICE --dtype $DTYPE --quick --no-import --no-sweep $NNSIGHT"
+    "sweep|90|benchmarks/bench_sweep.py --device $DEVICE --dtype $DTYPE --quick"
+    "das|90|benchmarks/das_speed.py --device $DEVICE --dtype $DTYPE --quick --no-search --layers 6,15,25"
     "reft|130|benchmarks/reft_speed.py --device $DEVICE --dtype $DTYPE $PYREFT --repeats 5"
     "atp|45|benchmarks/bench_atp.py --device $DEVICE --dtype $DTYPE --quick"
   )
