@@ -403,12 +403,14 @@ def run_loop(
     stop = total if checkpoints is None or checkpoints.stop_after is None else min(total, step + checkpoints.stop_after)
     result = LoopResult(losses, math.ceil(step / spe) if step else 0, total, 0.0, resumed)
     log = _Losses(losses)
-    order, t0 = _Order(n, settings.seed, settings.shuffle), time.perf_counter()
+    order, groups, t0 = _Order(n, settings.seed, settings.shuffle), (-1, []), time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     with bar(total=total, initial=step, desc=desc, unit="step", progress=progress) as b:
         while step < stop:
             epoch = step // spe
-            group = _groups(order.epoch(epoch), settings)[step % spe]
+            if groups[0] != epoch:  # the epoch's micro-batches, sliced once
+                groups = (epoch, _groups(order.epoch(epoch), settings))
+            group = groups[1][step % spe]
             if on_step is not None:
                 on_step(step, total)
             log.add(_take_step(group, batch_of, loss_of, optimizer, lr_factor(step, total, warm)))
