@@ -28,7 +28,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from steerlab.interventions.errors import ConfigError
 
@@ -43,6 +43,7 @@ _default: ContextVar[bool | None] = ContextVar("steerlab_progress_default", defa
 _depth: ContextVar[int] = ContextVar("steerlab_progress_depth", default=0)
 
 
+@runtime_checkable  # so that a runtime type checker (the test suite's) can check a Bar argument
 class Bar(Protocol):
     """What a call may do with its bar (a tqdm bar, or a silent stand-in)."""
 
