@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--layer", type=int, default=12)
-    p.add_argument("--factors", default="0.1,0.2,0.4,0.8")
+    p.add_argument("--factors", default="0.05,0.1,0.2,0.4")
     p.add_argument("--positions", default="both", choices=("prompt", "decode", "both"))
     p.add_argument("--n-train", type=int, default=32)
     p.add_argument("--n-val-instructions", type=int, default=6)

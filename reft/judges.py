@@ -132,19 +132,31 @@ class LanguageJudge(Judge):
         return torch.tensor([float(t.strip() != "" and self._ident.classify(t)[0] == self.language) for t in _check_texts(texts)])
 
 
-def mean_pooled(lab: Lab, texts: Sequence[str], site: str, *, batch_size: int = 32, max_length: int = 128) -> Float[Tensor, "batch d_model"]:
-    """Each text's activations at ``site`` averaged over its real tokens (float32, CPU); no interventions."""
+def mean_pooled(lab: Lab, texts: Sequence[str], site: str, *, batch_size: int = 32, max_length: int = 128,
+                pooling: str = "mean", template: str = "{text}") -> Float[Tensor, "batch d_model"]:
+    """Each text's activation at ``site``, pooled over its real tokens (float32, CPU); no interventions.
+
+    ``pooling="mean"`` averages every real token; ``"last"`` takes the last
+    one (left-padded), which with a ``template`` such as ``"Review: {text}\nSentiment:"``
+    reads the model's own summary of the text at the answer position.
+    """
     texts = _check_texts(texts)
     if lab.tokenizer is None:
         raise DataError("mean_pooled needs a tokenizer: wrap(model, tokenizer)")
+    if pooling not in ("mean", "last") or "{text}" not in template:
+        raise ConfigError(f"pooling={pooling!r}, template={template!r}: expected 'mean' or 'last', and a template with {{text}}")
     name = lab.resolve(site).name
     rows = []
     for i in range(0, len(texts), batch_size):
-        chunk = [t if t.strip() else "." for t in texts[i : i + batch_size]]  # an empty response still gets a vector
-        enc = lab.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        chunk = [template.format(text=t if t.strip() else ".") for t in texts[i : i + batch_size]]  # an empty response still gets a vector
+        side = "left" if pooling == "last" else "right"  # right for encoders with absolute positions (BERT)
+        enc = lab.tokenizer(chunk, return_tensors="pt", padding=True, padding_side=side, truncation=True, max_length=max_length)
         enc = {k: v.to(lab.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         with torch.no_grad():
             acts = lab.collect(enc, name)[name].float()
+        if pooling == "last":
+            rows.append(acts[:, -1].cpu())
+            continue
         m = enc["attention_mask"].unsqueeze(-1).to(acts.dtype)
         rows.append(((acts * m).sum(1) / m.sum(1)).cpu())
     return torch.cat(rows) if rows else torch.zeros(0, 0)
@@ -171,7 +183,8 @@ def _logistic(x: Tensor, y: Tensor, weight_decay: float, max_iter: int) -> tuple
 
 @dataclass
 class ProbeJudge(Judge):
-    """``σ(w · (x − μ) / σ + b)`` with ``x`` a text's mean-pooled activation at ``site`` of ``lab``'s model."""
+    """``σ(w · (x − μ) / σ + b)`` with ``x`` a text's pooled activation at ``site`` of ``lab``'s model
+    (:func:`mean_pooled` with ``pooling`` and ``template``)."""
 
     lab: Lab
     site: str
@@ -181,20 +194,23 @@ class ProbeJudge(Judge):
     std: Tensor
     name: str = "probe"
     info: dict[str, Any] = field(default_factory=dict)
+    pooling: str = "mean"
+    template: str = "{text}"
 
     @classmethod
     def train(cls, lab: Lab, site: str, texts: Sequence[str], labels: Sequence[int], *, name: str = "probe",
-              weight_decay: float = 1e-3, max_iter: int = 200, batch_size: int = 32) -> ProbeJudge:
+              weight_decay: float = 1e-3, max_iter: int = 200, batch_size: int = 32, pooling: str = "mean",
+              template: str = "{text}") -> ProbeJudge:
         """Fit on labelled texts (deterministic: the same data gives the same weights)."""
         texts = _check_texts(texts)
         if len(texts) != len(labels) or len(set(labels)) != 2 or any(y not in (0, 1) for y in labels):
             raise DataError(f"ProbeJudge.train needs 0/1 labels of both classes, one per text; got {len(labels)} labels for {len(texts)} texts")
-        x = mean_pooled(lab, texts, site, batch_size=batch_size)
+        x = mean_pooled(lab, texts, site, batch_size=batch_size, pooling=pooling, template=template)
         w, b, mu, sd = _logistic(x, torch.tensor(list(labels)), weight_decay, max_iter)
-        return cls(lab, lab.resolve(site).name, w, b, mu, sd, name, {"n_train": len(texts), "weight_decay": weight_decay})
+        return cls(lab, lab.resolve(site).name, w, b, mu, sd, name, {"n_train": len(texts), "weight_decay": weight_decay}, pooling, template)
 
     def logits(self, texts: Sequence[str]) -> Float[Tensor, " batch"]:
-        x = mean_pooled(self.lab, texts, self.site)
+        x = mean_pooled(self.lab, texts, self.site, pooling=self.pooling, template=self.template)
         return ((x - self.mean) / self.std) @ self.weight + self.bias
 
     def score(self, texts: Sequence[str]) -> Float[Tensor, " batch"]:
@@ -203,7 +219,8 @@ class ProbeJudge(Judge):
 
     def save(self, directory: str | Path) -> Path:
         tensors = {"weight": self.weight, "bias": self.bias.reshape(1), "mean": self.mean, "std": self.std}
-        return fileformat.save(directory, kind=KIND, config={"type": "probe", "site": self.site, "name": self.name, "info": self.info},
+        return fileformat.save(directory, kind=KIND, config={"type": "probe", "site": self.site, "name": self.name, "info": self.info,
+                                                                "pooling": self.pooling, "template": self.template},
                                tensors=tensors, fingerprint=self.lab.fingerprint())
 
     @classmethod
@@ -215,7 +232,11 @@ class ProbeJudge(Judge):
         d = t["weight"].shape[0]
         if t["mean"].shape != (d,) or t["std"].shape != (d,) or t["bias"].shape != (1,):
             raise FileFormatError(f"{directory}: inconsistent probe tensors {[tuple(v.shape) for v in t.values()]}")
-        return cls(lab, lab.resolve(cfg["site"]).name, t["weight"], t["bias"][0], t["mean"], t["std"], str(cfg.get("name", "probe")), dict(cfg.get("info") or {}))
+        pooling, template = cfg.get("pooling", "mean"), cfg.get("template", "{text}")
+        if pooling not in ("mean", "last") or not isinstance(template, str) or "{text}" not in template:
+            raise FileFormatError(f"{directory}: pooling {pooling!r} / template {template!r} is not a probe's")
+        return cls(lab, lab.resolve(cfg["site"]).name, t["weight"], t["bias"][0], t["mean"], t["std"], str(cfg.get("name", "probe")),
+                   dict(cfg.get("info") or {}), pooling, template)
 
     @classmethod
     def cached(cls, lab: Lab, site: str, key: dict[str, Any], build) -> ProbeJudge:

@@ -194,7 +194,7 @@ class _Scorer:
         flu = [fluency(p, r, ref) if math.isfinite(p) else 0.0 for p, r in zip(ppl, rep)]
         hm = [harmonic_mean(c, r, f) for c, r, f in zip(concept, rel, flu)]
         self.seconds += time.perf_counter() - t0
-        return {"concept": concept, "relevance": rel, "fluency": flu, "perplexity": ppl, "repetition": rep, "hm": hm}
+        return {"concept_score": concept, "relevance": rel, "fluency": flu, "perplexity": ppl, "repetition": rep, "hm": hm}
 
 
 def _geomean(values: list[float]) -> float:

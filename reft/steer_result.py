@@ -26,7 +26,7 @@ __all__ = ["SteerEvalResult", "KIND"]
 
 #: the ``kind`` of a saved evaluation in the one file format
 KIND = "steer_eval"
-_METRICS = ("concept", "relevance", "fluency", "perplexity", "repetition", "hm")
+_METRICS = ("concept_score", "relevance", "fluency", "perplexity", "repetition", "hm")
 
 
 def _mean(xs) -> float:
@@ -148,7 +148,7 @@ class SteerEvalResult:
                     continue
                 pm = (lambda k: f"{r[k]:.3f} ± {r[k + '_sd']:.3f}") if r["seeds"] > 1 else (lambda k: f"{r[k]:.3f}")
                 auc = pm("auroc") if math.isfinite(r["auroc"]) else "—"
-                out.append(f"| {c} ({self.judge_accuracy(c):.2f}) | {m} | {r['factor']:g} | {pm('concept')} | {pm('relevance')} | "
+                out.append(f"| {c} ({self.judge_accuracy(c):.2f}) | {m} | {r['factor']:g} | {pm('concept_score')} | {pm('relevance')} | "
                            f"{pm('fluency')} | **{pm('hm')}** | {auc} |")
         return "\n".join(out)
 

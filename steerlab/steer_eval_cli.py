@@ -54,7 +54,7 @@ def add_parser(sub) -> None:
     p.add_argument("--concepts", help="comma list of shipped concepts: sentiment, french, movies (default: all three)")
     p.add_argument("--methods", help="comma list of prompt, diffmean, pca, probe, caa, actadd, reft_r1, loreft, lora (default: all)")
     p.add_argument("--layer", type=int, help="the layer whose resid_post every intervention edits (default 12)")
-    p.add_argument("--factors", help="comma list of steering factors, multiples of the site's median token norm (default 0.1,0.2,0.4,0.8)")
+    p.add_argument("--factors", help="comma list of steering factors, multiples of the site's median token norm (default 0.05,0.1,0.2,0.4)")
     p.add_argument("--seeds", help="comma list of seeds for the trained methods and PCA (default 0)")
     p.add_argument("--positions", choices=("prompt", "decode", "both"), help="where the edits act while generating (default both)")
     p.add_argument("--n-train", type=int, help="training examples per class (default 32)")

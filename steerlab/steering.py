@@ -51,7 +51,7 @@ __all__ = ["METHODS", "DEFAULT_FACTORS", "Recipe", "compare", "contenders", "bui
 METHODS = ("prompt", "diffmean", "pca", "probe", "caa", "actadd", "reft_r1", "loreft", "lora")
 TRAINED = ("reft_r1", "loreft", "lora")
 #: steering factors (multiples of the site's median token norm) swept on validation
-DEFAULT_FACTORS = (0.1, 0.2, 0.4, 0.8)
+DEFAULT_FACTORS = (0.05, 0.1, 0.2, 0.4)
 
 
 @dataclass
@@ -272,6 +272,8 @@ def compare(
     from steerlab.reft import GenerationSettings, SteerEvalResult, evaluate
     from steerlab.reft.concepts import concept as shipped_concept
 
+    if recipe is not None and recipe_kwargs:
+        raise ConfigError(f"give either recipe= or its fields ({sorted(recipe_kwargs)}), not both")
     recipe = recipe or Recipe(**recipe_kwargs)
     methods = _check_methods(methods)
     concept_objs = [shipped_concept(c) if isinstance(c, str) else c for c in concepts]

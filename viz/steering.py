@@ -35,7 +35,7 @@ def steer_table(result, *, title: str = "Steering: harmonic mean of concept, rel
             zr.append(None if r is None else r["hm"])
             tr.append("" if r is None else f"{r['hm']:.2f}")
             hr.append("" if r is None else (f"{m} on {c}<br>harmonic mean {r['hm']:.3f} ± {r['hm_sd']:.3f} ({r['seeds']} seed(s))"
-                                            f"<br>concept {r['concept']:.3f}, relevance {r['relevance']:.3f}, fluency {r['fluency']:.3f}"
+                                            f"<br>concept score {r['concept_score']:.3f}, relevance {r['relevance']:.3f}, fluency {r['fluency']:.3f}"
                                             f"<br>factor {r['factor']:g}; judge accuracy {r['judge_accuracy']:.3f}"))
         z.append(zr)
         text.append(tr)
@@ -59,9 +59,9 @@ def steer_sweep(result, *, concept: str | None = None, title: str | None = None)
     for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
         pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["factor"])
         fig.add_trace(go.Scatter(
-            x=[r["fluency"] for r in pts], y=[r["concept"] for r in pts], mode="lines+markers+text", name=m,
+            x=[r["fluency"] for r in pts], y=[r["concept_score"] for r in pts], mode="lines+markers+text", name=m,
             text=[f"×{r['factor']:g}" for r in pts], textposition="top center", line={"color": _COLOURS[i % len(_COLOURS)]},
-            hovertext=[f"{m} ×{r['factor']:g}: concept {r['concept']:.3f}, fluency {r['fluency']:.3f}, relevance {r['relevance']:.3f}, "
+            hovertext=[f"{m} ×{r['factor']:g}: concept score {r['concept_score']:.3f}, fluency {r['fluency']:.3f}, relevance {r['relevance']:.3f}, "
                        f"harmonic mean {r['hm']:.3f}" for r in pts], hoverinfo="text"))
     fig.update_layout(title=title or f"{concept}: concept score vs fluency along the steering factor (validation)",
                       xaxis_title="fluency (1 = as fluent as the unsteered model)", yaxis_title="concept score (judge)",

@@ -43,8 +43,14 @@ def run(labs):
         Contender.direction(lab, "prompt-only", d, (0.6,), positions="prompt"),
         Contender.prompt(lab, "Always answer in French."),
     ]
+    before = _hooks(lab.model)
     result = evaluate(lab, "french", SPLIT, contenders, judge, embedder=emb, judge_checks=[check], settings=SETTINGS, progress=False)
+    assert _hooks(lab.model) == before  # every generation, scoring and detection call removed its hooks
     return result, d
+
+
+def _hooks(model) -> dict:
+    return {n: (list(m._forward_hooks), list(m._forward_pre_hooks)) for n, m in model.named_modules()}
 
 
 def _rows(result, **match):
@@ -61,8 +67,8 @@ def test_the_factor_is_chosen_on_validation_and_reported_on_test(run):
     assert [r["factor"] for r in test] == [chosen, chosen] and all(r["selected"] for r in test)
     assert {r["instruction"] for r in test} == set(SPLIT.test_instructions)  # never the validation ones
     for r in result.rows:
-        assert r["hm"] == pytest.approx(harmonic_mean(r["concept"], r["relevance"], r["fluency"]))
-        assert 0.0 <= r["concept"] <= 1 and 0.0 <= r["relevance"] <= 1 and 0.0 <= r["fluency"] <= 1
+        assert r["hm"] == pytest.approx(harmonic_mean(r["concept_score"], r["relevance"], r["fluency"]))
+        assert r["concept"] == "french" and 0.0 <= r["concept_score"] <= 1 and 0.0 <= r["relevance"] <= 1 and 0.0 <= r["fluency"] <= 1
 
 
 def test_factor_zero_generates_the_unsteered_text_and_a_factor_changes_it(run):
@@ -116,6 +122,7 @@ def test_a_judge_below_the_floor_drops_the_concept(labs):
 
 def test_bad_input_and_a_clean_model_after(labs):
     lab, emb = labs
+    before = _hooks(lab.model)
     with pytest.raises(sl.ConfigError, match="positions"):
         Contender.interventions(lab, "x", lambda f: [], (1.0,), positions="everywhere")
     with pytest.raises(sl.ConfigError, match="factors"):
@@ -123,7 +130,7 @@ def test_bad_input_and_a_clean_model_after(labs):
     c = Contender.custom("dup", lambda xs, s: xs)
     with pytest.raises(sl.ConfigError, match="repeat"):
         evaluate(lab, "french", SPLIT, [c, c], LanguageJudge("fr"), embedder=emb, settings=SETTINGS, progress=False)
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in lab.model.modules())
+    assert _hooks(lab.model) == before
     ids = lab.tokenizer(["Hello there"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(lab.model(input_ids=ids).logits, lab.run(ids).logits)
