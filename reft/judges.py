@@ -325,7 +325,8 @@ def topic_judge(embedder: Lab, *, n_train: int = 1500, n_check: int = 300) -> tu
     texts, labels = _balanced(m_train, o_train, n_train, 0)
     key = {"name": "topic-movies", "data": "vader snippets movies vs amazon+nyt+tweets, half 0", "n": len(texts)}
     judge = ProbeJudge.cached(embedder, site, key, lambda: ProbeJudge.train(embedder, site, texts, labels, name="minilm-probe:movies"))
-    amazon_test = [t for t in o_test if t in set(_short([t for _, t in snippets("amazon")]))]
+    amazon = set(_short([t for _, t in snippets("amazon")]))
+    amazon_test = [t for t in o_test if t in amazon]
     checks = [judge.check(*_balanced(m_test, o_test, n_check, 1), "held-out film vs other snippets"),
               judge.check(*_balanced(m_test, amazon_test, n_check, 2), "held-out film vs product-review snippets")]
     return judge, checks
@@ -342,30 +343,37 @@ def shipped(name: str, *, lab: Lab, embedder: Lab) -> tuple[Judge, list[JudgeChe
     raise ConfigError(f"unknown judge {name!r}; shipped: 'sentiment', 'language:fr', 'topic:movies'")
 
 
-#: the SmolLM2 layer whose mean-pooled activations the sentiment probe reads
-SENTIMENT_LAYER = 20
+#: where the sentiment probe reads SmolLM2: the last token of this template, at this layer
+SENTIMENT_LAYER, SENTIMENT_TEMPLATE = 28, "Review: {text}\nSentiment:"
 
 
-def sentiment_judge(lab: Lab, *, layer: int = SENTIMENT_LAYER, n_check: int = 300) -> tuple[Judge, list[JudgeCheck]]:
-    """Positive sentiment: a probe on ``lab``'s mean-pooled activations at ``layer``, trained on half of
-    Pang & Lee (2,000 sentences, cached in steerlab's format), ensembled with VADER; checked on the other
-    half and on strongly rated short snippets of other domains (tweets, product reviews)."""
+def sentiment_judge(lab: Lab, *, layer: int = SENTIMENT_LAYER, n_train: int = 800, n_check: int = 300) -> tuple[Judge, list[JudgeCheck]]:
+    """Positive sentiment: a probe on ``lab``'s last-token activation at ``layer`` with each text put in
+    :data:`SENTIMENT_TEMPLATE` (the model's own reading of the review at the answer position), trained on
+    ``n_train`` sentences of one half of Pang & Lee (cached in steerlab's format), ensembled with VADER;
+    checked on the other half and on strongly rated short snippets of other domains (tweets, product reviews).
+
+    Measured on SmolLM2 (600 held-out Pang & Lee sentences, 1,200 training): mean-pooled probes reach
+    0.74–0.79 at layers 12–28, last-token probes 0.80–0.82 at layers 16–28; VADER alone 0.63 and a
+    MiniLM mean-pooled probe 0.69.
+    """
     from steerlab.data import polarity, snippets
 
     data = polarity()
     pos = [t for t, y in zip(data.texts, data.labels) if y == 1]
     neg = [t for t, y in zip(data.texts, data.labels) if y == 0]
     p_train, p_test = _split_half(pos, 0)
-    n_train, n_test = _split_half(neg, 0)
+    n_train_, n_test = _split_half(neg, 0)
     site = f"blocks.{layer}.resid_post"
-    texts, labels = _balanced(p_train, n_train, 1000, 0)
-    key = {"name": f"sentiment-l{layer}", "data": "pang&lee half 0", "n": len(texts)}
-    probe = ProbeJudge.cached(lab, site, key, lambda: ProbeJudge.train(lab, site, texts, labels, name=f"smollm-probe:l{layer}", weight_decay=1e-2))
+    texts, labels = _balanced(p_train, n_train_, n_train // 2, 0)
+    key = {"name": f"sentiment-last-l{layer}", "data": "pang&lee half 0", "n": len(texts), "template": SENTIMENT_TEMPLATE}
+    probe = ProbeJudge.cached(lab, site, key, lambda: ProbeJudge.train(
+        lab, site, texts, labels, name=f"smollm-probe:l{layer}", weight_decay=0.1, pooling="last", template=SENTIMENT_TEMPLATE))
     judge = EnsembleJudge([probe, VaderJudge()], name=f"{probe.name}+vader")
-    checks = [judge.check(*_balanced(p_test, n_test, n_check, 1), "held-out Pang & Lee sentences")]
+    checks = [judge.check(*_balanced(p_test, n_test, n_check // 2, 1), "held-out Pang & Lee sentences")]
     for domain, label in (("tweets", "tweets"), ("amazon", "product-review snippets")):
         rated = snippets(domain)
         strong_pos = _short([t for r, t in rated if r >= 1.5])
         strong_neg = _short([t for r, t in rated if r <= -1.5])
-        checks.append(judge.check(*_balanced(strong_pos, strong_neg, n_check // 2, 2), f"{label} rated |r| >= 1.5"))
+        checks.append(judge.check(*_balanced(strong_pos, strong_neg, n_check // 4, 2), f"{label} rated |r| >= 1.5"))
     return judge, checks

@@ -27,6 +27,7 @@ safely when two processes race; nothing is committed to the repository.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import random
 import re
@@ -148,6 +149,11 @@ def snippets(domain: str) -> list[tuple[float, str]]:
     """``(mean human rating in [-4, 4], text)`` for every snippet of ``domain`` (see :data:`SNIPPET_DOMAINS`)."""
     if domain not in SNIPPET_DOMAINS:
         raise DataError(f"snippets({domain!r}): expected one of {sorted(SNIPPET_DOMAINS)}")
+    return list(_snippets(domain))
+
+
+@functools.lru_cache(maxsize=None)
+def _snippets(domain: str) -> tuple[tuple[float, str], ...]:
     inner = _member(_VADER)
     member = f"hutto_ICWSM_2014/{SNIPPET_DOMAINS[domain]}"
     try:
@@ -166,7 +172,7 @@ def snippets(domain: str) -> list[tuple[float, str]]:
                 out.append((float(parts[1]), parts[2].strip()))
             except ValueError:
                 raise DataError(f"unexpected line in {member}: {line!r:.80}") from None
-    return out
+    return tuple(out)
 
 
 def prefetch() -> list[Path]:

@@ -41,14 +41,14 @@ def test_sentiment_judge_clears_the_floor_where_vader_alone_does_not(smollm):
     model, tok = smollm
     lab = sl.wrap(model, tok)
     try:
-        judge, checks = judges.sentiment_judge(lab, n_check=200)
+        judge, checks = judges.sentiment_judge(lab, n_check=300)
         for c in checks:
             print(c)
             assert c.accuracy >= JUDGE_FLOOR, str(c)
         data = polarity()
         pos = [t for t, y in zip(data.texts, data.labels) if y == 1]
         neg = [t for t, y in zip(data.texts, data.labels) if y == 0]
-        held = judges._balanced(judges._split_half(pos, 0)[1], judges._split_half(neg, 0)[1], 200, 1)
+        held = judges._balanced(judges._split_half(pos, 0)[1], judges._split_half(neg, 0)[1], 150, 1)
         vader = VaderJudge().check(*held, "held-out Pang & Lee sentences")
         print(vader)
         assert vader.accuracy < JUDGE_FLOOR < checks[0].accuracy  # why the ensemble exists

@@ -99,3 +99,30 @@ def test_reft_r1_edit_is_its_formula_and_exports_its_direction():
     assert d.metadata == {"method": "reft_r1", "norm": 3.0} and d.site == "blocks.1.resid_post"
     with pytest.raises(sl.ConfigError, match="rank 1"):
         ReFTr1("blocks.1.resid_post", rank=2)
+
+
+def test_reft_r1_trains_saves_and_reloads_exactly(tmp_path):
+    from steerlab import reft
+    from tests.archs import tiny_model
+
+    m = tiny_model("llama")
+    rm = reft.get_reft_model(m, reft.ReftConfig(layers=[1], rank=1, positions="f2+l2", intervention="reft_r1"))
+    ids = torch.randint(3, 90, (2, 7))
+    pos = reft.prompt_positions([7, 7], "f2+l2")
+    labels = ids.clone()
+    w0 = rm.interventions[0].weight.detach().clone()
+    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        rm(input_ids=ids, intervention_positions=pos, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(rm.interventions[0].weight, w0)  # the language-modelling loss reaches w
+    with torch.no_grad():
+        before = rm(input_ids=ids, intervention_positions=pos).logits
+    rm.save_pretrained(tmp_path / "r1")
+    rm.unwrap()
+    loaded = reft.ReftModel.from_pretrained(tmp_path / "r1", tiny_model("llama"))
+    assert loaded.interventions[0].topk == 8 and type(loaded.interventions[0]).__name__ == "ReFTr1"
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, intervention_positions=pos).logits, before)
+    loaded.unwrap()
