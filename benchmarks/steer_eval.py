@@ -67,8 +67,8 @@ def das_subspace(lab, layer: int):
 
     task = tasks.sentiment()
     train, test = task.datasets(lab, n_train=64, n_test=32)
-    das = DAS(lab, site=f"blocks.{layer}.resid_post", size=1, positions="{adjective}", epochs=2, batch_size=16, localist_samples=0)
-    return das.fit(train, test).subspaces["POLARITY"]
+    das = DAS(lab, site=f"blocks.{layer}.resid_post", size=1, positions="{adjective}", epochs=2, batch_size=16, localist_samples=8)
+    return das.fit(train, test).subspaces["POLARITY"]  # its own positions are overridden by the steering recipes
 
 
 def main(argv=None) -> int:
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None)
-    p.add_argument("--das", action="store_true", help="add a DAS subspace (sentiment task, adjective position) for the sentiment concept")
+    p.add_argument("--das", action="store_true", help="for sentiment, add the DAS polarity subspace (adjective position) as an Add "
+                   "direction and as a LoReFT.from_subspace")
     p.add_argument("--tiny", action="store_true", help="the smoke setting: one concept, few methods, tiny generations")
     p.add_argument("--out", help="save the result here (SteerEvalResult.load reads it)")
     p.add_argument("--report", help="write an HTML report")
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     das = None
     if args.das:
         das = {"sentiment": das_subspace(lab, args.layer)}
-        methods.append("das")
+        methods += ["das", "loreft_das"]
     result = compare(lab, concepts=args.concepts.split(","), methods=methods, seeds=[int(s) for s in args.seeds.split(",")],
                      recipe=recipe, embedder=embedder, das=das, log=lambda line: print(line, flush=True))
     print("\n" + result.table())

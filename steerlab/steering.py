@@ -25,6 +25,7 @@ on the base layer (or, for prompting and LoRA, a way to generate):
 ``loreft``    ``LoReFT`` (rank 4, prompt positions ``f5+l5``) trained with ``reft.train``
 ``lora``      LoRA (peft, rank 4 on q/v of every layer) trained on the same data
 ``das``       ``Add`` along a DAS ``Subspace`` (its first direction) given by the caller
+``loreft_das``  ``LoReFT.from_subspace`` of that DAS ``Subspace`` (``R`` frozen to its basis), trained
 ============  =================================================================
 
 Directions, ReFT-r1 and the DAS subspace get a factor sweep (chosen on
@@ -82,9 +83,9 @@ class Recipe:
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:
-    bad = [m for m in methods if m not in METHODS and m != "das"]
+    bad = [m for m in methods if m not in METHODS and m not in ("das", "loreft_das")]
     if bad or not methods:
-        raise ConfigError(f"methods={list(methods)!r}: expected some of {list(METHODS)} (and 'das' with a subspace)")
+        raise ConfigError(f"methods={list(methods)!r}: expected some of {list(METHODS)} (and 'das', 'loreft_das' with a DAS subspace)")
     return list(dict.fromkeys(methods))
 
 
@@ -108,14 +109,18 @@ def _reft_model(lab: Lab, ivs):
     return ReftModel(lab.model, ivs, tokenizer=lab.tokenizer)
 
 
-def _train_reft(lab: Lab, kind: str, split, recipe: Recipe, seed: int):
-    """A trained ReftModel (``loreft`` or ``reft_r1``), disabled, and its training seconds."""
+def _train_reft(lab: Lab, kind: str, split, recipe: Recipe, seed: int, das: Subspace | None = None):
+    """A trained ReftModel (``loreft``, ``reft_r1``, or ``loreft_das``: R frozen to the DAS basis), disabled,
+    and its training seconds."""
     from steerlab.reft import LoReFT, ReFTr1, train
 
     torch.manual_seed(seed)
     site = f"blocks.{recipe.layer}.resid_post"
     spec = "f5+l5"
-    iv = LoReFT(site, rank=recipe.rank, positions=spec) if kind == "loreft" else ReFTr1(site, positions=spec)
+    if kind == "loreft_das":
+        iv = LoReFT.from_subspace(das, positions=spec)
+    else:
+        iv = LoReFT(site, rank=recipe.rank, positions=spec) if kind == "loreft" else ReFTr1(site, positions=spec)
     rm = _reft_model(lab, [iv])
     t0 = time.perf_counter()
     try:
@@ -223,11 +228,13 @@ def contenders(lab: Lab, concept, split, methods: Sequence[str], recipe: Recipe,
             basis = das.basis[:1]
             d = Subspace(basis, das.site, metadata={**das.metadata, "method": "das", "norm": _typical_norm(lab, das.site, split.train_positives[:16])})
             out.append(Contender.direction(lab, "das", _oriented(lab, d, split), recipe.factors, positions=recipe.positions, seed=s))
-        elif m in ("loreft", "reft_r1"):
-            rm, secs = _train_reft(lab, m, split, recipe, seed)
+        elif m in ("loreft", "reft_r1", "loreft_das"):
+            if m == "loreft_das" and das is None:
+                raise ConfigError("method 'loreft_das' needs a DAS Subspace: compare(..., das={concept: subspace})")
+            rm, secs = _train_reft(lab, m, split, recipe, seed, das)
             cleanups.append(rm.unwrap)
-            if m == "loreft":
-                out.append(Contender.reft("loreft", rm, decode=False, seed=s, train_seconds=secs))
+            if m in ("loreft", "loreft_das"):
+                out.append(Contender.reft(m, rm, decode=False, seed=s, train_seconds=secs))
             else:
                 norm = _typical_norm(lab, site, split.train_positives[:16])
                 d = rm.interventions[0].direction(norm=norm)

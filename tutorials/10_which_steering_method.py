@@ -104,15 +104,15 @@ result.plot("auroc")
 
 # %%
 cells = {c["method"]: c for c in result.cells()}
-print({m: round(c["concept"], 2) for m, c in cells.items()})
+print({m: round(c["concept_score"], 2) for m, c in cells.items()})
 auc = {d["method"]: d["auroc"] for d in result.detection}
 print(auc)
 
 # %%
 assert result.judge_accuracy("french") >= judges.JUDGE_FLOOR
-assert cells["prompt"]["concept"] > cells["none"]["concept"]
+assert cells["prompt"]["concept_score"] > cells["none"]["concept_score"]
 assert auc["diffmean"] > 0.9
-assert max(cells[m]["concept"] for m in ("diffmean", "probe", "caa", "actadd", "reft_r1")) > cells["none"]["concept"]
+assert max(cells[m]["concept_score"] for m in ("diffmean", "probe", "caa", "actadd", "reft_r1")) > cells["none"]["concept_score"]
 
 # %% [markdown]
 # ## 5. Keep what won
