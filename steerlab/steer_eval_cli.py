@@ -102,8 +102,15 @@ def run(args: argparse.Namespace) -> int:
     from steerlab.steering import Recipe, compare
     from steerlab.cli import _load_lab
 
+    from steerlab.reft.concepts import BUILDERS
+    from steerlab.steering import check_methods
+
     model, cfg = _settings(args)
     recipe = Recipe(**{k: cfg[k] for k in _RECIPE_KEYS if k in cfg})
+    check_methods(cfg.get("methods", ["prompt"]))  # before any model loads
+    unknown = [c for c in cfg.get("concepts", []) if c not in BUILDERS]
+    if unknown:
+        raise ConfigError(f"concepts {unknown}: the shipped concepts are {sorted(BUILDERS)}")
     args.model = model
     args.dtype, args.device = getattr(args, "dtype", "float32"), getattr(args, "device", None)
     lab = _load_lab(args)

@@ -47,7 +47,7 @@ import torch
 from steerlab.interventions import Lab, Subspace
 from steerlab.interventions.errors import ConfigError
 
-__all__ = ["METHODS", "DEFAULT_FACTORS", "Recipe", "compare", "contenders", "build_judge"]
+__all__ = ["METHODS", "DEFAULT_FACTORS", "Recipe", "compare", "contenders", "build_judge", "check_methods"]
 
 METHODS = ("prompt", "diffmean", "pca", "probe", "caa", "actadd", "reft_r1", "loreft", "lora")
 TRAINED = ("reft_r1", "loreft", "lora")
@@ -82,7 +82,8 @@ class Recipe:
         self.factors = tuple(float(f) for f in self.factors)
 
 
-def _check_methods(methods: Sequence[str]) -> list[str]:
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """The methods, deduplicated; an unknown name raises ``ConfigError`` naming the known ones."""
     bad = [m for m in methods if m not in METHODS and m not in ("das", "loreft_das")]
     if bad or not methods:
         raise ConfigError(f"methods={list(methods)!r}: expected some of {list(METHODS)} (and 'das', 'loreft_das' with a DAS subspace)")
@@ -211,7 +212,7 @@ def contenders(lab: Lab, concept, split, methods: Sequence[str], recipe: Recipe,
 
     site = f"blocks.{recipe.layer}.resid_post"
     out, cleanups = [], []
-    for m in _check_methods(methods):
+    for m in check_methods(methods):
         again = seed != 0 and m in ("prompt", "diffmean", "probe", "caa", "actadd")
         if again or (m == "das" and seed != 0):
             continue
@@ -282,7 +283,7 @@ def compare(
     if recipe is not None and recipe_kwargs:
         raise ConfigError(f"give either recipe= or its fields ({sorted(recipe_kwargs)}), not both")
     recipe = recipe or Recipe(**recipe_kwargs)
-    methods = _check_methods(methods)
+    methods = check_methods(methods)
     concept_objs = [shipped_concept(c) if isinstance(c, str) else c for c in concepts]
     lab = model if isinstance(model, Lab) else sl.wrap(*sl.load(model))
     if lab.tokenizer.pad_token is None:
