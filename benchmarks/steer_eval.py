@@ -71,6 +71,19 @@ def das_subspace(lab, layer: int):
     return das.fit(train, test).subspaces["POLARITY"]  # its own positions are overridden by the steering recipes
 
 
+def report(result, wall: float) -> None:
+    """The table, the Markdown table, the judges, every AUROC, the wall time and its split."""
+    print("\n" + result.table())
+    print("\n" + result.markdown())
+    for c, checks in result.judges.items():
+        print(f"judge for {c}: " + "; ".join(f"{k['data']}: {k['accuracy']:.3f} ({k['correct']}/{k['n']})" for k in checks))
+    for d in sorted(result.detection, key=lambda d: (d["concept"], d["method"], d["seed"] or 0)):
+        print(f"AUROC {d['concept']:<10} {d['method']:<9} seed {d['seed']}: {d['auroc']:.3f}")
+    split = result.time_split()
+    print(f"\nwall {wall:.0f} s (evaluation {result.info['wall_s']:.0f} s): generation {split['generation_s']:.0f} s, "
+          f"judging {split['judging_s']:.0f} s, training and direction finding {split['training_s']:.0f} s")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concepts", default="sentiment,french,movies")
@@ -110,16 +123,7 @@ def main(argv=None) -> int:
         methods += ["das", "loreft_das"]
     result = compare(lab, concepts=args.concepts.split(","), methods=methods, seeds=[int(s) for s in args.seeds.split(",")],
                      recipe=recipe, embedder=embedder, das=das, log=lambda line: print(line, flush=True))
-    print("\n" + result.table())
-    print("\n" + result.markdown())
-    for c, checks in result.judges.items():
-        print(f"judge for {c}: " + "; ".join(f"{k['data']}: {k['accuracy']:.3f} ({k['correct']}/{k['n']})" for k in checks))
-    for d in sorted(result.detection, key=lambda d: (d["concept"], d["method"], d["seed"] or 0)):
-        print(f"AUROC {d['concept']:<10} {d['method']:<9} seed {d['seed']}: {d['auroc']:.3f}")
-    split = result.time_split()
-    wall = time.perf_counter() - t0
-    print(f"\nwall {wall:.0f} s (evaluation {result.info['wall_s']:.0f} s): generation {split['generation_s']:.0f} s, "
-          f"judging {split['judging_s']:.0f} s, training and direction finding {split['training_s']:.0f} s")
+    report(result, time.perf_counter() - t0)
     from steerlab.alignment import directions
 
     d = directions.diff_mean(lab, f"blocks.{args.layer}.resid_post", ["Love and joy."] * 2, ["Hate and anger."] * 2)

@@ -239,52 +239,62 @@ def evaluate(
         return result
     scorer = _Scorer(lab, embedder, judge)
     bar = _progress(progress, sum(len(c.factors) if len(c.factors) > 1 else 0 for c in contenders) + len(contenders) + 2, concept)
-    gen_seconds = 0.0
-    base = Contender.unsteered(lab)
-    refs = {}
-    for split_name, xs in (("val", split.val_instructions), ("test", split.test_instructions)):
-        prior = [r for r in result.rows if r["concept"] == concept and r["method"] == "none" and r["split"] == split_name]
-        if prior and [r["instruction"] for r in prior] == list(xs):  # an earlier seed's unsteered run
-            refs[split_name] = _geomean([r["perplexity"] for r in prior])
-            bar.update(1)
-            continue
-        t0 = time.perf_counter()
-        out = base.generate(xs, 0.0, settings)
-        gen_seconds += time.perf_counter() - t0
-        scores = scorer.score(xs, out, None)
-        refs[split_name] = _geomean(scores["perplexity"])
-        result.add_rows(concept, "none", None, split_name, 0.0, xs, out, scores, selected=split_name == "test")
-        bar.update(1)
+    run = _Run(concept, split, settings, scorer, result, bar)
+    run.reference(Contender.unsteered(lab))
     for c in contenders:
+        run.contender(lab, c)
+    bar.close()
+    result.timings.append({"concept": concept, "method": "*", "seed": None, "generation_s": run.gen_seconds, "judging_s": scorer.seconds})
+    return result
+
+
+@dataclass
+class _Run:
+    """One concept's evaluation in progress: generate, score, record; time the generations."""
+
+    concept: str
+    split: ConceptSplit
+    settings: GenerationSettings
+    scorer: _Scorer
+    result: SteerEvalResult
+    bar: Any
+    gen_seconds: float = 0.0
+    refs: dict[str, float] = field(default_factory=dict)
+
+    def _scored(self, c: Contender, xs: list[str], factor: float, split: str, ref: float | None) -> dict[str, list[float]]:
+        t0 = time.perf_counter()
+        out = c.generate(xs, factor, self.settings)
+        self.gen_seconds += time.perf_counter() - t0
+        scores = self.scorer.score(xs, out, ref)
+        self.result.add_rows(self.concept, c.name, c.seed, split, factor, xs, out, scores, selected=split == "test")
+        self.bar.update(1)
+        return scores
+
+    def reference(self, base: Contender) -> None:
+        """The unsteered model on validation and test (an earlier seed's run is reused): the reference perplexities."""
+        for split_name, xs in (("val", self.split.val_instructions), ("test", self.split.test_instructions)):
+            prior = [r for r in self.result.rows if r["concept"] == self.concept and r["method"] == "none" and r["split"] == split_name]
+            if prior and [r["instruction"] for r in prior] == list(xs):
+                self.refs[split_name] = _geomean([r["perplexity"] for r in prior])
+                self.bar.update(1)
+                continue
+            self.refs[split_name] = _geomean(self._scored(base, list(xs), 0.0, split_name, None)["perplexity"])
+
+    def contender(self, lab: Lab, c: Contender) -> None:
+        """The factor with the best mean harmonic mean on validation (ties: the smaller), then test; detection."""
         best = c.factors[0]
         if len(c.factors) > 1:
-            means = []
-            for f in c.factors:
-                t0 = time.perf_counter()
-                out = c.generate(split.val_instructions, f, settings)
-                gen_seconds += time.perf_counter() - t0
-                scores = scorer.score(split.val_instructions, out, refs["val"])
-                result.add_rows(concept, c.name, c.seed, "val", f, split.val_instructions, out, scores)
-                means.append(_mean(scores["hm"]))
-                bar.update(1)
+            means = [_mean(self._scored(c, self.split.val_instructions, f, "val", self.refs["val"])["hm"]) for f in c.factors]
             best = c.factors[max(range(len(means)), key=lambda i: (means[i], -i))]
-        t0 = time.perf_counter()
-        out = c.generate(split.test_instructions, best, settings)
-        gen_seconds += time.perf_counter() - t0
-        scores = scorer.score(split.test_instructions, out, refs["test"])
-        result.add_rows(concept, c.name, c.seed, "test", best, split.test_instructions, out, scores, selected=True)
+        self._scored(c, self.split.test_instructions, best, "test", self.refs["test"])
         if c.direction_ is not None:
             t0 = time.perf_counter()
-            pos = max_projection(lab, split.test_positives, c.direction_)
-            neg = max_projection(lab, split.test_negatives, c.direction_)
-            result.detection.append({"concept": concept, "method": c.name, "seed": c.seed, "auroc": auroc(pos, neg),
-                                     "n_pos": len(pos), "n_neg": len(neg)})
-            scorer.seconds += time.perf_counter() - t0
-        result.timings.append({"concept": concept, "method": c.name, "seed": c.seed, "train_s": c.train_seconds})
-        bar.update(1)
-    bar.close()
-    result.timings.append({"concept": concept, "method": "*", "seed": None, "generation_s": gen_seconds, "judging_s": scorer.seconds})
-    return result
+            pos = max_projection(lab, self.split.test_positives, c.direction_)
+            neg = max_projection(lab, self.split.test_negatives, c.direction_)
+            self.result.detection.append({"concept": self.concept, "method": c.name, "seed": c.seed, "auroc": auroc(pos, neg),
+                                          "n_pos": len(pos), "n_neg": len(neg)})
+            self.scorer.seconds += time.perf_counter() - t0
+        self.result.timings.append({"concept": self.concept, "method": c.name, "seed": c.seed, "train_s": c.train_seconds})
 
 
 class _NoBar:

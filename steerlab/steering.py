@@ -246,6 +246,30 @@ def contenders(lab: Lab, concept, split, methods: Sequence[str], recipe: Recipe,
     return out, cleanups
 
 
+def _one_concept(lab, embedder, c, methods, seeds, recipe, settings, result, das, progress, log) -> None:
+    """Judge (measured), then every seed's contenders, evaluated into ``result``."""
+    from steerlab.reft import evaluate
+
+    t0 = time.perf_counter()
+    judge, checks = build_judge(c.judge, lab, embedder)
+    result.timings.append({"concept": c.name, "method": "judge", "seed": None, "judging_s": time.perf_counter() - t0})
+    log(f"{c.name}: judge {judge.name}: " + "; ".join(f"{k.data} {k.accuracy:.3f}" for k in checks))
+    split = c.split(n_train=recipe.n_train, n_test=recipe.n_test_examples, n_val_instructions=recipe.n_val_instructions,
+                    n_test_instructions=recipe.n_test_instructions, seed=0)
+    for seed in seeds:
+        cs, cleanups = contenders(lab, c, split, methods, recipe, seed=seed, das=das)
+        try:
+            evaluate(lab, c.name, split, cs, judge, embedder=embedder, judge_checks=checks, settings=settings, progress=progress,
+                     result=result)
+        finally:
+            for clean in cleanups:
+                clean()
+        log(f"{c.name} seed {seed}: done ({time.perf_counter() - t0:.0f} s so far)")
+        if c.name in result.dropped:
+            log(f"{c.name}: dropped ({result.dropped[c.name]})")
+            return
+
+
 def _oriented(lab: Lab, d: Subspace, split) -> Subspace:
     """A DAS basis has no sign: point it toward the positives' side (their mean projection the larger)."""
     from steerlab.reft.steer_metrics import max_projection
@@ -277,7 +301,7 @@ def compare(
     ``max_new_tokens``, ...).
     """
     import steerlab as sl
-    from steerlab.reft import GenerationSettings, SteerEvalResult, evaluate
+    from steerlab.reft import GenerationSettings, SteerEvalResult
     from steerlab.reft.concepts import concept as shipped_concept
 
     if recipe is not None and recipe_kwargs:
@@ -297,23 +321,6 @@ def compare(
     settings = GenerationSettings(recipe.max_new_tokens, recipe.batch_size)
     t_all = time.perf_counter()
     for c in concept_objs:
-        t0 = time.perf_counter()
-        judge, checks = build_judge(c.judge, lab, embedder)
-        result.timings.append({"concept": c.name, "method": "judge", "seed": None, "judging_s": time.perf_counter() - t0})
-        log(f"{c.name}: judge {judge.name}: " + "; ".join(f"{k.data} {k.accuracy:.3f}" for k in checks))
-        for seed in seeds:
-            split = c.split(n_train=recipe.n_train, n_test=recipe.n_test_examples, n_val_instructions=recipe.n_val_instructions,
-                            n_test_instructions=recipe.n_test_instructions, seed=0)
-            cs, cleanups = contenders(lab, c, split, methods, recipe, seed=seed, das=(das or {}).get(c.name))
-            try:
-                evaluate(lab, c.name, split, cs, judge, embedder=embedder, judge_checks=checks, settings=settings, progress=progress,
-                         result=result)
-            finally:
-                for clean in cleanups:
-                    clean()
-            log(f"{c.name} seed {seed}: done ({time.perf_counter() - t0:.0f} s so far)")
-            if c.name in result.dropped:
-                log(f"{c.name}: dropped ({result.dropped[c.name]})")
-                break
+        _one_concept(lab, embedder, c, methods, seeds, recipe, settings, result, (das or {}).get(c.name), progress, log)
     result.info["wall_s"] = time.perf_counter() - t_all
     return result
