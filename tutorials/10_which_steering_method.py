@@ -19,9 +19,10 @@
 #   the table reports held-out test instructions.
 #
 # Full mode (the three shipped concepts, every method, three seeds) is `benchmarks/steer_eval.py`:
-# about an hour on 2 CPU cores. This notebook runs one concept and six methods, about 5 minutes on
-# 2 cores in full mode; with `STEERLAB_FAST=1` (the test suite sets it) fewer instructions and
-# shorter generations, about a minute.
+# about an hour on 2 CPU cores. This notebook runs one concept and six methods; with `STEERLAB_FAST=1`
+# (the test suite sets it) fewer instructions and shorter generations. Measured on the project's
+# 2-core machine under heavy shared load (about 14 runnable processes): fast mode 437 s; full mode
+# was not timed (it generates about four times as many tokens).
 
 # %%
 import os
