@@ -18,6 +18,10 @@ judge              what it is
                    saved in steerlab's file format (kind ``"judge"``)
 ``EnsembleJudge``  the mean of several judges' scores
 =================  ==========================================================
+
+The shipped concepts' judges (:func:`shipped`): sentiment — a last-token
+probe on SmolLM2 (:func:`sentiment_judge`); French — py3langid
+(:func:`language_judge`); films — a MiniLM probe (:func:`topic_judge`).
 """
 
 from __future__ import annotations
@@ -350,12 +354,14 @@ SENTIMENT_LAYER, SENTIMENT_TEMPLATE = 28, "Review: {text}\nSentiment:"
 def sentiment_judge(lab: Lab, *, layer: int = SENTIMENT_LAYER, n_train: int = 800, n_check: int = 300) -> tuple[Judge, list[JudgeCheck]]:
     """Positive sentiment: a probe on ``lab``'s last-token activation at ``layer`` with each text put in
     :data:`SENTIMENT_TEMPLATE` (the model's own reading of the review at the answer position), trained on
-    ``n_train`` sentences of one half of Pang & Lee (cached in steerlab's format), ensembled with VADER;
-    checked on the other half and on strongly rated short snippets of other domains (tweets, product reviews).
+    ``n_train`` sentences of one half of Pang & Lee (cached in steerlab's format); checked on the other
+    half and on strongly rated short snippets of other domains (tweets, product reviews).
 
     Measured on SmolLM2 (600 held-out Pang & Lee sentences, 1,200 training): mean-pooled probes reach
     0.74–0.79 at layers 12–28, last-token probes 0.80–0.82 at layers 16–28; VADER alone 0.63 and a
-    MiniLM mean-pooled probe 0.69.
+    MiniLM mean-pooled probe 0.69. This judge (800 training sentences) scores 0.823 on 300 held-out
+    Pang & Lee sentences, 0.860 on strongly rated tweets and 0.827 on product-review snippets; averaged
+    with VADER half and half it fell to 0.767 on Pang & Lee (0.947 on tweets), so VADER is left out.
     """
     from steerlab.data import polarity, snippets
 
@@ -369,7 +375,7 @@ def sentiment_judge(lab: Lab, *, layer: int = SENTIMENT_LAYER, n_train: int = 80
     key = {"name": f"sentiment-last-l{layer}", "data": "pang&lee half 0", "n": len(texts), "template": SENTIMENT_TEMPLATE}
     probe = ProbeJudge.cached(lab, site, key, lambda: ProbeJudge.train(
         lab, site, texts, labels, name=f"smollm-probe:l{layer}", weight_decay=0.1, pooling="last", template=SENTIMENT_TEMPLATE))
-    judge = EnsembleJudge([probe, VaderJudge()], name=f"{probe.name}+vader")
+    judge = probe
     checks = [judge.check(*_balanced(p_test, n_test, n_check // 2, 1), "held-out Pang & Lee sentences")]
     for domain, label in (("tweets", "tweets"), ("amazon", "product-review snippets")):
         rated = snippets(domain)

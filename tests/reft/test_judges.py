@@ -38,6 +38,7 @@ def test_topic_judge_on_held_out_snippets(minilm):
 
 
 def test_sentiment_judge_clears_the_floor_where_vader_alone_does_not(smollm):
+    """The SmolLM2 last-token probe on held-out Pang & Lee and on strongly rated tweets and product reviews."""
     model, tok = smollm
     lab = sl.wrap(model, tok)
     try:
