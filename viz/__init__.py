@@ -12,6 +12,7 @@ from steerlab.viz.export import Pre, Section, find_browser, report, save, save_h
 from steerlab.viz.graph import run_graph
 from steerlab.viz.patching import patching_heatmap
 from steerlab.viz.reft import reft_training_curve, token_effects
+from steerlab.viz.steering import steer_auroc, steer_sweep, steer_table
 
 __all__ = [
     "iia_heatmap",
@@ -20,6 +21,9 @@ __all__ = [
     "patching_heatmap",
     "reft_training_curve",
     "token_effects",
+    "steer_table",
+    "steer_sweep",
+    "steer_auroc",
     "run_graph",
     "save",
     "save_html",
