@@ -196,8 +196,6 @@ def _plan(lab, base, source, sites, positions, heads, neurons, metric, qk_fix, g
         s = s.repeat(b.batch)
     rs = _sites(lab, sites)
     hs, ns = _units(lab, rs, heads, neurons)
-    if qk_fix and ns is not None and any(_kind(x) in ("attn.q", "attn.k") for x in rs):
-        raise UnitError("qk_fix recomputes attention per head; it has no per-neuron form: attribute attn.q/attn.k with heads= instead")
     if grad_drop and lab.map.layers_path is None:
         raise ConfigError("grad_drop drops each layer's gradient in turn; this model has no layer list")
     bi, si = b.mask_info(), s.mask_info()
