@@ -242,9 +242,14 @@ def _family(site: str) -> str:
 class Comparison:
     """An estimate against the exact sweep of the same cells.
 
-    ``spearman``/``pearson``: correlation of the effects over every cell;
-    ``overlap``: share of the estimate's ``k`` largest cells (by ``|effect|``)
-    among the exact ``k`` largest; :meth:`rows`: the same per site family.
+    ``spearman``/``pearson``: correlation of the effects over the compared
+    cells; ``overlap``: share of the estimate's ``k`` largest cells (by
+    ``|effect|``) among the exact ``k`` largest; :meth:`rows`: the same per
+    site family. Cells no patch changes (the source's activation equals the
+    base's, e.g. before the first differing token: the estimate is exactly 0
+    and the exact effect float noise) are left out of every figure
+    (``trivial`` counts them): they would inflate the agreement with ties both
+    sides get right for free.
     """
 
     estimate: AttributionResult
@@ -253,7 +258,9 @@ class Comparison:
     _rows: list[dict] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
-        est, ex = self.estimate.effect, self.exact.effect
+        est, ex = _nontrivial(self.estimate.effect, self.exact.effect)
+        self.trivial = int(_trivial(self.estimate.effect, self.exact.effect).sum())
+        self.cells = int((~ex.isnan()).sum())
         self.spearman = rank_correlation(est, ex)
         self.pearson = _pearson(*_finite(est, ex))
         self.overlap = _overlap(est, ex, self.k)
@@ -261,8 +268,8 @@ class Comparison:
         for i, s in enumerate(self.estimate.sites):
             fams.setdefault(_family(s), []).append(i)
         for fam, idx in fams.items():
-            e = self.estimate.per_example[idx].nanmean(-1) - self.estimate.base_value
-            x = self.exact.per_example[idx].nanmean(-1) - self.exact.base_value
+            e, x = _nontrivial(self.estimate.per_example[idx].nanmean(-1) - self.estimate.base_value,
+                               self.exact.per_example[idx].nanmean(-1) - self.exact.base_value)
             self._rows.append({
                 "family": fam + (" (heads)" if self.estimate.heads is not None and self.estimate.unit == "head" else ""),
                 "cells": int((~x.isnan()).sum()), "spearman": rank_correlation(e, x), "pearson": _pearson(*_finite(e, x)),
@@ -273,8 +280,9 @@ class Comparison:
         return list(self._rows)
 
     def table(self, digits: int = 3) -> str:
-        lines = [f"{self.estimate.method} vs exact patching ({self.estimate.metric}): Spearman {self.spearman:.{digits}f}, "
-                 f"Pearson {self.pearson:.{digits}f}, top-{self.k} overlap {self.overlap:.{digits}f}"]
+        lines = [f"{self.estimate.method} vs exact patching ({self.estimate.metric}), {self.cells} cells ({self.trivial} where both "
+                 f"are 0 left out): Spearman {self.spearman:.{digits}f}, Pearson {self.pearson:.{digits}f}, "
+                 f"top-{self.k} overlap {self.overlap:.{digits}f}"]
         w = max(len(r["family"]) for r in self._rows)
         lines.append(f"{'family':<{w}}  {'cells':>6}  {'spearman':>8}  {'pearson':>8}  {'top-k':>8}")
         lines += [f"{r['family']:<{w}}  {r['cells']:>6}  {r['spearman']:>8.{digits}f}  {r['pearson']:>8.{digits}f}  "
@@ -289,6 +297,19 @@ class Comparison:
         from steerlab.viz import attribution_comparison
 
         return attribution_comparison(self, **kwargs)
+
+
+def _trivial(est: Tensor, exact: Tensor) -> Tensor:
+    """Cells no patch changes: the estimate is exactly 0 (the source's activation equals the base's)
+    and the exact effect is float noise (a packed forward may round differently from the base's)."""
+    noise = 1e-5 * float(exact.nan_to_num(0.0).abs().max()) + 1e-7
+    return (est == 0) & (exact.abs() <= noise)
+
+
+def _nontrivial(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``a``, ``b`` with NaN at trivial cells."""
+    both = _trivial(a, b)
+    return a.masked_fill(both, math.nan), b.masked_fill(both, math.nan)
 
 
 def _finite(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:

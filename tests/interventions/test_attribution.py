@@ -15,6 +15,7 @@ import steerlab as sl
 from steerlab.interventions.errors import BatchMismatch, ConfigError, FileFormatError, ShapeMismatch, UnitError
 from tests.archs import ARCHS, ENCODERS, tiny_model
 from tests.interventions._helpers import hook_counts, hooks, real_index, replace_input, replace_output, wrapped
+from tests.reliability import CallType, Fault, Scenario, UserHooks, check_fault, fault_cases
 
 
 def padded(lengths: list[int], seq: int, side: str, seed: int) -> dict:
@@ -360,3 +361,44 @@ def test_bad_input_is_refused_before_compute_and_the_model_is_left_as_found():
     with torch.no_grad():
         assert torch.equal(out, model(**base).logits)
     assert not math.isnan(float(out.sum()))
+
+
+# -------------------------------------------------------------------------- faults (RELIABILITY rows 1-2, 15)
+def _call_attribution(sc: Scenario, f: Fault) -> torch.Tensor:
+    """AtP* over an in-place site and a residual site (GradDrop's extra backwards), the QK fix at keys, and
+    integrated gradients inside a subspace; the metric's backward is where the backward faults enter."""
+    source = f.source_inputs(sc, sc.source)
+
+    def metric(out, inputs):
+        return f.backward_wrap(METRIC(out, inputs))
+
+    a = sl.attribution_patching(sc.lab, sc.base, source, metric=metric, sites=[sc.site(0, "resid_mid"), sc.site(1, "resid_post")],
+                                positions=[0, -1], grad_drop=True)
+    b = sl.attribution_patching(sc.lab, sc.base, source, metric=metric, sites=sc.site(1, "attn.k"), heads="all", positions=[-1], qk_fix=True)
+    S = sl.Subspace(basis_rows(2, sc.width), sc.site(1, "resid_post"), positions=-1)
+    c = sl.integrated_gradients(sc.lab, sc.base, source, S, metric=metric, steps=2)
+    return torch.cat([a.per_example.flatten(), a.score.flatten(), b.per_example.flatten(), c.attributions.flatten()])
+
+
+def basis_rows(k: int, d: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(11)
+    return torch.linalg.qr(torch.randn(d, k, generator=g))[0].T.contiguous()
+
+
+ATTRIBUTION = CallType("attribution", _call_attribution, frozenset({"source", "backward"}))
+ATTRIBUTION_FAULTS = list({f.name: f for _, f in fault_cases(faults=None) if f.channel in ATTRIBUTION.channels | {"context"}
+                           and f.make_iv is None}.values())
+_SC: dict[str, tuple[Scenario, UserHooks]] = {}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("fault", ATTRIBUTION_FAULTS, ids=[f.name for f in ATTRIBUTION_FAULTS])
+def test_attribution_fault_leaves_model_as_found(arch, fault):
+    """A failing source, a failing backward, a user hook or the model raising mid-forward, an interrupt:
+    the model's hooks, flags and outputs are as before, the user's hooks still fire, and the next
+    call's numbers equal a clean call's exactly."""
+    if arch not in _SC:
+        sc = Scenario.of(tiny_model(arch))
+        _SC[arch] = (sc, UserHooks().install(sc.model, sc.lab.layers, [sc.lab.resolve(sc.site(1, "mlp.out")).module]))
+    sc, user = _SC[arch]
+    check_fault(sc, ATTRIBUTION, fault, user_hooks=user)

@@ -154,7 +154,7 @@ def test_direct_logit_attribution_adds_up_and_matches_by_hand():
     for h in range(4):
         c = z[:, h] @ o[:, h * 8 : (h + 1) * 8].T
         torch.testing.assert_close(dla.heads[2, h], ((u * g) * c / sigma).sum(-1), atol=1e-6, rtol=1e-4)
-    want = (W @ (g * S.basis[0] / sigma.mean()))
+    want = (W @ (g * S.basis[0] / sigma.mean())).detach()
     assert [t for t, _ in dirs.promoted[0]] == [str(int(i)) for i in want.topk(4).indices]
     assert dirs.promoted[0][0][1] == pytest.approx(float(want.max()), rel=1e-4)
     assert dirs.suppressed[0][0][1] == pytest.approx(float(want.min()), rel=1e-4)
