@@ -79,24 +79,44 @@ def _written(lab, subspace: Subspace) -> Float[Tensor, "k d"]:
     for h in heads or [0]:
         x[:, h * step : h * step + R.shape[1]] += R
     with torch.no_grad():
-        zero = site.module(torch.zeros(1, full, device=lab.device, dtype=lab.dtype)).float()
-        return site.module(x.to(lab.dtype)).float() - zero
+        zero = site.module.forward(torch.zeros(1, full, device=lab.device, dtype=lab.dtype)).float()
+        return site.module.forward(x.to(lab.dtype)).float() - zero
 
 
 @dataclass
 class DirectionLogits:
-    """Per basis direction: the ``k`` tokens it promotes and suppresses most, with their logits."""
+    """Per basis direction: the ``k`` tokens it promotes and suppresses most, with their logits;
+    ``logits`` (``[k_dir, vocab]``) holds every token's; ``metric_effects`` the direct effect of one
+    unit of each direction on a metric (when one was given)."""
 
     promoted: list[list[tuple[str, float]]]
     suppressed: list[list[tuple[str, float]]]
     site: str
     scale: float
+    logits: Float[Tensor, "k vocab"] | None = None
+    metric: str | None = None
+    metric_effects: list[float] | None = None
     subspace: dict = field(default_factory=dict)
+    tokenizer: object = field(default=None, repr=False)
+
+    def rank(self, token: str | int) -> list[int]:
+        """Where ``token`` ranks among each direction's logits (0 = promoted most)."""
+        if self.logits is None:
+            raise ConfigError("this result keeps no logits")
+        if isinstance(token, str):
+            if self.tokenizer is None:
+                raise ConfigError("a token string needs the tokenizer; pass its id")
+            ids = self.tokenizer.encode(token, add_special_tokens=False)
+            if len(ids) != 1:
+                raise ConfigError(f"{token!r} is {len(ids)} tokens; expected one")
+            token = ids[0]
+        return [int((row > row[token]).sum()) for row in self.logits]
 
     def table(self, digits: int = 2) -> str:
         out = [f"direct logit attribution of each direction at {self.site} (final-norm scale {self.scale:.3g})"]
         for i, (p, s) in enumerate(zip(self.promoted, self.suppressed, strict=True)):
-            out.append(f"direction {i}: promotes " + ", ".join(f"{t!r} {v:+.{digits}f}" for t, v in p))
+            extra = f"  [{self.metric}: {self.metric_effects[i]:+.{digits + 1}f} per unit]" if self.metric_effects else ""
+            out.append(f"direction {i}: promotes " + ", ".join(f"{t!r} {v:+.{digits}f}" for t, v in p) + extra)
             out.append(" " * (len(str(i)) + 11) + "suppresses " + ", ".join(f"{t!r} {v:+.{digits}f}" for t, v in s))
         return "\n".join(out)
 
@@ -110,32 +130,54 @@ class DirectionLogits:
         return direction_tokens(self, **kwargs)
 
 
-def direction_logits(lab, subspace: Subspace, *, inputs=None, position: int = -1, k: int = 10) -> DirectionLogits:
+def direction_logits(lab, subspace: Subspace, *, inputs=None, position: int = -1, k: int = 10, metric=None) -> DirectionLogits:
     """The tokens each basis direction of ``subspace`` promotes and suppresses, directly.
 
     With ``inputs``, the final norm's scale is that of their last layer at real-token
     ``position`` (mean over examples), so values are logits per unit of the direction in that
-    run; without, the scale is 1.
+    run; without, the scale is 1. With ``metric`` (and ``inputs``), also each direction's direct
+    effect on it: ``∂metric/∂logits · W_U (γ ⊙ c(w)/σ)`` at that position.
     """
     if not isinstance(subspace, Subspace):
         raise ConfigError(f"expected a Subspace; got {type(subspace).__name__}")
+    if metric is not None and inputs is None:
+        raise ConfigError("metric= needs inputs= (the run whose gradient on the logits weighs each token)")
     read = ReadOut(lab)
     w = _written(lab, subspace)
-    sigma = 1.0
+    sigma = torch.ones(1, 1, device=w.device)
+    effects = None
     if inputs is not None:
         inp = Inputs.of(inputs, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
         last = f"blocks.{lab.n_layers - 1}.resid_post"
-        h = lab.collect(inp, last, positions=position)[lab.resolve(last).name][:, 0]
-        sigma = float(read.scale(h).mean())
+        with torch.no_grad():
+            res = lab.run(inp, [Collect(last, positions=position)], **lab.no_cache)
+        sigma = read.scale(res.cache[lab.resolve(last).name][:, 0].float()).mean().view(1, 1)
+        if metric is not None:
+            u = _metric_pullback(lab, read, inp, res.logits, metric, position).mean(0)  # [d]
+            with torch.no_grad():
+                effects = [float(x) for x in (read.frozen(w, sigma) * u).sum(-1)]
     with torch.no_grad():
-        logits = read.unembed(read.frozen(w, torch.tensor(sigma, device=w.device)))  # [k, vocab]
+        logits = read.unembed(read.frozen(w, sigma))  # [k, vocab]
     dec = (lambda t: lab.tokenizer.decode([t])) if lab.tokenizer is not None else str
     kk = min(k, logits.shape[-1])
     top, bottom = logits.topk(kk, dim=-1), logits.topk(kk, dim=-1, largest=False)
     promoted = [[(dec(int(t)), float(v)) for t, v in zip(ti, tv, strict=True)] for ti, tv in zip(top.indices, top.values, strict=True)]
     suppressed = [[(dec(int(t)), float(v)) for t, v in zip(ti, tv, strict=True)] for ti, tv in zip(bottom.indices, bottom.values, strict=True)]
     meta = {"size": subspace.size, **{a: b for a, b in subspace.metadata.items() if isinstance(b, (str, int, float))}}
-    return DirectionLogits(promoted, suppressed, lab.resolve(subspace.site).name, sigma, meta)
+    name = None if metric is None else as_metric(metric).name
+    return DirectionLogits(promoted, suppressed, lab.resolve(subspace.site).name, float(sigma), logits.cpu(), name, effects, meta, lab.tokenizer)
+
+
+def _metric_pullback(lab, read: ReadOut, inp: Inputs, logits: Tensor, metric, position: int) -> Float[Tensor, "batch d"]:
+    """``W_Uᵀ ∂metric/∂logits`` at real-token ``position``, per example."""
+    m = as_metric(metric)
+    m = m.bind(lab) if m.tokenizer is None else m
+    z = logits.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        value = check_metric(m(z, inp), inp.batch, m.name)
+        (g,) = torch.autograd.grad(value.sum(), z)
+    rows = Positions(position).resolve(inp.mask_info())[:, 0]
+    return read.pullback(g[torch.arange(inp.batch, device=g.device), rows])
 
 
 @dataclass
@@ -201,13 +243,8 @@ def head_logit_attribution(lab, inputs, *, metric, position: int = -1) -> HeadLo
     ivs = [Collect(s.name, positions=position) for s in z_sites] + [Collect(s, positions=position) for s in [*mlp_sites, last, "embed"]]
     with torch.no_grad():
         res = lab.run(inp, ivs, **lab.no_cache)
-    logits = res.logits.detach().float().requires_grad_(True)
-    with torch.enable_grad():
-        value = check_metric(m(logits, inp), inp.batch, m.name)
-        (g,) = torch.autograd.grad(value.sum(), logits)
-    rows = Positions(position).resolve(info)[:, 0]
-    g_p = g[torch.arange(inp.batch, device=g.device), rows]  # [b, vocab]
-    u = read.pullback(g_p)  # [b, d]
+    u = _metric_pullback(lab, read, inp, res.logits, m, position)  # [b, d]
+    value = check_metric(m(res.logits, inp), inp.batch, m.name)
     sigma = read.scale(res.cache[last][:, 0].float())  # [b, 1]
     direct = lambda x: (u * read.frozen(x, sigma)).sum(-1)  # noqa: E731  [b, ...d] -> [b, ...]
     heads = []
@@ -217,7 +254,7 @@ def head_logit_attribution(lab, inputs, *, metric, position: int = -1) -> HeadLo
             H = z.shape[1]
             eye = torch.eye(H, device=z.device)[None, :, :, None]  # [1, head(masked), head, 1]
             parts = (z[:, None] * eye).flatten(2)  # [b, head, head*d_head]: one head's output at a time
-            out = s.module(parts.to(lab.dtype)).float() - s.module(torch.zeros_like(parts[:, :1]).to(lab.dtype)).float()
+            out = s.module.forward(parts.to(lab.dtype)).float() - s.module.forward(torch.zeros_like(parts[:, :1]).to(lab.dtype)).float()
             heads.append((u[:, None] * read.frozen(out, sigma[:, None])).sum(-1))  # [b, head]
         mlp = torch.stack([direct(res.cache[lab.resolve(x).name][:, 0]) for x in mlp_sites])
         embed = direct(res.cache[lab.resolve("embed").name][:, 0])

@@ -55,7 +55,7 @@ class ReadOut:
             if self.norm is None:
                 self.gain, self.bias, self.centres = torch.ones(self.d, device=dev), torch.zeros(self.d, device=dev), False
             else:
-                n = lambda x: self.norm(x.to(self.dtype)[None, None])[0, 0].float()  # noqa: E731
+                n = lambda x: self.norm.forward(x.to(self.dtype)[None, None])[0, 0].float()  # noqa: E731
                 plus, minus = n(u), n(-u)
                 shifted = n(u + 5.0)
                 self.centres = bool(torch.allclose(shifted, plus, atol=1e-3 * float(plus.abs().max()) + 1e-6))
@@ -63,7 +63,7 @@ class ReadOut:
                 self.gain = (plus - minus) / 2 / uc
                 self.bias = (plus + minus) / 2
             zero = torch.zeros(1, 1, self.d, device=dev, dtype=self.dtype)
-            self.head_bias = self.head(zero)[0, 0].float()
+            self.head_bias = self.head.forward(zero)[0, 0].float()
 
     def centre(self, x: Tensor) -> Tensor:
         return x - x.mean(-1, keepdim=True) if self.centres else x
@@ -72,15 +72,15 @@ class ReadOut:
         """``W_U · norm(h)``: the model's own read-out."""
         x = h.to(self.dtype)
         if self.norm is not None:
-            x = self.norm(x)
-        return self.head(x).float()
+            x = self.norm.forward(x)
+        return self.head.forward(x).float()
 
     def scale(self, h: Float[Tensor, "*b d"]) -> Float[Tensor, "*b 1"]:
         """``σ(h)`` such that ``norm(h) = γ ⊙ c(h)/σ + β`` (least squares; checked)."""
         if self.norm is None:
             return torch.ones(*h.shape[:-1], 1, device=h.device)
         with torch.no_grad():
-            n = self.norm(h.to(self.dtype)).float() - self.bias
+            n = self.norm.forward(h.to(self.dtype)).float() - self.bias
         a = self.gain * self.centre(h.float())
         sigma = (a * a).sum(-1, keepdim=True) / (a * n).sum(-1, keepdim=True).clamp_min(1e-30)
         err = (a / sigma - n).norm(dim=-1).max().item() if n.numel() else 0.0
@@ -97,13 +97,13 @@ class ReadOut:
 
     def unembed(self, x: Float[Tensor, "*b d"]) -> Float[Tensor, "*b vocab"]:
         """``W_U x`` without the head's bias."""
-        return self.head(x.to(self.dtype)).float() - self.head_bias
+        return self.head.forward(x.to(self.dtype)).float() - self.head_bias
 
     def pullback(self, g: Float[Tensor, "*b vocab"]) -> Float[Tensor, "*b d"]:
         """``W_Uᵀ g``: a gradient on the logits as a vector of the norm's output space."""
         x = torch.zeros(*g.shape[:-1], self.d, device=g.device, dtype=torch.float32, requires_grad=True)
         with torch.enable_grad():
-            (u,) = torch.autograd.grad((self.head(x.to(self.dtype)).float() * g).sum(), x)
+            (u,) = torch.autograd.grad((self.head.forward(x.to(self.dtype)).float() * g).sum(), x)
         return u
 
 
