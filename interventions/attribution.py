@@ -44,7 +44,7 @@ from torch import Tensor
 
 from steerlab.interventions.attention_pattern import AttentionGeometry
 from steerlab.interventions.attribution_result import AttributionResult
-from steerlab.interventions.errors import BatchMismatch, ConfigError, ShapeMismatch, UnitError
+from steerlab.interventions.errors import BatchMismatch, ConfigError, ShapeMismatch, SiteNotFound, UnitError
 from steerlab.interventions.gradients import Taps, check_metric, logit_window, metric_inputs
 from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.metrics import Metric, as_metric
@@ -262,7 +262,7 @@ class _Attention:
     v: Tensor
 
 
-def _attention(lab, plan: _Plan, layer: int, values: dict, z_grad: Tensor) -> _Attention:
+def _attention(lab, plan: _Plan, layer: int, values: dict) -> _Attention:
     names = {k: f"blocks.{layer}.attn.{k}" for k in "qkvz"}
     geo = AttentionGeometry.of(lab, layer, plan.base)
     q_rot, k_rot = geo.rotate(values[names["q"]]), geo.rotate(values[names["k"]])
@@ -311,7 +311,7 @@ def _gates(lab, state: dict) -> list:
             name = f"blocks.{layer}.{kind}"
             try:
                 lab.resolve(name)
-            except Exception:  # a family without the site (none of the supported ones) keeps its gradient
+            except SiteNotFound:  # a family without the site (none of the supported ones) keeps its gradient
                 continue
             out.append(Lambda(name, lambda h, _l=layer: _DropGrad.apply(h, state, _l)))
     return out
@@ -360,7 +360,7 @@ def _run(lab, plan: _Plan, progress: bool):
         value = check_metric(plan.metric(res.output, metric_inputs(plan.base, window)), plan.base_info.batch, plan.metric.name)
         total = value.float().sum()
         grads = taps.grad(total, retain_graph=plan.grad_drop)
-        atts = {layer: _attention(lab, plan, layer, taps.values, grads[f"blocks.{layer}.attn.z"]) for layer in qk_layers}
+        atts = {layer: _attention(lab, plan, layer, taps.values) for layer in qk_layers}
         est = _estimates(lab, plan, taps.values, grads, source, atts, rows)
         score = None
         if plan.grad_drop:

@@ -134,16 +134,22 @@ class AttributionResult(SweepResult):
 
     def top(self, k: int = 5, *, normalised: bool = False) -> list[tuple[str, str, float]]:
         """The ``k`` highest-ranked cells: ``(site, column, estimated effect)``."""
-        cols = self._column_names()
         est = self.per_example.nanmean(-1) - self.base_value
         gap = self.source_value - self.base_value
-        n_units = est.shape[2]
         out = []
         for i, j, u in self.top_cells(k):
             v = float(est[i, j, u])
-            col = cols[j * n_units + u] if len(cols) == est.shape[1] * n_units else cols[j if self.heads is None else u]
-            out.append((self.sites[i], col, v / gap if normalised and gap else v))
+            out.append((self.sites[i], self._cell_column(j, u), v / gap if normalised and gap else v))
         return out
+
+    @property
+    def cell_names(self) -> list[str]:
+        """One name per column of the flattened grid (slot-major: ``"3:' Italy'"``, ``"h4"``, ``"' is' h4"``)."""
+        return self._column_names()
+
+    def _cell_column(self, slot: int, unit: int) -> str:
+        """The column name of cell ``(slot, unit)`` (as ``_column_names`` lists them, slot-major)."""
+        return self._column_names()[slot * self.per_example.shape[2] + unit]
 
     def refined(self) -> list[dict]:
         """One row per exactly patched cell: site, column, estimated and exact effect."""
@@ -151,12 +157,9 @@ class AttributionResult(SweepResult):
             return []
         est = self.per_example.nanmean(-1) - self.base_value
         ex = self.exact.nanmean(-1) - self.base_value
-        cols = self._column_names()
-        n_units = est.shape[2]
         rows = []
         for i, j, u in torch.nonzero(~ex.isnan()).tolist():
-            col = cols[j * n_units + u] if len(cols) == est.shape[1] * n_units else cols[j if self.heads is None else u]
-            rows.append({"site": self.sites[i], "column": col, "estimate": float(est[i, j, u]), "exact": float(ex[i, j, u])})
+            rows.append({"site": self.sites[i], "column": self._cell_column(j, u), "estimate": float(est[i, j, u]), "exact": float(ex[i, j, u])})
         rows.sort(key=lambda r: -abs(r["exact"]))
         return rows
 

@@ -43,6 +43,7 @@ from steerlab.interventions.logit_lens import tokens_of
 from steerlab.interventions.metrics import as_metric
 from steerlab.interventions.ops import Lambda
 from steerlab.interventions.subspace import Subspace
+from steerlab.interventions.units import Positions
 
 __all__ = ["subspace_attribution", "SubspaceAttribution", "integrated_gradients", "IntegratedGradients"]
 
@@ -269,6 +270,11 @@ def integrated_gradients(
     m = m.bind(lab) if m.tokenizer is None else m
     inp = Inputs.of(base, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
     pos = subspace.positions if positions is None else positions
+    if Positions(pos).kind == "call":
+        raise ConfigError(
+            f"the subspace at {subspace.site!r} was found at per-example positions ({subspace.metadata.get('positions')!r}); "
+            "give positions= (an int, a list, or a LongTensor[batch, k]) for these inputs"
+        )
     heads = list(subspace.heads) if subspace.heads is not None else None
     probe = Lambda(subspace.site, lambda h, s: h, sourced=True, positions=pos, heads=heads, source=source)
     lab.prepare(probe)

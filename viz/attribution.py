@@ -56,10 +56,8 @@ def _zmax(*grids) -> float:
 
 
 def _flat(result, grid):
-    """A 2-D view ``[row, column]`` of any result grid, with column names."""
-    if grid.dim() == 3:
-        return grid.reshape(grid.shape[0], -1), result._column_names()
-    return grid, result._column_names()
+    """A 2-D view ``[row, column]`` of a grid of ``result``'s cells, with column names."""
+    return (grid.reshape(grid.shape[0], -1) if grid.dim() == 3 else grid), result.cell_names
 
 
 def attribution_heatmap(result, *, value: str = "effect", title: str | None = None) -> go.Figure:
