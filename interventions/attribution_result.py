@@ -282,6 +282,20 @@ class Comparison:
     def rows(self) -> list[dict]:
         return list(self._rows)
 
+    def failures(self, k: int = 5) -> list[dict]:
+        """The ``k`` cells where the estimate misses the exact effect most: site, column,
+        estimate, exact effect and the error (where the linear estimate fails)."""
+        est = self.estimate.per_example.nanmean(-1) - self.estimate.base_value
+        ex = self.exact.per_example.nanmean(-1) - self.exact.base_value
+        err = (est - ex).abs().nan_to_num(-1.0)
+        u = err.shape[2]
+        out = []
+        for flat in err.flatten().argsort(descending=True)[: max(0, k)].tolist():
+            i, j, h = flat // (err.shape[1] * u), (flat // u) % err.shape[1], flat % u
+            out.append({"site": self.estimate.sites[i], "column": self.estimate._cell_column(j, h),
+                        "estimate": float(est[i, j, h]), "exact": float(ex[i, j, h]), "error": float(est[i, j, h] - ex[i, j, h])})
+        return out
+
     def table(self, digits: int = 3) -> str:
         lines = [f"{self.estimate.method} vs exact patching ({self.estimate.metric}), {self.cells} cells ({self.trivial} where both "
                  f"are 0 left out): Spearman {self.spearman:.{digits}f}, Pearson {self.pearson:.{digits}f}, "

@@ -82,6 +82,9 @@ t_exact = time.perf_counter() - t0
 comparison = est.compare(exact, k=5)
 print(f"{est.values.numel()} cells: attribution {t_est:.1f} s, exact sweep {t_exact:.1f} s ({exact.forwards} packed forwards)")
 print(comparison.table())
+print("where the estimate misses most:")
+for f in comparison.failures(4):
+    print(f"  {f['site']:22s} {f['column']:10s} estimate {f['estimate']:+.2f}   exact {f['exact']:+.2f}")
 comparison.plot()
 
 # %% [markdown]

@@ -303,6 +303,10 @@ def test_result_views_compare_and_round_trip(tmp_path):
     c = r.compare(exact, k=4)
     assert -1 <= c.spearman <= 1 and 0 <= c.overlap <= 1
     assert c.rows()[0]["cells"] == 3 * 4 and "Spearman" in c.table()
+    worst = c.failures(3)
+    errors = (r.effect - exact.effect).abs().flatten().sort(descending=True).values[:3]
+    assert [abs(f["error"]) for f in worst] == pytest.approx(errors.tolist(), rel=1e-5)
+    assert all(f["error"] == pytest.approx(f["estimate"] - f["exact"], abs=1e-6) for f in worst)
     with pytest.raises(ShapeMismatch, match="positions"):
         r.compare(other)
     with pytest.raises(ConfigError, match="exact SweepResult"):
