@@ -41,6 +41,7 @@ import _models  # noqa: E402
 from _timing import Bench  # noqa: E402
 
 import steerlab as sl  # noqa: E402
+from steerlab.interventions.gradients import logit_window, metric_inputs  # noqa: E402
 from steerlab.interventions.inputs import Inputs  # noqa: E402
 
 BASE = "The Eiffel Tower is in the city of"
@@ -85,12 +86,15 @@ def memory(lab, base, metric, sites) -> tuple[float, float | None]:
     m = metric.bind(lab)
     cuda = lab.device.type == "cuda"
 
+    window = logit_window(lab, inp.mask_info(), m)  # both compute only the logits the metric reads
+    keep = {"logits_to_keep": window} if window else {}
+
     def plain():
         emb = lab.model.get_input_embeddings()(inp.kwargs["input_ids"]).detach().requires_grad_(True)
         counter = {}
         with torch.enable_grad(), saved_bytes(counter):
-            out = lab.model(inputs_embeds=emb, attention_mask=inp.kwargs.get("attention_mask"), use_cache=False)
-            value = m(out.logits, inp).sum()
+            out = lab.model(inputs_embeds=emb, attention_mask=inp.kwargs.get("attention_mask"), use_cache=False, **keep)
+            value = m(out.logits, metric_inputs(inp, window)).sum()
         (g,) = torch.autograd.grad(value, emb)
         return counter["bytes"] + g.numel() * g.element_size()
 
@@ -155,8 +159,9 @@ def main(argv=None) -> None:
     p.add_argument("--models", default="deep,smollm", help="comma-separated: deep, smollm")
     p.add_argument("--quick", action="store_true", help="every 5th layer, one round (noisy: a smoke test)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default on CPU: 1)")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3; --quick: 1)")
     args = p.parse_args(argv)
-    args.rounds = 1 if args.quick else 3
+    args.rounds = args.rounds or (1 if args.quick else 3)
     threads = args.threads or (1 if args.device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from steerlab.interventions.errors import ConfigError, SubspaceSizeError
 from steerlab.interventions.gradients import check_metric
+from steerlab.interventions.graph import SourceValue
 from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.logit_lens import ReadOut, tokens_of
 from steerlab.interventions.metrics import as_metric
@@ -334,14 +335,7 @@ def direction_effects(lab, inputs, subspace: Subspace, *, source=None, scale: fl
         coef_store["c"] = c.detach()[:, :, 0].float()
         return h + c * r
 
-    src = None
-    if source is not None:
-        probe = Lambda(site.name, lambda h, s: h, sourced=True, positions=pos, source=source)
-        sv = lab.source_value(probe)
-        v = sv.value if sv.value.shape[0] == B else sv.value.expand(B, *sv.value.shape[1:])
-        from steerlab.interventions.graph import SourceValue
-
-        src = SourceValue(v.repeat(K, *([1] * (v.dim() - 1))))
+    src = None if source is None else _repeated_source(lab, site.name, pos, source, B, K)
     iv = Lambda(site.name, edit, sourced=source is not None, positions=pos, source=src)
     reads = [Collect(n, positions=pos) for n in names]
     m = None if metric is None else (lambda mm: mm.bind(lab) if mm.tokenizer is None else mm)(as_metric(metric))
@@ -363,3 +357,10 @@ def direction_effects(lab, inputs, subspace: Subspace, *, source=None, scale: fl
         coef_store["c"].mean(1).view(K, B).cpu(), None if m is None else m.name, change,
         "interchange" if source is not None else f"add {scale:g}·r",
     )
+
+
+def _repeated_source(lab, site: str, positions, source, batch: int, copies: int) -> SourceValue:
+    """The source's slice at ``site`` and ``positions``, for ``copies`` copies of a batch of ``batch``."""
+    sv = lab.source_value(Lambda(site, lambda h, s: h, sourced=True, positions=positions, source=source))
+    v = sv.value if sv.value.shape[0] == batch else sv.value.expand(batch, *sv.value.shape[1:])
+    return SourceValue(v.repeat(copies, *([1] * (v.dim() - 1))))
