@@ -21,7 +21,6 @@
 import os
 import time
 
-import torch
 
 import steerlab as sl
 from steerlab.alignment import DAS, tasks
