@@ -21,7 +21,6 @@
 import os
 import time
 
-
 import steerlab as sl
 from steerlab.alignment import DAS, tasks
 
