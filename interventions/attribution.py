@@ -391,6 +391,7 @@ def _refine(lab, plan: _Plan, result: AttributionResult, k: int) -> None:
     for i, j, u in cells:
         by_site.setdefault(i, set()).add((j, u))
     positions = None if plan.slots == [None] else [list(s) for s in plan.slots]
+    forwards = 0
     for i, wanted in by_site.items():
         site = plan.sites[i]
         if plan.neurons is not None:
@@ -400,15 +401,18 @@ def _refine(lab, plan: _Plan, result: AttributionResult, k: int) -> None:
                 with torch.no_grad():
                     out = lab.run(plan.base, [iv], **lab.no_cache)
                 exact[i, j, u] = plan.metric(out.output, plan.base).float().cpu()
+                forwards += 2  # the patched run and its source run
             continue
         slot_ids = sorted({j for j, _ in wanted})
         unit_ids = sorted({u for _, u in wanted})
         pos = None if positions is None else [positions[j] for j in slot_ids]
         hs = None if plan.heads is None else [plan.heads[u] for u in unit_ids]
         sw = sweep(lab, plan.base, plan.source, metric=plan.metric, sites=[site.name], positions=pos, heads=hs)
+        forwards += sw.forwards + 2  # its packed forwards, its base and source runs
         for j, u in wanted:
             exact[i, j, u] = sw.per_example[0, slot_ids.index(j), unit_ids.index(u) if hs is not None else 0]
     result.exact = exact
+    result.meta["refine_forwards"] = forwards
 
 
 # -- labels ---------------------------------------------------------------------------------------------
