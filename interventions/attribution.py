@@ -49,6 +49,7 @@ from steerlab.interventions.gradients import Taps, check_metric, logit_window, m
 from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.metrics import Metric, as_metric
 from steerlab.interventions.ops import Collect, Interchange, Lambda
+from steerlab.interventions.progress import track
 from steerlab.interventions.sites import ResolvedSite
 from steerlab.interventions.units import MaskInfo, Positions
 
@@ -341,7 +342,7 @@ def _cut_by_own_layer(site: ResolvedSite) -> bool:
     return site.layer is not None and _kind(site).startswith(("attn.", "mlp."))
 
 
-def _run(lab, plan: _Plan, progress: bool):
+def _run(lab, plan: _Plan, progress: bool | None):
     """Source forward, base forward + backward(s): base and source metrics, estimates, GradDrop scores."""
     qk_layers = _qk_layers(plan)
     extra = [f"blocks.{layer}.attn.{k}" for layer in qk_layers for k in "qkvz"]
@@ -365,12 +366,7 @@ def _run(lab, plan: _Plan, progress: bool):
         score = None
         if plan.grad_drop:
             score = torch.zeros_like(est)
-            layers = range(lab.n_layers)
-            if progress:
-                from tqdm.auto import tqdm
-
-                layers = tqdm(layers, desc="GradDrop", unit="backward")
-            for layer in layers:
+            for layer in track(range(lab.n_layers), desc="GradDrop", unit="backward", progress=progress):
                 state["drop"] = layer
                 g = taps.grad(total, retain_graph=layer < lab.n_layers - 1)
                 score += _estimates(lab, plan, taps.values, g, source, atts, rows).abs()
@@ -381,7 +377,7 @@ def _run(lab, plan: _Plan, progress: bool):
 
 
 # -- refinement ---------------------------------------------------------------------------------------
-def _refine(lab, plan: _Plan, result: AttributionResult, k: int) -> None:
+def _refine(lab, plan: _Plan, result: AttributionResult, k: int, progress: bool | None) -> None:
     """Patch the top-``k`` cells exactly; fills ``result.exact`` (NaN elsewhere)."""
     from steerlab.interventions.sweeps import sweep
 
@@ -392,7 +388,7 @@ def _refine(lab, plan: _Plan, result: AttributionResult, k: int) -> None:
         by_site.setdefault(i, set()).add((j, u))
     positions = None if plan.slots == [None] else [list(s) for s in plan.slots]
     forwards = 0
-    for i, wanted in by_site.items():
+    for i, wanted in track(list(by_site.items()), desc="refine: exact patches", unit="site", progress=progress):
         site = plan.sites[i]
         if plan.neurons is not None:
             for j, u in wanted:
@@ -407,7 +403,7 @@ def _refine(lab, plan: _Plan, result: AttributionResult, k: int) -> None:
         unit_ids = sorted({u for _, u in wanted})
         pos = None if positions is None else [positions[j] for j in slot_ids]
         hs = None if plan.heads is None else [plan.heads[u] for u in unit_ids]
-        sw = sweep(lab, plan.base, plan.source, metric=plan.metric, sites=[site.name], positions=pos, heads=hs)
+        sw = sweep(lab, plan.base, plan.source, metric=plan.metric, sites=[site.name], positions=pos, heads=hs, progress=False)
         forwards += sw.forwards + 2  # its packed forwards, its base and source runs
         for j, u in wanted:
             exact[i, j, u] = sw.per_example[0, slot_ids.index(j), unit_ids.index(u) if hs is not None else 0]
@@ -452,7 +448,7 @@ def attribution_patching(
     qk_fix: bool = False,
     grad_drop: bool = False,
     refine: int = 0,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> AttributionResult:
     """Estimate the effect of patching ``source`` into ``base`` at every cell, from gradients.
 
@@ -463,7 +459,8 @@ def attribution_patching(
     ``kl_to_base``). ``qk_fix``, ``grad_drop``: AtP*'s corrections (module docstring; their cost:
     none in forwards, and ``n_layers`` extra backward passes). ``refine=k``: patch the ``k``
     largest cells exactly (``result.exact``). Costs: one source forward (no grad), one base forward
-    and backward.
+    and backward. ``progress``: a bar over GradDrop's backward passes and the refined sites
+    (default: on a terminal or in a notebook; :mod:`steerlab.interventions.progress`).
     """
     if positions is _DEFAULT:
         positions = "all" if heads is None and neurons in (None, False) else None
@@ -488,5 +485,5 @@ def attribution_patching(
         score=None if score is None else score.cpu(),
     )
     if refine:
-        _refine(lab, plan, result, refine)
+        _refine(lab, plan, result, refine, progress)
     return result

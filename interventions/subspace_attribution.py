@@ -42,6 +42,7 @@ from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.logit_lens import tokens_of
 from steerlab.interventions.metrics import as_metric
 from steerlab.interventions.ops import Lambda
+from steerlab.interventions.progress import track
 from steerlab.interventions.subspace import Subspace
 from steerlab.interventions.units import Positions
 
@@ -255,13 +256,14 @@ def _nodes(steps: int) -> tuple[Tensor, Tensor]:
 
 
 def integrated_gradients(
-    lab, base, source, subspace: Subspace, *, metric, steps: int = 16, positions=None, chunk: int | None = None
+    lab, base, source, subspace: Subspace, *, metric, steps: int = 16, positions=None, chunk: int | None = None,
+    progress: bool | None = None,
 ) -> IntegratedGradients:
     """Integrated gradients along ``h(α) = h + α Rᵀ(R s − R h)`` at the subspace's site and units.
 
     ``positions`` (default: the subspace's) and its heads select where the interchange acts.
     ``steps``: Gauss–Legendre nodes; ``chunk``: nodes per forward (default: all, one forward +
-    backward of ``batch × (steps + 1)`` rows).
+    backward of ``batch × (steps + 1)`` rows); ``progress``: a bar over the chunks.
     """
     subspace = _check_subspace(subspace)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -297,7 +299,7 @@ def integrated_gradients(
     bound = m.against(base_out, seen1)
     base_metric = check_metric(bound(base_out, seen1), B, bound.name).float()
     attr, last = None, None
-    for start in range(0, len(alphas), per):
+    for start in track(range(0, len(alphas), per), desc="integrated gradients", unit="forward", progress=progress):
         a = alphas[start : start + per]
         attr_c, metric_c = _path_chunk(lab, inp, a, R, sv, pos, heads, subspace.site, bound, kwargs, window)
         w = torch.cat([weights, torch.zeros(1, dtype=torch.float64)])[start : start + per].to(attr_c.device)

@@ -226,14 +226,14 @@ travel.plot()
 # while the rest of the state changes too) and moves the answer.
 #
 # The checks: DAS finds polarity at layer 22 (IIA on held-out adjectives); the integrated gradients add up
-# to the exact interchange effect; at layer 22's last token nearly all of the estimate lies inside the
-# subspace, far more than at layer 10, where the subspace is not yet in use; each direction patched alone
+# to the exact interchange effect; at layer 22's last token most of the estimate lies inside the
+# 4-dimensional subspace (of 576), far more than at layer 10, where the subspace is not yet in use; each direction patched alone
 # moves the metric the way its integrated gradient says.
 
 # %%
 assert das.iia["POLARITY"].value > 0.75
 assert ig.completeness() < 1e-3
-assert float(split.share[22, -1]) > 0.8 > float(split.share[10, -1])
+assert float(split.share[22, -1]) > 0.6 and float(split.share[10, -1]) < 0.5 * float(split.share[22, -1])  # measured 0.98 / 0.27 (fast), 0.78 / 0.04 (full)
 alone = travel.metric_change.mean(-1)
 assert all(float(a) * float(b) > 0 for a, b in zip(alone, ig.per_direction) if abs(float(b)) > 0.1)
 

@@ -406,3 +406,19 @@ def test_attribution_fault_leaves_model_as_found(arch, fault):
         _SC[arch] = (sc, UserHooks().install(sc.model, sc.lab.layers, [sc.lab.resolve(sc.site(1, "mlp.out")).module]))
     sc, user = _SC[arch]
     check_fault(sc, ATTRIBUTION, fault, user_hooks=user)
+
+
+def test_long_calls_draw_their_bars_on_stderr_only(capsys):
+    """GradDrop's passes, refine's exact patches and integrated gradients' chunks draw a progress bar when
+    asked (and none when not); results never go to stdout."""
+    model = tiny_model("llama")
+    base, source = padded([6, 6], 6, "left", 1), padded([6, 6], 6, "left", 2)
+    with wrapped(model) as lab:
+        sl.attribution_patching(lab, base, source, metric=METRIC, positions=[-1], grad_drop=True, refine=2, progress=False)
+        assert capsys.readouterr().err == ""
+        sl.attribution_patching(lab, base, source, metric=METRIC, positions=[-1], grad_drop=True, refine=2, progress=True)
+        S = sl.Subspace(basis_rows(2, 32), "blocks.1.resid_post", positions=-1)
+        sl.integrated_gradients(lab, base, source, S, metric=METRIC, steps=4, chunk=2, progress=True)
+    captured = capsys.readouterr()
+    assert "GradDrop: 100%" in captured.err and "refine: exact patches: 100%" in captured.err
+    assert "integrated gradients: 100%" in captured.err and captured.out == ""

@@ -18,9 +18,11 @@ Two models: SmolLM2-135M (9-token prompts) and the narrow deep LLaMA (d=64, 30 l
 
 Usage::
 
-    python benchmarks/bench_attribution.py                 # CPU, fp32, 1 thread (~25 min on a quiet 2-core machine)
-    python benchmarks/bench_attribution.py --quick         # every 5th layer, 1 round: a smoke test
-    python benchmarks/bench_attribution.py --device cuda --dtype bfloat16
+    python benchmarks/bench_atp.py                 # CPU, fp32, 1 thread (~25 min on a quiet 2-core machine)
+    python benchmarks/bench_atp.py --quick         # every 5th layer, 1 round (what benchmarks/gpu.sh runs)
+    python benchmarks/bench_atp.py --device cuda --dtype bfloat16
+
+Each model's table is also recorded for ``gpu.sh`` (``_timing.record``) when ``STEERLAB_BENCH_JSON`` is set.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _models  # noqa: E402
-from _timing import Bench  # noqa: E402
+from _timing import Bench, record  # noqa: E402
 
 import steerlab as sl  # noqa: E402
 from steerlab.interventions.gradients import logit_window, metric_inputs  # noqa: E402
@@ -56,7 +58,9 @@ def deep_llama(device, dtype):
 
 
 def smollm(device, dtype):
-    model, tok = sl.load("smollm2-135m", dtype=dtype, device=device)
+    """SmolLM2-135M (real, or its shape with random weights on a machine without the package: ``_models``)."""
+    model, tok, note = _models.smollm(device, dtype)
+    print(f"SmolLM2-135M: {note}")
     return sl.wrap(model, tok), BASE, SOURCE, sl.metrics.logit_diff(" Rome", " Paris")
 
 
@@ -128,7 +132,7 @@ def grids(n_layers: int, step: int):
     ]
 
 
-def bench_model(name: str, loader, args) -> list[str]:
+def bench_model(name: str, loader, args) -> list[dict]:
     lab, base, source, metric = loader(torch.device(args.device), getattr(torch, args.dtype))
     rows = []
     for title, kw in grids(lab.n_layers, 5 if args.quick else 1):
@@ -140,14 +144,18 @@ def bench_model(name: str, loader, args) -> list[str]:
         bench.add("atp", lambda kw=kw: sl.attribution_patching(lab, base, source, metric=metric, **kw))
         t = bench.run()
         cells = exact.per_example[..., 0].numel()
-        rows.append(f"| {name} | {title} | {cells} | {exact.forwards} | {t['sweep'] / t['atp']:.1f}× | "
-                    f"{c.spearman:.3f} | {c.pearson:.3f} | {c.overlap:.2f} | {t['atp'] * 1e3:.0f} ms / {t['sweep'] * 1e3:.0f} ms |")
-        print(rows[-1], flush=True)
+        rows.append({"measure": f"{title}: sweep ÷ AtP", "cells": cells, "sweep_forwards": exact.forwards,
+                     "ratio": t["sweep"] / t["atp"], "atp_ms": t["atp"] * 1e3, "sweep_ms": t["sweep"] * 1e3,
+                     "spearman": c.spearman, "pearson": c.pearson, "top10_overlap": c.overlap})
+        r = rows[-1]
+        print(f"| {name} | {title} | {cells} | {exact.forwards} | {r['ratio']:.1f}× | {c.spearman:.3f} | {c.pearson:.3f} | "
+              f"{c.overlap:.2f} | {r['atp_ms']:.0f} ms / {r['sweep_ms']:.0f} ms |", flush=True)
     sites = [f"blocks.{i}.resid_post" for i in range(lab.n_layers)]
     saved, peak = memory(lab, base, metric, sites)
-    rows.append(f"| {name} | memory: AtP's backward (every resid_post) ÷ a plain backward | | | {saved:.2f}× saved bytes"
-                + (f", {peak:.2f}× peak" if peak is not None else "") + " | | | | |")
-    print(rows[-1], flush=True)
+    rows.append({"measure": "memory: AtP's backward (every resid_post) ÷ a plain backward", "ratio": saved, "peak_ratio": peak})
+    print(f"| {name} | memory: AtP's backward (every resid_post) ÷ a plain backward | | | {saved:.2f}× saved bytes"
+          + (f", {peak:.2f}× peak" if peak is not None else "") + " | | | | |", flush=True)
+    record(f"attribution patching ÷ exact sweep: {name} ({args.device}, {args.dtype})", rows)
     lab.unwrap()
     return rows
 
