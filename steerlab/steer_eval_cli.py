@@ -64,7 +64,6 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=int, help="training epochs of ReFT-r1, LoReFT and LoRA (default 3)")
     p.add_argument("--out", metavar="DIR", help="save the result (steerlab.json; reload with SteerEvalResult.load)")
     p.add_argument("--report", metavar="FILE.html", help="write an HTML report")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -116,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     lab = _load_lab(args)
     embedder = sl.wrap(*sl.load("minilm-l6"))
     kw = {k: cfg[k] for k in ("concepts", "methods", "seeds") if k in cfg}
-    result = compare(lab, recipe=recipe, embedder=embedder, progress=False if args.no_progress else None,
+    result = compare(lab, recipe=recipe, embedder=embedder, progress=False if getattr(args, "no_progress", False) else None,
                      log=lambda line: print(line, flush=True), **kw)
     print(result.table())
     split = result.time_split()

@@ -8,6 +8,16 @@ figures, text and tables into one self-contained HTML file.
 """
 
 from steerlab.viz.alignment import das_training_curve, iia_heatmap, subspace_projection
+from steerlab.viz.attribution import (
+    attribution_comparison,
+    attribution_heatmap,
+    direction_effects_lines,
+    direction_tokens,
+    head_logit_heatmap,
+    integrated_gradients_bars,
+    logit_lens_heatmap,
+    subspace_attribution_heatmap,
+)
 from steerlab.viz.export import Pre, Section, find_browser, report, save, save_html, save_png
 from steerlab.viz.graph import run_graph
 from steerlab.viz.patching import patching_heatmap
@@ -25,6 +35,14 @@ __all__ = [
     "steer_sweep",
     "steer_auroc",
     "run_graph",
+    "attribution_heatmap",
+    "attribution_comparison",
+    "subspace_attribution_heatmap",
+    "integrated_gradients_bars",
+    "logit_lens_heatmap",
+    "head_logit_heatmap",
+    "direction_tokens",
+    "direction_effects_lines",
     "save",
     "save_html",
     "save_png",
