@@ -46,6 +46,7 @@ from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.metrics import Metric, as_metric
 from steerlab.interventions.ops import Collect, Intervention
 from steerlab.interventions.prefix import Prefix
+from steerlab.interventions.progress import track
 from steerlab.interventions.sites import ResolvedSite
 from steerlab.interventions.sweep_result import SweepResult
 from steerlab.interventions.units import MaskInfo, Positions
@@ -351,7 +352,7 @@ def sweep(
     positions=_DEFAULT,
     heads=None,
     configs_per_forward: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> SweepResult:
     """Patch ``source`` into ``base`` at each configuration; the metric of each patched run.
 
@@ -367,6 +368,8 @@ def sweep(
     where each row's real tokens are; a packed batch repeats the examples).
     ``configs_per_forward``: configurations packed into one forward (default:
     chosen by cost, at most ``AUTO_TOKENS`` tokens per forward; see :func:`_chunks`).
+    ``progress``: a bar over the packed forwards (default: when the output is a
+    terminal or a notebook; see :mod:`steerlab.interventions.progress`).
     """
     if positions is _DEFAULT:
         positions = "all" if heads is None else None
@@ -392,7 +395,7 @@ def sweep(
     )
 
 
-def _run_chunks(lab, plan: _Plan, chunks, metric: Metric, values: dict, prefixes: dict, progress: bool) -> tuple[Tensor, Tensor]:
+def _run_chunks(lab, plan: _Plan, chunks, metric: Metric, values: dict, prefixes: dict, progress: bool | None) -> tuple[Tensor, Tensor]:
     """The packed forwards; the per-example metric grid ``[site, slot, head, example]`` and which
     of its cells were patched (``False``: the slot lies beyond that example's length)."""
     configs = plan.configs
@@ -403,11 +406,7 @@ def _run_chunks(lab, plan: _Plan, chunks, metric: Metric, values: dict, prefixes
     filled = torch.zeros(len(configs), B, dtype=torch.bool)  # a cell beyond an example's length stays empty
     window = _logit_window(lab, plan, metric)
     kwargs = {**_model_kwargs(lab), **({"logits_to_keep": window} if window else {})}
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="patching sweep", unit="forward")
-    for chunk in chunks:
+    for chunk in track(chunks, desc="patching sweep", unit="forward", progress=progress):
         ivs, empty = _chunk_interventions(plan, chunk, table, values)
         start = min(plan.starts[c[0]] for c in chunk)
         prefix = prefixes[start].repeat(len(chunk)) if start in prefixes else None
