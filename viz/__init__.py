@@ -8,7 +8,7 @@ figures, text and tables into one self-contained HTML file.
 """
 
 from steerlab.viz.alignment import das_training_curve, iia_heatmap, subspace_projection
-from steerlab.viz.export import Pre, Section, find_browser, report, save, save_html, save_png
+from steerlab.viz.export import Pre, Section, check_png, find_browser, report, save, save_html, save_png
 from steerlab.viz.graph import run_graph
 from steerlab.viz.patching import patching_heatmap
 from steerlab.viz.reft import reft_training_curve, token_effects
@@ -24,6 +24,7 @@ __all__ = [
     "save",
     "save_html",
     "save_png",
+    "check_png",
     "report",
     "Section",
     "Pre",
