@@ -140,6 +140,15 @@ def test_validate_reports_the_models_accuracy_and_the_plan(capsys, tmp_path):
     assert error_line(err).startswith("steerlab: error: the model answers only 0.0% of the task's inputs correctly, below min_accuracy = 0.8")
 
 
+def test_the_readme_shows_what_validate_prints(capsys, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("$ steerlab validate tutorials/11_your_own_concept.toml\n", 1)[1].split("\n$ ", 1)[0]
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    code, out, err = run_cli(capsys, "validate", "tutorials/11_your_own_concept.toml")
+    assert code == 0, err
+    assert out.splitlines() == block.splitlines()
+
+
 @pytest.mark.slow
 def test_run_das_gives_the_librarys_iia_and_hashes_every_input(capsys, tmp_path, smollm):
     settings = dict(layer=24, positions="name", size=1, epochs=1, batch_size=16, controls=False)

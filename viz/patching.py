@@ -77,9 +77,10 @@ def patching_heatmap(result, *, value: str | None = None, title: str | None = No
     dims = result.dims
     finite = [abs(float(x)) for x in grid.flatten() if not math.isnan(float(x))]
     zmax = max(finite + [1e-12]) if value != "normalised" else max(finite + [1.0])
-    what = {"values": result.metric, "effect": f"{result.metric} − base",
-            "normalised": f"normalised {result.metric} (0 = base, 1 = source)"}[value]
-    title = title or f"Activation patching: {what} (base {result.base_value:.3g}, source {result.source_value:.3g})"
+    what = {"values": result.metric, "effect": f"{result.metric} − base", "normalised": f"normalised {result.metric}"}[value]
+    scale = "0 = base" if value == "normalised" else "base"
+    title = title or (f"Activation patching: {what}<br><sup>{scale} ({result.base_value:.3g}), "
+                      f"{'1 = ' if value == 'normalised' else ''}source ({result.source_value:.3g})</sup>")
     if len(dims) == 3:
         panels = [(f"position {i}: {t!r}", grid[:, i]) for i, t in enumerate(result.tokens)]
         fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels], shared_yaxes=True)

@@ -112,7 +112,11 @@ class PromptTask:
         positions: extra named positions (``last`` and one per field are always there).
         test_values: held-out input values; the test split draws only these.
         values: value sets of computed variables, where given explicitly.
-        n_train, n_test, seed, min_accuracy: defaults for :meth:`datasets` and validation.
+        n_train: training counterfactuals :meth:`datasets` draws by default.
+        n_test: held-out counterfactuals by default.
+        seed: the counterfactual draws' seed by default.
+        min_accuracy: the task accuracy below which an experiment refuses to run.
+        name: used in messages and reprs.
     """
 
     def __init__(

@@ -65,7 +65,7 @@ def test_layer_by_position(sweeps):
     assert_grid(norm.data[0], res.normalised)
     assert [[c[1] for c in row] for row in norm.data[0].customdata] == res.values.tolist()
     assert "normalised %{z:.4g}" in norm.data[0].hovertemplate and "logit_diff(' Rome', ' Paris') %{customdata[1]:.4g}" in norm.data[0].hovertemplate
-    assert "(0 = base, 1 = source)" in norm.layout.title.text
+    assert "normalised logit_diff" in norm.layout.title.text and "0 = base (" in norm.layout.title.text and "1 = source (" in norm.layout.title.text
 
 
 def test_layer_by_head(sweeps):
