@@ -45,6 +45,7 @@ def test_the_readme_commands_name_every_setup_step():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a new virtualenv, the installs, SmolLM2's conversion and the demo: minutes on a busy machine
 def test_the_demo_command_runs_on_a_fresh_machine(tmp_path):
     repo, cache = tmp_path / "steerlab", tmp_path / "empty-cache"
     copy_repository(repo)

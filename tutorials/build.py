@@ -179,8 +179,25 @@ def measure_full(source: Path) -> float:
     if not RUN_TIME.search(text):
         raise ValueError(f"{source.name} has no '# **Run time.** ...' line in its first cell to update")
     source.write_text(RUN_TIME.sub(line, text, count=1))
+    refresh_markdown(source)
     print(f"{source.name}: full mode {seconds:.0f} s")
     return seconds
+
+
+def refresh_markdown(source: Path) -> bool:
+    """Copy the source's markdown into its executed notebook, keeping the outputs, when no code cell changed."""
+    target = source.with_suffix(".ipynb")
+    if not target.exists():
+        return False
+    fresh, committed = notebook(source), nbformat.read(target, as_version=4)
+    code = lambda nb: [c for c in _cells(nb) if c[0] == "code"]  # noqa: E731
+    if code(fresh) != code(committed) or len(fresh.cells) != len(committed.cells):
+        return False
+    for new, old in zip(fresh.cells, committed.cells, strict=True):
+        if new.cell_type == "markdown":
+            old.source = new.source
+    target.write_text(render(committed))
+    return True
 
 
 def _selected(names: list[str]) -> list[Path]:

@@ -272,7 +272,7 @@ class Experiment:
                 hf_logging.enable_progress_bar()
         return sl.wrap(model, tok)
 
-    def validate(self, *, check_model: bool = True, log: Callable[[str], None] | None = None) -> Plan:
+    def validate(self, *, check_model: bool = True) -> Plan:
         """The plan; with ``check_model``, load the model and measure its accuracy on the task's inputs."""
         plan = Plan(self.name, self.model["name"], self.plan(), task=repr(self.task) if self.task is not None else None)
         if check_model and self.task is not None:

@@ -78,19 +78,19 @@ def run(c: DASConfig, ctx: Context) -> StepOutput:
 
 
 def _summary(result) -> dict[str, Any]:
-    def v(d, k):
-        return None if d is None or k not in d else round(d[k].value, 6)
+    def v(d, k):  # the values as computed, unrounded: a result names exactly what it found
+        return None if d is None or k not in d else d[k].value
 
     out: dict[str, Any] = {"site": result.site, "positions": result.positions, "sizes": dict(result.sizes)}
     for k, iia in result.iia.items():
-        out[f"iia[{k}]"] = round(iia.value, 6)
-        out[f"se[{k}]"] = round(iia.se, 6)
-    out["iia"] = round(result.iia["all"].value, 6)
+        out[f"iia[{k}]"] = iia.value
+        out[f"se[{k}]"] = iia.se
+    out["iia"] = result.iia["all"].value
     out["random_init"] = v(result.random_init, "all")
     out["localist"] = v(result.localist, "all")
     full = [x.value for x in result.full_vector.values()]
-    out["full_vector"] = round(sum(full) / len(full), 6) if full else None
-    out["chance"] = round(result.chance, 6)
+    out["full_vector"] = sum(full) / len(full) if full else None
+    out["chance"] = result.chance
     return out
 
 

@@ -67,7 +67,7 @@ def run(c: SearchConfig, ctx: Context) -> StepOutput:
     fig = res.plot()
     best = res.best()
     summary = {"candidates": len(res.results), "best_site": best.site, "best_positions": best.positions,
-               "best_sizes": dict(best.sizes), "best_iia": round(best.iia["all"].value, 6), "chance": round(res.chance, 6),
+               "best_sizes": dict(best.sizes), "best_iia": best.iia["all"].value, "chance": res.chance,
                "rows": [{k: v for k, v in r.items() if k != "seconds"} for r in res.rows()]}
     return StepOutput(summary=summary, figures={"IIA over sites and sizes, with controls": fig},
                       files=[folder / "result", save_html(fig, folder / "iia.html")], text=str(res), result=res)
