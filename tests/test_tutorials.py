@@ -36,7 +36,7 @@ def test_every_tutorial_is_built_executed_and_readable_without_running():
     assert build.stale(TUTORIALS) == [], "run: python tutorials/build.py"
     for src in SOURCES:
         line = build.run_time_line(src)
-        assert line and "Full mode" in line and "2 CPU cores" in line, f"{src.name} does not state its full-mode run time at the top"
+        assert line and "Full mode" in line, f"{src.name} does not state its full-mode run time at the top"
         nb = nbformat.read(src.with_suffix(".ipynb"), as_version=4)
         outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
         assert not [o for o in outputs if o.get("output_type") == "error"], f"{src.name}: the committed run failed"

@@ -174,10 +174,12 @@ def measure_full(source: Path) -> float:
     with tempfile.TemporaryDirectory(prefix=f"tutorial-{source.stem[:2]}-full-") as tmp:
         seconds = execute(nb, env=env, cwd=Path(tmp), timeout=4 * 3600)
     text = source.read_text()
-    line = (f"# **Run time.** Full mode about {max(1, round(seconds / 60))} min on 2 CPU cores (measured "
-            f"{datetime.date.today().isoformat()}); fast mode (`STEERLAB_FAST=1`, what the tests run) about a minute.")
-    if not RUN_TIME.search(text):
+    found = RUN_TIME.search(text)
+    if not found:
         raise ValueError(f"{source.name} has no '# **Run time.** ...' line in its first cell to update")
+    fast = found[0].split(";", 1)[1].strip() if ";" in found[0] else "fast mode (`STEERLAB_FAST=1`, what the tests run) is shorter."
+    line = (f"# **Run time.** Full mode about {max(1, round(seconds / 60))} min on 2 CPU cores (measured "
+            f"{datetime.date.today().isoformat()}); {fast}")
     source.write_text(RUN_TIME.sub(line, text, count=1))
     refresh_markdown(source)
     print(f"{source.name}: full mode {seconds:.0f} s")
