@@ -188,6 +188,24 @@ def test_run_das_gives_the_librarys_iia_and_hashes_every_input(capsys, tmp_path,
 
 
 @pytest.mark.slow
+def test_run_patch_sweeps_the_pair_it_names(capsys, tmp_path):
+    from steerlab.interventions import SweepResult
+
+    extra = ('[patch]\nlayers = [10, 29]\npositions = "all"\n'
+             'base = { NAME = "John", PLACE = "park" }\nsource = { NAME = "Mary", PLACE = "park" }\n')
+    code, _, err = run_cli(capsys, "run", write(tmp_path, task_toml(extra=extra)), "--output-dir", tmp_path / "out")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["steps"]["patch"]["base"] == "After work, John walked to the park, where"
+    assert manifest["steps"]["patch"]["metric"] == "logit_diff(' she', ' he')"
+    res = SweepResult.load(tmp_path / "out" / "patch" / "result")
+    assert res.base_value < 0 < res.source_value  # the base says he, the source she
+    # the last block's output at the last position is all the logits read: patching it gives the source's answer
+    assert res.normalised[-1, -1].item() == pytest.approx(1.0, abs=1e-4)
+    assert abs(res.normalised[0, -1].item()) < 0.1  # layer 10's last token does not carry the name's gender yet
+
+
+@pytest.mark.slow
 def test_an_old_train_run_file_runs_as_the_train_step(capsys, tmp_path, minilm):
     from tests.test_cli_train import write_run
 
