@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Sites and activation patching on SmolLM2-135M
 #
-# **Run time.** Full mode not measured yet (run `python tutorials/build.py --full-times 01`); fast mode (`STEERLAB_FAST=1`, what the tests run) about a minute.
+# **Run time.** Full mode about 3 min on 2 CPU cores (measured 2026-12-05); fast mode (`STEERLAB_FAST=1`, what the tests run) about a minute.
 #
 # **Question.** Given *"The capital of Italy is"*, SmolLM2-135M continues with *" Rome"*; given
 # *"The capital of France is"*, with *" Paris"*. Where inside the model does the country become

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Distributed alignment search on hierarchical equality
 #
-# **Run time.** Full mode not measured yet (run `python tutorials/build.py --full-times 02`); fast mode (`STEERLAB_FAST=1`, what the tests run) about a minute.
+# **Run time.** Full mode about 5 min on 2 CPU cores (measured 2026-12-05); fast mode (`STEERLAB_FAST=1`, what the tests run) about a minute.
 #
 # **Question.** A small MLP learns the *hierarchical equality* task of the DAS paper (Geiger, Wu,
 # Potts, Icard and Goodman, *Finding Alignments Between Interpretable Causal Variables and
