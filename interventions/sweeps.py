@@ -45,6 +45,7 @@ from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.metrics import Metric, as_metric
 from steerlab.interventions.ops import Collect, Intervention
 from steerlab.interventions.prefix import Prefix
+from steerlab.interventions.progress import track
 from steerlab.interventions.sites import ResolvedSite
 from steerlab.interventions.sweep_result import SweepResult
 from steerlab.interventions.units import MaskInfo, Positions
@@ -350,7 +351,7 @@ def sweep(
     positions=_DEFAULT,
     heads=None,
     configs_per_forward: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> SweepResult:
     """Patch ``source`` into ``base`` at each configuration; the metric of each patched run.
 
@@ -366,6 +367,8 @@ def sweep(
     where each row's real tokens are; a packed batch repeats the examples).
     ``configs_per_forward``: configurations packed into one forward (default:
     chosen by cost, at most ``AUTO_TOKENS`` tokens per forward; see :func:`_chunks`).
+    ``progress``: a bar over the packed forwards (default: when the output is a
+    terminal or a notebook; see :mod:`steerlab.interventions.progress`).
     """
     if positions is _DEFAULT:
         positions = "all" if heads is None else None
@@ -390,7 +393,7 @@ def sweep(
     )
 
 
-def _run_chunks(lab, plan: _Plan, chunks, metric: Metric, values: dict, prefixes: dict, progress: bool) -> Tensor:
+def _run_chunks(lab, plan: _Plan, chunks, metric: Metric, values: dict, prefixes: dict, progress: bool | None) -> Tensor:
     """The packed forwards; the per-example metric grid ``[site, slot, head, example]``."""
     configs = plan.configs
     index = {c: i for i, c in enumerate(configs)}
@@ -399,11 +402,7 @@ def _run_chunks(lab, plan: _Plan, chunks, metric: Metric, values: dict, prefixes
     out = torch.full((len(configs), B), math.nan)  # in the order of plan.configs
     window = _logit_window(lab, plan, metric)
     kwargs = {**_model_kwargs(lab), **({"logits_to_keep": window} if window else {})}
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="patching sweep", unit="forward")
-    for chunk in chunks:
+    for chunk in track(chunks, desc="patching sweep", unit="forward", progress=progress):
         ivs, empty = _chunk_interventions(plan, chunk, table, values)
         start = min(plan.starts[c[0]] for c in chunk)
         prefix = prefixes[start].repeat(len(chunk)) if start in prefixes else None

@@ -25,7 +25,7 @@ from steerlab.reft.data import (
 from steerlab.reft.interventions import ConsReFT, DiReFT, LobiReFT, LoReFT, NoReFT
 from steerlab.reft.model import ReftModel, get_reft_model
 from steerlab.reft.positions import prompt_positions
-from steerlab.reft.loop import TrainResult, train
+from steerlab.reft.loop import Checkpoints, TrainResult, train
 
 __all__ = [
     "LoReFT",
@@ -51,6 +51,7 @@ __all__ = [
     "ReftTrainerForSequenceClassification",
     "train",
     "TrainResult",
+    "Checkpoints",
     "SteeringEffect",
     "steering_effect",
 ]

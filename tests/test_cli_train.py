@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import steerlab.training as training
 from steerlab import reft
 from steerlab.cli import main
 
@@ -112,11 +111,11 @@ def test_resume_after_a_crash_with_dropout_and_shuffling_is_exact(capsys, tmp_pa
     straight = write_run(tmp_path / "straight", kind="classification", epochs=3)
     assert run_cli(capsys, "train", str(straight))[0] == 0
     crash = write_run(tmp_path / "crash", kind="classification", epochs=3)
-    real = training._save_checkpoint
+    real = reft.Checkpoints.save
     calls = []
 
-    def save_then_die(out, step, *args):
-        path = real(out, step, *args)
+    def save_then_die(self, step, *args):
+        path = real(self, step, *args)
         calls.append(step)
         return path
 
@@ -131,7 +130,7 @@ def test_resume_after_a_crash_with_dropout_and_shuffling_is_exact(capsys, tmp_pa
             raise KeyboardInterrupt
         return original(model, batch)
 
-    monkeypatch.setattr(training, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(reft.Checkpoints, "save", save_then_die)
     monkeypatch.setattr(loop, "step_loss", dying_step)
     code, out, err = run_cli(capsys, "train", str(crash))
     assert code == 130 and "interrupted" in err and calls == [2, 4]

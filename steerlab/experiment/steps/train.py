@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from steerlab.experiment.core import Context, Step, StepOutput, file_sha, register_step
+from steerlab.training import TRAIN_KEYS
 
 KEYS = {
     "reft": "table: the fields of steerlab.reft.ReftConfig (layers, rank, positions, intervention, ...)",
@@ -12,13 +13,17 @@ KEYS = {
     "epochs": "training epochs (default 1)",
     "lr": "learning rate (default 4e-3)",
     "batch_size": "examples per step (default 8)",
+    "gradient_accumulation_steps": "micro-batches of batch_size per optimiser step (default 1)",
     "weight_decay": "AdamW weight decay, never on the orthonormal maps (default 0)",
     "warmup_ratio": "fraction of steps of linear warm-up (default 0)",
     "seed": "seed of the initial weights and the data order (default: the experiment's seed)",
     "shuffle": "reshuffle every epoch (default true)",
+    "log_every": "optimiser steps between loss readings, what the progress bar shows (default 10)",
     "checkpoint_every": "optimiser steps between checkpoints (default 50)",
     "keep_checkpoints": "checkpoints kept (default 2)",
 }
+# a key the training loop gains is a key of this table too, documented generically until described above
+KEYS.update({k: f"see steerlab.training ({t.__name__})" for k, t in TRAIN_KEYS.items() if k not in KEYS})
 
 
 def _config(table: dict, ctx: Context, out: Path):
