@@ -103,7 +103,9 @@ def test_patch_writes_the_heatmap_of_the_sweep(capsys, tmp_path):
     m = re.search(r'Plotly\.newPlot\(\s*"[^"]+",\s*(\[.*?\]),\s*\{', page, flags=re.S)
     (heat,) = [t for t in json.loads(m.group(1)) if t["type"] == "heatmap"]
     result = sl.SweepResult.load(tmp_path / "sweep")
-    assert torch.allclose(torch.tensor(heat["z"]), result.values.float(), atol=1e-6)
+    # the heatmap shows the normalised effect (0 = base, 1 = source), the raw metric beside it in the hover data
+    assert torch.allclose(torch.tensor(heat["z"]), result.normalised.float(), atol=1e-6)
+    assert torch.allclose(torch.tensor([[c[1] for c in row] for row in heat["customdata"]]), result.values.float(), atol=1e-6)
     assert result.tokens == [" Italy", " is"]
 
 
