@@ -91,7 +91,8 @@ def figures(nb: nbformat.NotebookNode) -> list[dict]:
 
 def environment(*, fast: bool = True, png: bool = True) -> dict[str, str]:
     """The kernel's environment: fast mode, offline, progress bars off, figures as plotly JSON (+ PNG)."""
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "STEERLAB_PROGRESS": "0", "TQDM_DISABLE": "1",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "PLOTLY_RENDERER": "plotly_mimetype+png" if png else "plotly_mimetype", "STEERLAB_FAST": "1" if fast else "0"}
     if not fast:
         env.pop("STEERLAB_FAST")
