@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Locate your own concept: where does SmolLM2 keep the gender it reads off a name?
 #
-# **Run time.** Full mode not measured yet (run `python tutorials/build.py --full-times 11`); fast mode (`STEERLAB_FAST=1`, what the tests run) about three minutes.
+# **Run time.** Full mode about 16 min on 2 CPU cores (measured on a busy shared machine, one torch thread); fast mode (`STEERLAB_FAST=1`, what the tests run) about three minutes.
 #
 # **Question.** SmolLM2-135M-Instruct continues *"After work, John walked to the park, where"* with
 # " he" and *"After work, Mary walked to the park, where"* with " she". So somewhere it computes the
