@@ -246,7 +246,10 @@ class DAS:
         variables: the causal variables to align (default: those the training data intervenes).
         positions: where in the sequence: a name the encoder knows (``"last"``,
             ``"adjective"``), an int, or ``None`` (every position / no position axis).
-        epochs, batch_size, lr, seed: training (Adam, linear decay to 0).
+        epochs: training epochs (Adam, the learning rate decaying linearly to 0).
+        batch_size: counterfactuals per step.
+        lr: the learning rate.
+        seed: the initial subspace and the data order.
         controls: also train on a re-initialised copy of the model and search
             neuron-aligned alignments of the same size (on by default).
         localist_limit: enumerate every neuron assignment up to this many, else

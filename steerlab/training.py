@@ -12,7 +12,8 @@ A run file (paths are relative to the file's folder)::
 
     [data]
     file = "train.jsonl"             # rows {"prompt": ..., "response": ...} (causal LM)
-                                     #   or {"text": ..., "label": int} (classification head)
+                                     #   or {"text": ..., "label": int} (classification head);
+                                     #   .jsonl, .json, .csv or .tsv (steerlab.data.DATA_FORMATS)
     chat_template = false            # instruction rows: format prompts as chat turns
 
     [train]                          # every key optional; these are the defaults
@@ -198,16 +199,12 @@ def _typed(value: Any, kind: type, name: str, where: str) -> Any:
 
 
 def load_rows(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
-    """``("instruction" | "classification", rows)`` from a JSON-lines file, every row checked."""
+    """``("instruction" | "classification", rows)`` from a JSONL, JSON, CSV or TSV file (:func:`steerlab.data.read_rows`), every row checked."""
+    from steerlab.data import read_rows
+
     path = Path(path)
     rows, kind = [], None
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {n} is not JSON: {e}") from None
+    for n, row in read_rows(path):
         if not isinstance(row, dict):
             raise DataError(f"{path} line {n}: expected an object; got {type(row).__name__}")
         this = "instruction" if {"prompt", "response"} <= set(row) else "classification" if {"text", "label"} <= set(row) else None

@@ -22,6 +22,10 @@ COMMANDS = {
     "das": ["das", "--task", "sentiment", "--layer", "3"],
     "search": ["search", "--task", "sentiment", "--layers", "3"],
     "train": ["train", "run.toml"],
+    "explain": ["explain"],
+    "validate": ["validate", "experiment.toml"],
+    "run": ["run", "experiment.toml"],
+    "fetch": ["fetch"],
     "demo": ["demo"],
 }
 

@@ -18,11 +18,12 @@ from steerlab.viz.attribution import (
     logit_lens_heatmap,
     subspace_attribution_heatmap,
 )
-from steerlab.viz.export import Pre, Section, find_browser, report, save, save_html, save_png
+from steerlab.viz.export import Pre, Section, check_png, find_browser, report, save, save_html, save_png
 from steerlab.viz.graph import run_graph
 from steerlab.viz.patching import patching_heatmap
 from steerlab.viz.reft import reft_training_curve, token_effects
 from steerlab.viz.steering import steer_auroc, steer_sweep, steer_table
+from steerlab.viz.tokens import token_label
 
 __all__ = [
     "iia_heatmap",
@@ -46,8 +47,10 @@ __all__ = [
     "save",
     "save_html",
     "save_png",
+    "check_png",
     "report",
     "Section",
     "Pre",
     "find_browser",
+    "token_label",
 ]
