@@ -14,11 +14,18 @@ gradient with respect to a plain ``R`` into the gradient steerlab must report fo
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 #: unit roundoff of bfloat16 (8 significant bits): rounding to bf16 moves a value by at most this much relative
 BF16_U = 2.0**-8
+
+
+def ulp(x: Tensor) -> float:
+    """One bf16 unit in the last place at the largest magnitude of ``x``."""
+    return 2.0 ** (math.floor(math.log2(float(x.detach().abs().max()))) - 7)
 
 
 def padded_batch(lengths: list[int], side: str, *, seed: int, vocab: int = 90) -> dict[str, Tensor]:

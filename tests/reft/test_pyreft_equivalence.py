@@ -13,7 +13,6 @@ holds ``Rᵀ`` (``[d, rank]``); projections ``W`` are ``[rank, d]`` in both.
 from __future__ import annotations
 
 import copy
-import math
 
 import pyreft  # the test environment installs it with --no-deps (README)
 import pytest
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 
 from steerlab import reft
 from tests.archs import tiny_model
-from tests.peers import BF16_U, padded_batch, padded_positions, qr_pullback, qr_rows
+from tests.peers import BF16_U, padded_batch, padded_positions, qr_pullback, qr_rows, ulp
 from tests.reliability import one_thread_fixture
 
 _one_thread = one_thread_fixture()  # one intra-op thread: much faster on a shared 2-core machine
@@ -201,11 +200,6 @@ def test_bf16_edit_is_the_exact_edit_rounded_once_and_pyreft_within_its_rounding
     assert (gap <= bound).all(), float((gap / bound).max())
     if ROUNDINGS[kind]:  # where pyreft rounds more, the two really differ: the bound is not vacuous
         assert gap.max() > 0
-
-
-def ulp(x: Tensor) -> float:
-    """One bf16 unit in the last place at the largest magnitude of ``x``."""
-    return 2.0 ** (math.floor(math.log2(float(x.abs().max()))) - 7)
 
 
 @pytest.mark.parametrize("kind,ulps", [("loreft", 4), ("consreft", 2)])
