@@ -25,6 +25,7 @@ import torch
 import transformers
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.data import Dataset
 
 from steerlab import reft
 from tests.archs import tiny_model
@@ -50,7 +51,18 @@ class _Tok:
         raise NotImplementedError
 
 
-def examples() -> list[dict]:
+class _Rows(Dataset):
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def examples() -> _Rows:
     """Prompts of 4-8 tokens and responses of 2-3 (loss on the response); positions f1+l2 per example."""
     g = torch.Generator().manual_seed(11)
     out = []
@@ -58,7 +70,7 @@ def examples() -> list[dict]:
         n, m = int(torch.randint(4, 9, (), generator=g)), int(torch.randint(2, 4, (), generator=g))
         ids = torch.randint(3, 90, (n + m,), generator=g).tolist()
         out.append({"input_ids": ids, "labels": [-100] * n + ids[n:], "intervention_positions": torch.tensor([[0, n - 2, n - 1]])})
-    return out
+    return _Rows(out)
 
 
 def order() -> list[Tensor]:
