@@ -36,6 +36,7 @@ from steerlab.alignment.das import train as train_das
 from steerlab.alignment.results import DASResult, format_table
 from steerlab.interventions import fileformat
 from steerlab.interventions.errors import ConfigError, DataError, FileFormatError
+from steerlab.interventions.fileformat import field_of
 from steerlab.interventions.lab import Lab
 from steerlab.interventions.progress import Bar, bar
 
@@ -107,6 +108,8 @@ class SearchResult:
 
     # -- the file format --------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
+        """Save in the one file format, atomically (see :mod:`~steerlab.interventions.fileformat`
+        for the files a save owns in ``directory``)."""
         tensors: dict = {}
         records = []
         for i, r in enumerate(self.results):
@@ -117,14 +120,26 @@ class SearchResult:
 
     @classmethod
     def load(cls, directory: str | Path, *, fingerprint: dict | None = None) -> SearchResult:
-        meta, tensors = fileformat.load(directory, kind="das_search", fingerprint=fingerprint)
-        cfg = meta["config"]
-        try:
-            results = [DASResult.from_record(rec, tensors, f"{i}.") for i, rec in enumerate(cfg["results"])]
-            return cls(results, tuple(cfg["variables"]), dict(cfg.get("config") or {}), dict(cfg.get("timings") or {}),
-                       dict(cfg.get("layers") or {}), meta.get("fingerprint"))
-        except (KeyError, TypeError) as e:
-            raise FileFormatError(f"{directory}: a search record is malformed: {e}") from None
+        """Load a saved search; ``fingerprint`` (``lab.fingerprint()``) checks it was made for that model.
+        Every candidate's record is checked before anything is built."""
+        saved = fileformat.read(directory, kind="das_search", fingerprint=fingerprint)
+        cfg = saved.config
+        where = f"{directory}"
+        records = field_of(cfg, "results", list, where)
+        variables = field_of(cfg, "variables", list, where)
+        layers = field_of(cfg, "layers", dict, where)
+        for key in ("config", "timings"):
+            field_of(cfg, key, dict, where)
+        if not all(isinstance(v, str) for v in variables) or not all(isinstance(v, (int, type(None))) and not isinstance(v, bool) for v in layers.values()):
+            raise FileFormatError(f"{where}: variables {variables!r:.60} or layers {layers!r:.60}; expected names and layer numbers")
+        owned: set[str] = set()
+        for i, rec in enumerate(records):
+            owned |= DASResult.check_record(rec, saved.specs, f"{i}.", f"{where}: candidate {i}")
+        if set(saved.specs) != owned:
+            raise FileFormatError(f"{where} holds tensors {sorted(set(saved.specs) - owned)[:5]} that no candidate owns")
+        tensors = saved.tensors()
+        results = [DASResult.from_record(rec, tensors, f"{i}.") for i, rec in enumerate(records)]
+        return cls(results, tuple(variables), dict(cfg["config"]), dict(cfg["timings"]), dict(layers), saved.fingerprint)
 
     def __repr__(self) -> str:
         return f"SearchResult({len(self.results)} candidates, variables {list(self.variables)})"

@@ -92,7 +92,7 @@ if [ $TINY = 1 ]; then
     "sweep|240|benchmarks/bench_sweep.py --device $DEVICE --dtype $DTYPE --quick --models deep --every 15"
     "das|240|benchmarks/das_speed.py --device $DEVICE --dtype $DTYPE --quick --no-search --layers 2 --batch 2"
     "reft|240|benchmarks/reft_speed.py --device $DEVICE --dtype $DTYPE $PYREFT --models narrow --batch 2 --seq 16 --repeats 1 --inner 1 --new-tokens 2"
-    "atp|60|benchmarks/bench_atp.py --device $DEVICE --dtype $DTYPE --quick"
+    "atp|60|benchmarks/bench_atp.py --device $DEVICE --dtype $DTYPE --quick --models deep"
   )
   BUDGET=$((BUDGET > 1500 ? BUDGET : 1500))
 else

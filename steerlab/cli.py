@@ -525,9 +525,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- steer-eval (its body: steerlab/steer_eval_cli.py) ------------------------------------
+
+
+def _add_steer_eval(sub) -> None:
+    from steerlab.steer_eval_cli import add_parser
+
+    add_parser(sub)
+
+
 # -- main -----------------------------------------------------------------------------
 
-_COMMANDS: list[Callable] = [_add_sites, _add_patch, _add_generate, _add_das, _add_search, _add_train, _add_demo]
+_COMMANDS: list[Callable] = [_add_sites, _add_patch, _add_generate, _add_das, _add_search, _add_train, _add_demo, _add_steer_eval]
 
 
 class _Parser(argparse.ArgumentParser):

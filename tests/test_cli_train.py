@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from steerlab import reft
+from steerlab.interventions import fileformat
 from steerlab.cli import main
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,7 @@ def write_run(folder: Path, *, kind: str = "instruction", **train) -> Path:
 
 
 def weights(directory: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(directory / "weights.safetensors"))
+    return load_file(str(fileformat.weights_path(directory)))
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

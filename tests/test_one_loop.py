@@ -16,6 +16,7 @@ import steerlab.alignment.das as das_module
 import steerlab.reft.loop as loop
 from steerlab import reft
 from steerlab.alignment import DAS, tasks
+from steerlab.interventions import fileformat
 from steerlab.interventions.training import LoopSettings, batch_order
 from steerlab.models import embedded_path
 from steerlab.training import RunConfig, train_from_config
@@ -147,7 +148,7 @@ def test_steerlab_train_is_reft_train_bit_for_bit(tiny_folder, tmp_path, monkeyp
     assert len(batches["cli"]) == len(batches["python"]) == 12
     assert all(torch.equal(a, b) for a, b in zip(batches["cli"], batches["python"]))
     assert run.losses == res.losses and res.losses[-1] < res.losses[0]
-    mine, theirs = load_file(str(run.final / "weights.safetensors")), load_file(str(tmp_path / "python" / "weights.safetensors"))
+    mine, theirs = load_file(str(fileformat.weights_path(run.final))), load_file(str(fileformat.weights_path(tmp_path / "python")))
     assert sorted(mine) == sorted(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
     monkeypatch.setattr(loop, "step_loss", original)
@@ -156,7 +157,7 @@ def test_steerlab_train_is_reft_train_bit_for_bit(tiny_folder, tmp_path, monkeyp
     assert first.steps == 4 and first.final is None
     rest = train_from_config(cfg, resume=True, log=lambda line: None)
     assert rest.resumed_from == 4 and rest.losses == run.losses  # the checkpoint written where it stopped
-    resumed = load_file(str(rest.final / "weights.safetensors"))
+    resumed = load_file(str(fileformat.weights_path(rest.final)))
     assert all(torch.equal(mine[k], resumed[k]) for k in mine)
 
 
