@@ -197,8 +197,9 @@ class Checkpoints:
             checkpoint there (``resume=True`` continues later).
         identity: more settings that must agree to resume (the caller's: model,
             data hash, ...); the loop adds its own settings and the example count.
-        save_model, load_model: write / read the trained weights inside a
-            checkpoint folder (set by the entry point, e.g. ``reft.train``).
+        save_model: writes the trained weights inside a checkpoint folder
+            (set by the entry point, e.g. ``reft.train``).
+        load_model: reads them back from one.
         fingerprint: the model's, checked when the state is read back.
     """
 

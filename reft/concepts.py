@@ -110,7 +110,8 @@ class Concept:
     Args:
         name: short identifier (``"sentiment"``).
         description: what the concept is, in words (used in prompts).
-        positives, negatives: example texts that do / do not express it.
+        positives: example texts that express it.
+        negatives: example texts that do not.
         instructions: open-ended requests for generation.
         system_prompt: the prompting baseline's system message.
         judge: the judge's name (``"sentiment"``, ``"language:fr"``, ``"topic:movies"``).

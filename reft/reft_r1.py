@@ -37,7 +37,10 @@ class ReFTr1(ReftIntervention):
     Args:
         site: where it acts; ``positions`` as for every intervention.
         topk: ``k`` (default 8; fewer when fewer positions are selected).
-        width, dtype: as for every ReFT intervention (``rank`` is 1).
+        width: as for every ReFT intervention.
+        dropout: as for every ReFT intervention.
+        dtype: as for every ReFT intervention.
+        rank: must be 1 (accepted for a uniform signature).
     """
 
     _arguments = ("rank", "dropout", "dtype", "topk")

@@ -4,8 +4,10 @@ The layer folders at the repository root (``interventions/``, ``alignment/``, ..
 ``steerlab.interventions`` and so on through setuptools' ``package-dir`` mapping, which static
 analysis (griffe, under mkdocstrings) cannot follow. Before the build this hook makes
 ``build/docs-packages/steerlab/``: a copy of ``steerlab/`` (griffe resolves links, so the package
-itself cannot be one) with a link to each mapped folder under its installed name, read from
-``pyproject.toml``; ``mkdocs.yml`` points the handler there.
+itself cannot be one) with a copy of each mapped folder under its installed name, read from
+``pyproject.toml``; ``mkdocs.yml`` points the handler there. Copies, not links: griffe resolves a
+link to its real path, which lies outside the search path on some checkouts (CI found no
+``steerlab.alignment`` through one).
 """
 
 from __future__ import annotations
@@ -24,5 +26,5 @@ def on_config(config, **kwargs):
     shutil.copytree(ROOT / mapping["steerlab"], TARGET / "steerlab", ignore=shutil.ignore_patterns("__pycache__"))
     for name, folder in mapping.items():
         if name != "steerlab":
-            (TARGET / name.replace(".", "/")).symlink_to(ROOT / folder, target_is_directory=True)
+            shutil.copytree(ROOT / folder, TARGET / name.replace(".", "/"), ignore=shutil.ignore_patterns("__pycache__"))
     return config

@@ -80,6 +80,8 @@ def test_a_jupyter_kernel_gets_a_bar_without_a_terminal(monkeypatch):
     monkeypatch.delenv(progress.ENV, raising=False)
     shell = types.SimpleNamespace(config={"IPKernelApp": {}})
     monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+    # no ipywidgets, whatever this machine has installed or an earlier test imported (tqdm.notebook included)
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)
     out = io.StringIO()
     monkeypatch.setattr(sys, "stderr", out)
     assert progress.enabled(None)
