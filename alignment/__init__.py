@@ -7,11 +7,13 @@ accuracy (:class:`IIA`), the controls every result needs beside it
 (a re-initialised model and a localist alignment of the same size), search
 over sites × positions × sizes (:func:`search`), and shipped tasks
 (:mod:`steerlab.alignment.tasks`). A result exports each variable's
-:class:`~steerlab.Subspace` for steering.
+:class:`~steerlab.Subspace` for steering. The field's classic locating
+experiments: causal tracing (:func:`trace`).
 """
 
 from steerlab.alignment import tasks
 from steerlab.alignment.causal_model import CausalModel
+from steerlab.alignment.causal_tracing import CausalTrace, noise_scale, trace
 from steerlab.alignment.controls import localist_alignment, random_init_lab, reinitialise
 from steerlab.alignment.counterfactuals import Counterfactual, CounterfactualBatch, CounterfactualDataset
 from steerlab.alignment.das import DAS, BoundlessDAS
@@ -39,4 +41,7 @@ __all__ = [
     "reinitialise",
     "localist_alignment",
     "tasks",
+    "trace",
+    "noise_scale",
+    "CausalTrace",
 ]

@@ -174,6 +174,8 @@ def _sites(lab, sites) -> tuple[list[ResolvedSite], list[tuple[int, ...]]]:
         )
     out: dict[str, ResolvedSite] = {}
     groups: list[tuple[int, ...]] = []
+    names = [name for e in entries for p in ([e] if isinstance(e, str) else e) for name in lab.expand(p)]
+    lab._probe([lab.resolve(name) for name in dict.fromkeys(names)])  # every site's shape in one probe forward
 
     def add(name: str) -> int:
         site = lab.resolve(name)

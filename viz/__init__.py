@@ -12,12 +12,14 @@ from steerlab.viz.export import Pre, Section, find_browser, report, save, save_h
 from steerlab.viz.graph import run_graph
 from steerlab.viz.patching import patching_heatmap
 from steerlab.viz.reft import reft_training_curve, token_effects
+from steerlab.viz.tracing import causal_trace
 
 __all__ = [
     "iia_heatmap",
     "das_training_curve",
     "subspace_projection",
     "patching_heatmap",
+    "causal_trace",
     "reft_training_curve",
     "token_effects",
     "run_graph",
