@@ -8,12 +8,14 @@ accuracy (:class:`IIA`), the controls every result needs beside it
 over sites × positions × sizes (:func:`search`), and shipped tasks
 (:mod:`steerlab.alignment.tasks`). A result exports each variable's
 :class:`~steerlab.Subspace` for steering. The field's classic locating
-experiments: causal tracing (:func:`trace`).
+experiments: causal tracing (:func:`trace`), path patching and circuit
+faithfulness (:func:`path_patching`, :func:`faithfulness`).
 """
 
 from steerlab.alignment import tasks
 from steerlab.alignment.causal_model import CausalModel
 from steerlab.alignment.causal_tracing import CausalTrace, noise_scale, trace
+from steerlab.alignment.circuits import Circuit, Faithfulness, PathPatching, Receiver, faithfulness, head_means, path_patching
 from steerlab.alignment.controls import localist_alignment, random_init_lab, reinitialise
 from steerlab.alignment.counterfactuals import Counterfactual, CounterfactualBatch, CounterfactualDataset
 from steerlab.alignment.das import DAS, BoundlessDAS
@@ -44,4 +46,11 @@ __all__ = [
     "trace",
     "noise_scale",
     "CausalTrace",
+    "path_patching",
+    "PathPatching",
+    "Receiver",
+    "Circuit",
+    "faithfulness",
+    "Faithfulness",
+    "head_means",
 ]

@@ -13,6 +13,7 @@ from steerlab.viz.graph import run_graph
 from steerlab.viz.patching import patching_heatmap
 from steerlab.viz.reft import reft_training_curve, token_effects
 from steerlab.viz.tracing import causal_trace
+from steerlab.viz.circuits import faithfulness_chart, path_patching_heatmap
 
 __all__ = [
     "iia_heatmap",
@@ -20,6 +21,8 @@ __all__ = [
     "subspace_projection",
     "patching_heatmap",
     "causal_trace",
+    "path_patching_heatmap",
+    "faithfulness_chart",
     "reft_training_curve",
     "token_effects",
     "run_graph",
