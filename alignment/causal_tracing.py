@@ -153,7 +153,10 @@ def trace(
     ``window`` (layers, default 10; ``None`` for none) the ``mlp`` and ``attn`` kinds are
     also restored over windows centred on each layer. ``noise``: the multiple of ``std``
     (default: :func:`noise_scale` of ``facts``) added to the subject's embeddings;
-    ``samples`` noise draws per fact, seeded from ``seed``.
+    ``samples`` noise draws per fact. The facts are traced in batches of one token length and
+    subject span (sorted by length, then span); batch ``b``'s draws are those of
+    ``Noise("embed", std=noise * std, seed=seed * 1_000_003 + b, positions=subject)`` on its
+    prompts repeated ``samples`` times (rows: fact-major), the same in every restoration.
     """
     facts, layers = _check(lab, facts, kinds, window, layers, samples, noise)
     sigma = noise_scale(lab, facts) if std is None else float(std)

@@ -14,7 +14,7 @@ The corrupted distribution is the paper's ABC: the same template and fillers wit
 the three name slots filled by three other, distinct names (``"When Alice and Bob
 went to the store, Carol gave a drink to"``), which removes the information about
 which name is duplicated. The score is the logit difference ``logit(IO) − logit(S)``
-at ``END``. :meth:`IOI.prompts` draws a dataset from one split of the names (train
+at ``END`` (:attr:`IOIDataset.metric`). :meth:`IOI.prompts` draws a dataset from one split of the names (train
 and test names are disjoint), so a circuit found on one split can be checked on
 prompts with names it never saw.
 """
@@ -157,12 +157,13 @@ class IOIDataset:
             self.tokenizer.padding_side = side
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def logit_diff(self, output, inputs=None) -> Tensor:
-        """``logit(IO) − logit(S)`` at the last real token, per example (a patching metric;
-        a batch that repeats the prompts ``n`` times gets the answers repeated)."""
+    @property
+    def metric(self):
+        """``logit(IO) − logit(S)`` at the last real token, per example: a patching metric (a
+        batch repeating the prompts ``n`` times, as packed runs do, gets the answers repeated)."""
         from steerlab.interventions.metrics import logit_diff
 
-        return logit_diff(self.io_ids, self.s_ids)(output, inputs)
+        return logit_diff(self.io_ids, self.s_ids)
 
     def split(self, n: int) -> tuple[IOIDataset, IOIDataset]:
         """The first ``n`` prompts and the rest."""
