@@ -7,9 +7,9 @@
    outputs alone and over 10-layer windows. The average indirect effect per token class and
    layer; where the paper's two sites are (the early site: MLPs at the last subject token;
    the late site: the last token's hidden states) and their effect sizes.
-3. **Speed.** For ``--speed-facts`` facts: ``trace`` (the packed sweep, prefix reuse) ÷ the same
-   restorations run one by one (``lab.run`` with the noise and the clean values, precomputed,
-   patched in), the numbers checked equal.
+3. **Speed.** For ``--speed-facts`` facts at every ``--speed-layers``-th layer: ``trace`` (the
+   packed sweep, prefix reuse) ÷ the same restorations run one by one (``lab.run`` with the
+   noise and the clean values, precomputed, patched in), the numbers checked equal.
 
 Usage::
 
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--facts", type=int, default=60)
     ap.add_argument("--samples", type=int, default=2)
-    ap.add_argument("--speed-facts", type=int, default=2)
+    ap.add_argument("--speed-facts", type=int, default=1)
+    ap.add_argument("--speed-layers", type=int, default=3, help="the speed comparison traces every n-th layer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fast", action="store_true", help="4 facts, every 5th layer, 1 fact for speed")
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
         figs = {"Average indirect effect": res.plot()} | {f"{f.prompt!r}": res.plot(fact=i) for i, f in enumerate(facts[:3])}
         sl.viz.report(figs, args.html, title="Causal tracing on SmolLM2-135M-Instruct")
         print(f"wrote {args.html}")
-    speed(lab, facts[: 1 if args.fast else args.speed_facts], args.samples, args.seed, layers)
+    speed(lab, facts[: 1 if args.fast else args.speed_facts], args.samples, args.seed, layers or list(range(0, lab.n_layers, args.speed_layers)))
     return 0
 
 
