@@ -17,7 +17,7 @@
 Usage::
 
     python benchmarks/ioi_circuit.py                 # 30 train / 60 test prompts, every head (~40 min on a quiet core)
-    python benchmarks/ioi_circuit.py --fast          # 8 / 24 prompts, a few layers per step
+    python benchmarks/ioi_circuit.py --fast          # 6 / 24 prompts, a few layers per step (as tutorial 09's fast mode)
     python benchmarks/ioi_circuit.py --html ioi.html
 """
 
@@ -57,8 +57,9 @@ def main(argv=None) -> int:
     ap.add_argument("--test", type=int, default=60)
     ap.add_argument("--name-movers", type=int, default=6, help="at most this many name movers")
     ap.add_argument("--s-inhibition", type=int, default=4, help="at most this many S-inhibition heads")
-    ap.add_argument("--duplication", type=int, default=6, help="at most this many induction / duplicate-token heads")
-    ap.add_argument("--threshold", type=float, default=0.02, help="a head counts when its path moves the logit difference by more than this share")
+    ap.add_argument("--duplication", type=int, default=8, help="at most this many induction / duplicate-token heads")
+    ap.add_argument("--threshold", type=float, default=0.01, help="a head counts when its path lowers the logit difference by more than this share")
+    ap.add_argument("--negative-threshold", type=float, default=0.02, help="a negative name mover raises it by more than this share")
     ap.add_argument("--random", type=int, default=20, help="random circuits of the same size")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fast", action="store_true")
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     model, tok = sl.load("smollm2-135m")
     lab = sl.wrap(model, tok)
     H = lab.resolve("blocks.0.attn.z").n_heads
-    n_train, n_test = (8, 24) if args.fast else (args.train, args.test)
+    n_train, n_test = (6, 24) if args.fast else (args.train, args.test)
     task = ioi()
     train = task.prompts(n_train, tok, split="train", seed=1)
     test = task.prompts(n_test, tok, split="test", seed=2)
@@ -76,20 +77,20 @@ def main(argv=None) -> int:
     behaviour(lab, "train names", train)
     behaviour(lab, "test names", test)
 
-    low = 16 if args.fast else 0
+    low = 21 if args.fast else 0
     t0 = time.perf_counter()
     movers = path_patching(lab, train.encode(), train.encode(corrupted=True), metric=train.metric,
                            senders=[(L, h) for L in range(low, lab.n_layers) for h in range(H)])
     print(f"\n## Name movers: path patching to the logits ({len(movers.senders)} senders, {movers.forwards} forwards, {time.perf_counter() - t0:.0f} s)\n")
     print(movers.table(12))
     nm = choose(movers, args.name_movers, args.threshold)
-    negative = [h for h, v in movers.top(3, sign=1) if v > args.threshold]
+    negative = [h for h, v in movers.top(3, sign=1) if v > args.negative_threshold]
     print(f"\nname movers: {', '.join(f'{L}.{h}' for L, h in nm)}; negative name movers: {', '.join(f'{L}.{h}' for L, h in negative)}")
 
     end = train.positions("END")
     receivers = [Receiver(L, tuple(hs), "q", positions=end) for L, hs in Circuit.of(nm).by_layer().items()]
     top = min(L for L, _ in nm)
-    lo2 = max(0, top - 5) if args.fast else 0
+    lo2 = max(0, top - 4) if args.fast else 0
     t0 = time.perf_counter()
     inhibition = path_patching(lab, train.encode(), train.encode(corrupted=True), metric=train.metric, receivers=receivers,
                                senders=[(L, h) for L in range(lo2, top) for h in range(H)])
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     s2 = train.positions("S2")
     receivers3 = [Receiver(L, (h // group,), kind, positions=s2) for L, h in si for kind in ("k", "v")]
     top3 = min(L for L, _ in si)
-    lo3 = max(0, top3 - 6) if args.fast else 0
+    lo3 = max(0, top3 - 4) if args.fast else 0
     t0 = time.perf_counter()
     duplication = path_patching(lab, train.encode(), train.encode(corrupted=True), metric=train.metric, receivers=receivers3,
                                 senders=[(L, h) for L in range(lo3, top3) for h in range(H)])
