@@ -6,13 +6,14 @@ search (:class:`DAS`, :class:`BoundlessDAS`) scored by interchange-intervention
 accuracy (:class:`IIA`), the controls every result needs beside it
 (a re-initialised model and a localist alignment of the same size), search
 over sites × positions × sizes (:func:`search`), and shipped tasks
-(:mod:`steerlab.alignment.tasks`). A result exports each variable's
+(:mod:`steerlab.alignment.tasks`), and direction finders for steering
+(:mod:`steerlab.alignment.directions`: DiffMean, PCA, probe, CAA, ActAdd). A result exports each variable's
 :class:`~steerlab.Subspace` for steering. The field's classic locating
 experiments: causal tracing (:func:`trace`), path patching and circuit
 faithfulness (:func:`path_patching`, :func:`faithfulness`).
 """
 
-from steerlab.alignment import tasks
+from steerlab.alignment import directions, tasks
 from steerlab.alignment.causal_model import CausalModel
 from steerlab.alignment.causal_tracing import CausalTrace, noise_scale, trace
 from steerlab.alignment.circuits import Circuit, Faithfulness, PathPatching, Receiver, faithfulness, head_means, path_patching
@@ -53,4 +54,5 @@ __all__ = [
     "faithfulness",
     "Faithfulness",
     "head_means",
+    "directions",
 ]
