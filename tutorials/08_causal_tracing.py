@@ -1,6 +1,8 @@
 # %% [markdown]
 # # Causal tracing on SmolLM2-135M: where does a fact travel from its subject to the answer?
 #
+# **Run time.** Full mode about 60 min on 2 CPU cores (estimated from `benchmarks/causal_tracing.py`, which traces as many facts × noise draws, on a busy shared machine); fast mode (`STEERLAB_FAST=1`, what the tests run) about a minute.
+#
 # **Question.** SmolLM2-135M completes *"The capital of France is"* with *" Paris"*. Meng et al.
 # (2022, "Locating and Editing Factual Associations in GPT") found two sites in GPT-2 XL that carry
 # such a fact: an **early site**, the MLPs of the early-to-middle layers at the *last subject
@@ -95,7 +97,7 @@ if FAST:
     traced = [f for f in short if f.relation == "capital"][:2] + [f for f in short if len(f.subject_tokens(tok)) > 1][:2]
     layers, samples = list(range(0, 30, 4)), 2
 else:
-    traced, layers, samples = kept[::max(1, len(kept) // 12)][:12], list(range(30)), 3
+    traced, layers, samples = kept[::max(1, len(kept) // 12)][:12], list(range(30)), 2
 result = trace(lab, traced, layers=layers, samples=samples, std=sigma, seed=1)
 print(result)
 print(result.table("mlp window"))

@@ -1,6 +1,8 @@
 # %% [markdown]
 # # Indirect object identification in SmolLM2-135M: a circuit of attention heads
 #
+# **Run time.** Full mode about 90 min on 2 CPU cores (estimated from `benchmarks/ioi_circuit.py`, which runs the same searches, on a busy shared machine); fast mode (`STEERLAB_FAST=1`, what the tests run) about a minute.
+#
 # **Question.** Given *"Then, Mary and John went to the store. John gave a drink to"*, a language
 # model should say *" Mary"*: the name mentioned once (the indirect object, IO), not the one
 # mentioned twice (the subject, S). Wang et al. (2022, "Interpretability in the Wild") found the
@@ -40,8 +42,8 @@ model, tok = sl.load("smollm2-135m")
 lab = sl.wrap(model, tok)
 H = lab.resolve("blocks.0.attn.z").n_heads  # 9 query heads per layer
 task = ioi()
-train = task.prompts(6 if FAST else 40, tok, split="train", seed=1)  # circuit discovery
-test = task.prompts(24 if FAST else 100, tok, split="test", seed=2)  # held out: names never seen in discovery
+train = task.prompts(6 if FAST else 30, tok, split="train", seed=1)  # circuit discovery
+test = task.prompts(24 if FAST else 60, tok, split="test", seed=2)  # held out: names never seen in discovery
 print(task, train, test, sep="\n")
 print(train.texts[0], "|", train.corrupted_texts[0])
 
@@ -182,7 +184,7 @@ print(result.table())
 result.plot()
 
 # %% [markdown]
-# **Result.** A handful of heads found on six (or forty) prompts carry much of SmolLM2's IOI
+# **Result.** A handful of heads found on six (or thirty) prompts carry much of SmolLM2's IOI
 # behaviour on prompts with names they never saw, far more than random sets of heads of the same
 # size; removing every head destroys it.
 

@@ -175,3 +175,32 @@ def test_bad_base_interventions_and_groups_are_refused_before_compute():
     finally:
         handle.remove()
     assert_unchanged(model, before, what="refused sweeps")
+
+
+@pytest.mark.parametrize("fault", [RuntimeError, KeyboardInterrupt])
+def test_a_base_intervention_failing_mid_sweep_leaves_the_model_as_found(fault):
+    """The second packed forward's base intervention raises (an exception, or an interrupt that torch's
+    always-call hooks do not see): the model's hooks, methods and weights are as before, and the
+    next sweep gives the numbers of an untouched model."""
+    model = model_of("llama")
+    base = make_inputs([5, 5], 5, "right", 12)
+    metric = readout("llama")
+    calls = [0]
+
+    def noisy(x):
+        calls[0] += 1
+        if calls[0] == 4:  # the base run calls it once, each packed forward once per copy: the second forward
+            raise fault("injected")
+        return x + 0.5
+
+    before = snapshot(model)
+    with wrapped(model) as lab:
+        want = sl.sweep(lab, base, base, sites="blocks.*.mlp.out", metric=metric, configs_per_forward=2,
+                        base_interventions=[sl.Lambda("embed", lambda x: x + 0.5, positions=[1])])
+        with pytest.raises(fault, match="injected"):
+            sl.sweep(lab, base, base, sites="blocks.*.mlp.out", metric=metric, configs_per_forward=2,
+                     base_interventions=[sl.Lambda("embed", noisy, positions=[1])])
+        again = sl.sweep(lab, base, base, sites="blocks.*.mlp.out", metric=metric, configs_per_forward=2,
+                         base_interventions=[sl.Lambda("embed", lambda x: x + 0.5, positions=[1])])
+    assert_unchanged(model, before, what="a failed sweep")
+    torch.testing.assert_close(again.per_example, want.per_example, rtol=0, atol=0)
