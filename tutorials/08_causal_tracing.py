@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Causal tracing on SmolLM2-135M: where does a fact travel from its subject to the answer?
 #
-# **Run time.** Full mode about 60 min on 2 CPU cores (estimated from `benchmarks/causal_tracing.py`, which traces as many facts × noise draws, on a busy shared machine); fast mode (`STEERLAB_FAST=1`, what the tests run) about a minute.
+# **Run time.** Full mode about 70 min on 2 CPU cores (estimated from `benchmarks/causal_tracing.py`, 77 min for as many facts × noise draws, on a busy shared machine); fast mode (`STEERLAB_FAST=1`, what the tests run) about a minute.
 #
 # **Question.** SmolLM2-135M completes *"The capital of France is"* with *" Paris"*. Meng et al.
 # (2022, "Locating and Editing Factual Associations in GPT") found two sites in GPT-2 XL that carry
