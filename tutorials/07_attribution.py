@@ -14,9 +14,10 @@
 # attribution), and finally attribute *inside a subspace*: the 4-dimensional subspace where DAS finds a
 # review's polarity.
 #
-# **Run time.** Fast mode (`STEERLAB_FAST=1`, what the test suite runs): exact sweeps over every
-# 4th layer, DAS on 32 examples. Full mode (every layer's sweeps, DAS on 128 examples), measured on
-# the shared 2-core machine: 63 s of CPU, 6.7 minutes of wall time under heavy load.
+# **Run time.** Full mode about 7 min on 2 CPU cores (measured on a busy shared machine: 63 s of CPU); fast mode (`STEERLAB_FAST=1`, what the tests run) about a minute.
+#
+# Fast mode runs the exact sweeps over every 4th layer and DAS on 32 examples; full mode every
+# layer's sweeps and DAS on 128 examples.
 
 # %%
 import os

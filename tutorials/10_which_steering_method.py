@@ -18,11 +18,11 @@
 # - their *harmonic mean* per response. Each steering factor is chosen on validation instructions and
 #   the table reports held-out test instructions.
 #
-# Full mode (the three shipped concepts, every method, three seeds) is `benchmarks/steer_eval.py`:
-# about an hour on 2 CPU cores. This notebook runs one concept and six methods; with `STEERLAB_FAST=1`
-# (the test suite sets it) fewer instructions and shorter generations. Measured on the project's
-# 2-core machine under heavy shared load (about 14 runnable processes): fast mode 437 s; full mode
-# was not timed (it generates about four times as many tokens).
+# **Run time.** Full mode about 30 min on 2 CPU cores (estimated: four times the tokens of fast mode, which took 437 s under heavy shared load); fast mode (`STEERLAB_FAST=1`, what the tests run) about two minutes.
+#
+# This notebook runs one concept and six methods; with `STEERLAB_FAST=1` (the test suite sets it)
+# fewer instructions and shorter generations. The whole comparison (the three shipped concepts, every
+# method, three seeds) is `benchmarks/steer_eval.py`.
 
 # %%
 import os
