@@ -8,11 +8,15 @@ accuracy (:class:`IIA`), the controls every result needs beside it
 over sites × positions × sizes (:func:`search`), and shipped tasks
 (:mod:`steerlab.alignment.tasks`), and direction finders for steering
 (:mod:`steerlab.alignment.directions`: DiffMean, PCA, probe, CAA, ActAdd). A result exports each variable's
-:class:`~steerlab.Subspace` for steering.
+:class:`~steerlab.Subspace` for steering. The field's classic locating
+experiments: causal tracing (:func:`trace`), path patching and circuit
+faithfulness (:func:`path_patching`, :func:`faithfulness`).
 """
 
 from steerlab.alignment import directions, tasks
 from steerlab.alignment.causal_model import CausalModel
+from steerlab.alignment.causal_tracing import CausalTrace, noise_scale, trace
+from steerlab.alignment.circuits import Circuit, Faithfulness, PathPatching, Receiver, faithfulness, head_means, path_patching
 from steerlab.alignment.controls import localist_alignment, random_init_lab, reinitialise
 from steerlab.alignment.counterfactuals import Counterfactual, CounterfactualBatch, CounterfactualDataset
 from steerlab.alignment.das import DAS, BoundlessDAS
@@ -40,5 +44,15 @@ __all__ = [
     "reinitialise",
     "localist_alignment",
     "tasks",
+    "trace",
+    "noise_scale",
+    "CausalTrace",
+    "path_patching",
+    "PathPatching",
+    "Receiver",
+    "Circuit",
+    "faithfulness",
+    "Faithfulness",
+    "head_means",
     "directions",
 ]

@@ -29,18 +29,31 @@ separately, whatever the padding side. A slot beyond an example's length
 (``positions="all"`` over examples of different lengths) patches nothing
 there: its per-example value is NaN and ``SweepResult.filled`` is ``False`` (means skip
 it; a NaN the metric itself returns in a patched cell stays a NaN in the mean).
+
+Two generalisations keep the same contract:
+
+* **Site groups.** An entry of ``sites`` may be a list of names, patched
+  together as one configuration (as a position group is): ROME's 10-layer
+  windows are ``[[f"blocks.{l}.mlp.out" for l in window] ...]``.
+* **Base interventions.** ``base_interventions`` act in the base run and in
+  every patched run, so the base is itself intervened (causal tracing: noise
+  at the subject's embeddings, with the clean run as the source); each
+  configuration equals ``lab.run(base, [*base_interventions, Interchange(...)])``.
+  In a packed forward each of the ``C`` copies of the base gets its own call
+  of the intervention on its ``B`` rows, so a seeded :class:`~steerlab.interventions.ops.Noise`
+  draws the same noise in every copy as in the base run.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from steerlab.interventions.errors import BatchMismatch, ConfigError, ShapeMismatch, UnitError
+from steerlab.interventions.errors import BatchMismatch, ConfigError, ShapeMismatch, SourceError, UnitError
 from steerlab.interventions.graph import SourceValue
 from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.metrics import Metric, as_metric
@@ -88,12 +101,37 @@ class _RowPatch(Intervention):
         return src if self.mask is None else torch.where(self.mask, src, base)
 
 
+class _Tiled(Intervention):
+    """A base intervention in a packed forward of ``copies`` × its batch: the wrapped
+    intervention is called once per copy, on that copy's rows, exactly as in the base run."""
+
+    def __init__(self, inner: Intervention, copies: int):
+        pos = inner.positions
+        positions = pos.tensor.repeat(copies, 1) if pos.kind == "tensor" and pos.tensor is not None else pos
+        src = inner.source
+        if isinstance(src, SourceValue):  # per-example values and slots: one copy per packed copy
+            tile = lambda t: t if t is None or t.shape[0] == 1 else t.repeat(copies, *([1] * (t.dim() - 1)))  # noqa: E731
+            src = SourceValue(tile(src.value), tile(src.valid))
+        super().__init__(inner.site, positions=positions, heads=inner.heads, dims=inner.dims)
+        self.sourced = inner.sourced  # instance attribute: the engine asks each intervention
+        self.source, self.source_positions, self.source_site = src, inner.source_positions, inner.source_site
+        self.inner, self.copies = inner, copies
+
+    def forward(self, base: Tensor, source: Tensor | None = None) -> Tensor:
+        parts = base.chunk(self.copies)
+        if source is None:
+            return torch.cat([self.inner(p) for p in parts])
+        srcs = source.chunk(self.copies) if source.shape[0] == base.shape[0] else [source] * self.copies
+        return torch.cat([self.inner(p, s) for p, s in zip(parts, srcs, strict=True)])
+
+
 @dataclass
 class _Plan:
     """Everything validated before compute."""
 
-    sites: list[ResolvedSite]
-    starts: list[int]  # the first block each site's value depends on
+    sites: list[ResolvedSite]  # every swept site once
+    groups: list[tuple[int, ...]]  # each configuration's sites (indices into ``sites``)
+    starts: list[int]  # per group: the first block its value depends on
     slots: list[tuple[int, ...] | None]  # None: every position at once
     heads: list[int] | None
     base: Inputs
@@ -102,32 +140,62 @@ class _Plan:
     source_info: MaskInfo
     metric: Metric
     per_forward: int | None  # None: chosen by cost (see _chunks)
+    base_interventions: list[Intervention]
+    #: blocks whose input a base intervention edits: a prefix there would hold the edit
+    #: already and the live edit would apply it twice, so a chunk resumes one block lower
+    edited_inputs: set[int] = field(default_factory=set)
+
+    def start(self, chunk) -> int:
+        s = min(self.starts[c[0]] for c in chunk)
+        while s in self.edited_inputs:
+            s -= 1
+        return max(s, 0)
 
     @property
     def configs(self) -> list[tuple[int, int, int]]:
         heads = self.heads if self.heads is not None else [-1]
-        return [(s, q, h) for s in range(len(self.sites)) for q in range(len(self.slots)) for h in range(len(heads))]
+        return [(s, q, h) for s in range(len(self.groups)) for q in range(len(self.slots)) for h in range(len(heads))]
+
+    def label(self, g: int) -> str:
+        return "+".join(self.sites[i].name for i in self.groups[g])
 
 
 def _lengths(info: MaskInfo) -> list[int]:
     return list(info.lengths_cpu) if info.lengths_cpu is not None else [int(x) for x in info.lengths.tolist()]
 
 
-def _sites(lab, sites) -> list[ResolvedSite]:
-    patterns = [sites] if isinstance(sites, str) else list(sites)
-    if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise ConfigError(f"sites={sites!r}: expected a site name or pattern ('blocks.*.resid_post') or a list of them")
+def _sites(lab, sites) -> tuple[list[ResolvedSite], list[tuple[int, ...]]]:
+    """The swept sites (each once) and the configurations' groups of them: a pattern entry
+    gives one group per site it names, a list entry one group of every site its patterns name."""
+    entries = [sites] if isinstance(sites, str) else list(sites) if isinstance(sites, (list, tuple)) else None
+    ok = lambda e: isinstance(e, str) or (isinstance(e, (list, tuple)) and e and all(isinstance(p, str) for p in e))  # noqa: E731
+    if not entries or not all(ok(e) for e in entries):
+        raise ConfigError(
+            f"sites={sites!r}: expected a site name or pattern ('blocks.*.resid_post'), or a list whose entries "
+            "are names or patterns or lists of them (a group of sites patched together)"
+        )
     out: dict[str, ResolvedSite] = {}
-    for p in patterns:
-        for name in lab.expand(p):
-            site = lab.resolve(name)
+    groups: list[tuple[int, ...]] = []
+    names = [name for e in entries for p in ([e] if isinstance(e, str) else e) for name in lab.expand(p)]
+    lab._probe([lab.resolve(name) for name in dict.fromkeys(names)])  # every site's shape in one probe forward
+
+    def add(name: str) -> int:
+        site = lab.resolve(name)
+        if site.name not in out:
             if not lab.has_positions(site):
                 raise UnitError(
                     f"site {site.name!r} has no position axis (its value is [batch, width]); "
                     "a patching sweep needs [batch, pos, ...]"
                 )
-            out.setdefault(site.name, site)
-    return list(out.values())
+            out[site.name] = site
+        return list(out).index(site.name)
+
+    for e in entries:
+        if isinstance(e, str):
+            groups += [(add(name),) for name in lab.expand(e)]
+        else:
+            groups.append(tuple(dict.fromkeys(add(name) for p in e for name in lab.expand(p))))
+    return list(out.values()), list(dict.fromkeys(groups))
 
 
 def _heads(lab, sites: list[ResolvedSite], heads) -> list[int] | None:
@@ -233,7 +301,27 @@ def _chunks(plan: _Plan, lab) -> list[list[tuple[int, int, int]]]:
     return chunks[::-1]
 
 
-def _plan(lab, base, source, sites, positions, heads, metric, configs_per_forward) -> _Plan:
+def _base_interventions(lab, ivs, batch: int) -> list[Intervention]:
+    """Check ``base_interventions``: sourceless, or reading a :class:`SourceValue` of the base's batch (or 1)."""
+    if isinstance(ivs, Intervention):
+        ivs = [ivs]
+    out = list(ivs) if isinstance(ivs, (list, tuple)) else None
+    if out is None or not all(isinstance(iv, Intervention) for iv in out):
+        raise ConfigError(f"base_interventions={ivs!r:.80}: expected a list of Intervention objects")
+    for iv in out:
+        src = iv.source
+        if iv.sourced and not isinstance(src, SourceValue):
+            raise SourceError(
+                f"base_interventions: {type(iv).__name__} at {iv.site!r} reads from {src!r:.60}; a base intervention "
+                "acts in every packed row, so a sourced one needs a precomputed SourceValue (lab.source_value(iv))"
+            )
+        if isinstance(src, SourceValue) and src.value.shape[0] not in (1, batch):
+            raise BatchMismatch(f"base_interventions: the SourceValue at {iv.site!r} has batch {src.value.shape[0]}; expected {batch} or 1")
+        lab.prepare(iv)
+    return out
+
+
+def _plan(lab, base, source, sites, positions, heads, metric, configs_per_forward, base_interventions=()) -> _Plan:
     m = as_metric(metric)
     if m.tokenizer is None:
         m = m.bind(lab)  # resolves token strings now, before any compute
@@ -245,12 +333,15 @@ def _plan(lab, base, source, sites, positions, heads, metric, configs_per_forwar
         )
     if s.batch != b.batch:
         s = s.repeat(b.batch)  # one source for every example: its metric is per example too
-    rs = _sites(lab, sites)
+    rs, groups = _sites(lab, sites)
     hs = _heads(lab, rs, heads)
     bi, si = b.mask_info(), s.mask_info()
     slots = _slots(positions, bi, si, hs)
-    starts = [site.layer if site.layer is not None else 0 for site in rs]
-    return _Plan(rs, starts, slots, hs, b, s, bi, si, m, _per_forward(configs_per_forward))
+    starts = [min(rs[i].layer if rs[i].layer is not None else 0 for i in g) for g in groups]
+    ivs = _base_interventions(lab, base_interventions, b.batch)
+    blocks = list(lab.layers) if lab.map.layers_path is not None else []
+    edited = {i for iv in ivs for i, blk in enumerate(blocks) if (r := lab.resolve(iv.site)).module is blk and r.port.io == "input"}
+    return _Plan(rs, groups, starts, slots, hs, b, s, bi, si, m, _per_forward(configs_per_forward), ivs, edited)
 
 
 def _slot_table(plan: _Plan, device) -> Tensor:
@@ -280,9 +371,13 @@ def _chunk_interventions(plan: _Plan, chunk: list[tuple[int, int, int]], table: 
     ok = base_ok & src_ok
     src_idx = (plan.source_info.starts.to(dev)[ex][:, None] + src_real).clamp(0, plan.source_info.seq - 1)
     ivs = []
-    for s in sorted({c[0] for c in chunk}):
+    member = torch.zeros(len(plan.groups), len(plan.sites), dtype=torch.bool)
+    for g, sites in enumerate(plan.groups):
+        member[g, list(sites)] = True
+    member = member.to(dev)
+    for s in sorted({i for c in chunk for i in plan.groups[c[0]]}):
         site = plan.sites[s]
-        here = (row_cfg[:, 0] == s)[:, None] & ok
+        here = member[row_cfg[:, 0], s][:, None] & ok
         pos = torch.where(here, base_real, torch.full_like(base_real, -1))
         src = values[site.name][ex[:, None], src_idx]  # [rows, k, ...]
         mask = None
@@ -332,7 +427,7 @@ def _base_and_source(lab, plan: _Plan, starts: set[int]):
     source metric and the source value at every swept site."""
     kw = _model_kwargs(lab)
     pre = [Collect(f"blocks.{L}.resid_pre", name=f"pre{L}") for L in sorted(starts) if L > 0]
-    b = lab.run(plan.base, pre, **kw)
+    b = lab.run(plan.base, [*plan.base_interventions, *pre], **kw)
     metric = plan.metric.against(b.output, plan.base)
     base_metric = _check_metric(metric(b.output, plan.base), plan.base_info.batch, metric.name)
     s = lab.run(plan.source, [Collect(site.name) for site in plan.sites], **kw)
@@ -351,12 +446,14 @@ def sweep(
     sites="blocks.*.resid_post",
     positions=_DEFAULT,
     heads=None,
+    base_interventions=(),
     configs_per_forward: int | None = None,
     progress: bool | None = None,
 ) -> SweepResult:
     """Patch ``source`` into ``base`` at each configuration; the metric of each patched run.
 
-    ``sites``: a name, a pattern (``"blocks.*.attn.out"``) or a list of them.
+    ``sites``: a name, a pattern (``"blocks.*.attn.out"``) or a list of them;
+    an entry that is itself a list is one group of sites patched together.
     ``positions``: ``"all"`` (each real position in turn), a list whose entries
     are positions or groups of positions patched together (``[0, [3, 4], -1]``),
     a spec (``"l5"``: the last five in turn), or ``None`` (all positions at
@@ -366,6 +463,9 @@ def sweep(
     metric or ``fn(output, inputs) -> Float[Tensor, "batch"]`` (``inputs``: an
     :class:`~steerlab.interventions.inputs.Inputs`, ``inputs.mask_info()`` says
     where each row's real tokens are; a packed batch repeats the examples).
+    ``base_interventions``: interventions applied in the base run and in every
+    patched run, before the patch (sourceless, or reading a :class:`SourceValue`);
+    ``base_metric`` is then the intervened base's (causal tracing's corrupted run).
     ``configs_per_forward``: configurations packed into one forward (default:
     chosen by cost, at most ``AUTO_TOKENS`` tokens per forward; see :func:`_chunks`).
     ``progress``: a bar over the packed forwards (default: when the output is a
@@ -373,9 +473,9 @@ def sweep(
     """
     if positions is _DEFAULT:
         positions = "all" if heads is None else None
-    plan = _plan(lab, base, source, sites, positions, heads, metric, configs_per_forward)
+    plan = _plan(lab, base, source, sites, positions, heads, metric, configs_per_forward, base_interventions)
     chunks = _chunks(plan, lab)
-    starts = {min(plan.starts[c[0]] for c in ch) for ch in chunks} if lab.map.layers_path is not None else set()
+    starts = {plan.start(ch) for ch in chunks} if lab.map.layers_path is not None else set()
     with torch.no_grad():
         metric, base_metric, source_metric, values, prefixes = _base_and_source(lab, plan, starts)
         grid, filled = _run_chunks(lab, plan, chunks, metric, values, prefixes, progress)
@@ -384,8 +484,8 @@ def sweep(
         filled=filled,
         base_metric=base_metric.cpu(),
         source_metric=source_metric.cpu(),
-        sites=[s.name for s in plan.sites],
-        layers=[s.layer for s in plan.sites],
+        sites=[plan.label(g) for g in range(len(plan.groups))],
+        layers=[_group_layer(plan, g) for g in range(len(plan.groups))],
         positions=[None if s is None else list(s) for s in plan.slots],
         tokens=_labels(lab, plan),
         heads=plan.heads,
@@ -408,7 +508,8 @@ def _run_chunks(lab, plan: _Plan, chunks, metric: Metric, values: dict, prefixes
     kwargs = {**_model_kwargs(lab), **({"logits_to_keep": window} if window else {})}
     for chunk in track(chunks, desc="patching sweep", unit="forward", progress=progress):
         ivs, empty = _chunk_interventions(plan, chunk, table, values)
-        start = min(plan.starts[c[0]] for c in chunk)
+        ivs = [_Tiled(iv, len(chunk)) for iv in plan.base_interventions] + ivs  # edits run in order: the patch last
+        start = plan.start(chunk)
         prefix = prefixes[start].repeat(len(chunk)) if start in prefixes else None
         packed = plan.base.repeat(len(chunk))
         res = lab.run(packed, ivs, prefix=prefix, **kwargs)
@@ -418,8 +519,13 @@ def _run_chunks(lab, plan: _Plan, chunks, metric: Metric, values: dict, prefixes
         out[rows] = v.masked_fill(empty.cpu(), math.nan)
         filled[rows] = ~empty.cpu()
     n_heads = len(plan.heads) if plan.heads is not None else 1
-    shape = (len(plan.sites), len(plan.slots), n_heads, B)
+    shape = (len(plan.groups), len(plan.slots), n_heads, B)
     return out.view(shape), filled.view(shape)
+
+
+def _group_layer(plan: _Plan, g: int) -> int | None:
+    layers = {plan.sites[i].layer for i in plan.groups[g]}
+    return layers.pop() if len(layers) == 1 else None
 
 
 def _labels(lab, plan: _Plan) -> list[str]:

@@ -22,6 +22,8 @@ from steerlab.viz.export import Pre, Section, check_png, find_browser, report, s
 from steerlab.viz.graph import run_graph
 from steerlab.viz.patching import patching_heatmap
 from steerlab.viz.reft import reft_training_curve, token_effects
+from steerlab.viz.tracing import causal_trace
+from steerlab.viz.circuits import faithfulness_chart, path_patching_heatmap
 from steerlab.viz.steering import steer_auroc, steer_sweep, steer_table
 from steerlab.viz.tokens import token_label
 
@@ -30,6 +32,9 @@ __all__ = [
     "das_training_curve",
     "subspace_projection",
     "patching_heatmap",
+    "causal_trace",
+    "path_patching_heatmap",
+    "faithfulness_chart",
     "reft_training_curve",
     "token_effects",
     "steer_table",
