@@ -5,17 +5,19 @@ Causal models (:class:`CausalModel`), counterfactual data
 search (:class:`DAS`, :class:`BoundlessDAS`) scored by interchange-intervention
 accuracy (:class:`IIA`), the controls every result needs beside it
 (a re-initialised model and a localist alignment of the same size), search
-over sites × positions × sizes (:func:`search`), and shipped tasks
+over sites × positions × sizes (:func:`search`), hypothesis testing between
+causal models (:func:`compare_hypotheses`), and shipped tasks
 (:mod:`steerlab.alignment.tasks`). A result exports each variable's
 :class:`~steerlab.Subspace` for steering.
 """
 
 from steerlab.alignment import tasks
 from steerlab.alignment.causal_model import CausalModel
-from steerlab.alignment.controls import localist_alignment, random_init_lab, reinitialise
+from steerlab.alignment.controls import localist_alignment, random_init, random_init_lab, reinitialise
 from steerlab.alignment.counterfactuals import Counterfactual, CounterfactualBatch, CounterfactualDataset
 from steerlab.alignment.das import DAS, BoundlessDAS
 from steerlab.alignment.encoders import Encoder, PromptEncoder, VectorEncoder
+from steerlab.alignment.hypotheses import Hypothesis, HypothesisResult, PairedComparison, compare_hypotheses
 from steerlab.alignment.iia import IIA
 from steerlab.alignment.results import Curve, DASResult
 from steerlab.alignment.search import SearchResult, search
@@ -35,6 +37,11 @@ __all__ = [
     "DASResult",
     "search",
     "SearchResult",
+    "Hypothesis",
+    "HypothesisResult",
+    "PairedComparison",
+    "compare_hypotheses",
+    "random_init",
     "random_init_lab",
     "reinitialise",
     "localist_alignment",

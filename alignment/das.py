@@ -33,10 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from steerlab.alignment._activations import ActivationStore, Runner
+from steerlab.alignment.controls import full_vector_bound
 from steerlab.alignment.counterfactuals import CounterfactualDataset
 from steerlab.alignment.iia import IIA, evaluate_iia
 from steerlab.alignment.results import Curve, DASResult
-from steerlab.interventions.errors import ConfigError, DataError, SubspaceSizeError
+from steerlab.interventions.errors import ConfigError, DataError, NotFitted, SubspaceSizeError
 from steerlab.interventions.lab import Lab
 from steerlab.interventions.ops import BoundlessSubspaceInterchange, Interchange, Intervention, SubspaceInterchange
 from steerlab.interventions.orthonormal import Orthonormal, _orthonormal_rows
@@ -185,23 +186,11 @@ def evaluate(runner: Runner, ivs: Sequence[Intervention], *, rows: Tensor | None
     return evaluate_iia(lambda r: runner.run(r, ivs), t.labels, t.intervened, t.variables, rows=rows, batch_size=batch_size)
 
 
-def full_vector_iia(runner: Runner, *, batch_size: int = 256) -> dict[str, IIA]:
-    """IIA of the full-vector interchange at the runner's site and positions, per
-    variable, on the examples that intervene that variable alone."""
-    t = runner.table
-    out: dict[str, IIA] = {}
-    iv = Interchange(runner.site)
-    for j, v in enumerate(t.variables):
-        only = t.intervened.sum(1).eq(1) & t.intervened[:, j]
-        rows = only.nonzero().flatten()
-        if rows.numel() == 0:
-            continue
-        res = evaluate_iia(
-            lambda r, j=j: runner.run(r, [iv], [runner.source_slice(r, j)]),
-            t.labels, t.intervened, t.variables, rows=rows, batch_size=batch_size,
-        )
-        out[v] = res["all"]
-    return out
+def bounded_iia(runner: Runner, ivs: Sequence[Intervention], bound: Mapping[str, tuple[IIA, Tensor]], *,
+                batch_size: int = 256) -> dict[str, IIA]:
+    """IIA of ``ivs`` on the examples where the full-vector interchange bounds each variable
+    (``bound`` from :func:`~steerlab.alignment.controls.full_vector_bound`)."""
+    return {v: evaluate(runner, ivs, rows=rows, batch_size=batch_size)["all"] for v, (_, rows) in bound.items()}
 
 
 def subspaces_of(
@@ -240,6 +229,9 @@ class DAS:
         epochs, batch_size, lr, seed: training (Adam, linear decay to 0).
         controls: also train on a re-initialised copy of the model and search
             neuron-aligned alignments of the same size (on by default).
+        random_init_scope: what the random-init control re-initialises: ``"all"``,
+            ``"trained"`` or a list of module paths (see
+            :func:`~steerlab.alignment.controls.random_init`); the result says which.
         localist_limit: enumerate every neuron assignment up to this many, else
             sample ``localist_samples`` of them; chosen on up to
             ``selection_size`` training examples, reported on the test set.
@@ -260,6 +252,7 @@ class DAS:
         lr: float = 1e-2,
         seed: int = 0,
         controls: bool = True,
+        random_init_scope: str | Sequence[str] = "all",
         localist_limit: int = 20_000,
         localist_samples: int = 64,
         selection_size: int = 512,
@@ -274,7 +267,28 @@ class DAS:
         self.positions = list(positions) if isinstance(positions, tuple) else positions
         self.cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_size=eval_size)
         self.controls = controls
+        self.random_init_scope = random_init_scope
         self.localist_limit, self.localist_samples, self.selection_size = localist_limit, localist_samples, selection_size
+        self._result: DASResult | None = None
+
+    # -- the fitted result ----------------------------------------------------------------
+    @property
+    def result(self) -> DASResult:
+        """The :class:`DASResult` of the last :meth:`fit` (:class:`NotFitted` before it)."""
+        if self._result is None:
+            raise NotFitted(f"this {self.method} at {self.site!r} is not fitted yet: call fit(train, test) first "
+                            "(it returns the result, also kept as .result)")
+        return self._result
+
+    @property
+    def subspaces(self) -> dict[str, Subspace]:
+        """Each variable's found :class:`Subspace` (the last fit's)."""
+        return self.result.subspaces
+
+    @property
+    def iia(self) -> dict[str, IIA]:
+        """Held-out IIA per intervened set and ``"all"`` (the last fit's)."""
+        return self.result.iia
 
     # -- validation ---------------------------------------------------------------------
     def width(self) -> int:
@@ -314,16 +328,18 @@ class DAS:
         ivs, curve = self._train(run_train, run_test, sizes)
         timings["train"] = time.perf_counter() - t0
         iia = evaluate(run_test, ivs, batch_size=self.cfg.eval_batch_size)
+        bound = full_vector_bound(run_test, test, batch_size=self.cfg.eval_batch_size)
         result = DASResult(
             site=self.site, positions=self.positions, variables=tuple(variables), sizes=self._final_sizes(ivs, sizes),
             subspaces=subspaces_of(ivs, variables, self.site, self.positions, self.method, iia, train.encoder), iia=iia,
-            full_vector=full_vector_iia(run_test, batch_size=self.cfg.eval_batch_size), curve=curve, method=self.method,
-            config=self._config(train, test), timings=timings, fingerprint=self.lab.fingerprint(),
+            full_vector={v: b[0] for v, b in bound.items()}, bounded=bounded_iia(run_test, ivs, bound, batch_size=self.cfg.eval_batch_size),
+            curve=curve, method=self.method, config=self._config(train, test), timings=timings, fingerprint=self.lab.fingerprint(),
         )
         if self.controls:
             t0 = time.perf_counter()
             self._controls(result, run_train, run_test, train, test, sizes)
             timings["controls"] = time.perf_counter() - t0
+        self._result = result
         return result
 
     def _train(self, run_train: Runner, run_test: Runner, sizes: dict[str, int]) -> tuple[list[Intervention], Curve]:
@@ -338,15 +354,16 @@ class DAS:
         return {**self.cfg.to_json(), "n_train": len(train), "n_test": len(test), "method": self.method}
 
     def _controls(self, result: DASResult, run_train: Runner, run_test: Runner, train, test, sizes) -> None:
-        from steerlab.alignment.controls import localist_alignment, random_init_lab
+        from steerlab.alignment.controls import localist_alignment, random_init
 
         loc = localist_alignment(
             run_train, run_test, result.sizes, self.width(), limit=self.localist_limit, samples=self.localist_samples,
             selection_size=self.selection_size, seed=self.cfg.seed,
         )
         result.localist, result.localist_method, result.localist_dims = loc.iia, loc.method, loc.dims
-        rlab = random_init_lab(self.lab, seed=self.cfg.seed)
-        rstore = store_for(rlab, [train, test], [self.site])
+        ri = random_init(self.lab, seed=self.cfg.seed, scope=self.random_init_scope)
+        result.random_init_scope = ri.description
+        rstore = store_for(ri.lab, [train, test], [self.site])
         r_train, r_test = Runner(rstore, train, self.site, self.positions), Runner(rstore, test, self.site, self.positions)
         r_ivs, r_curve = self._train(r_train, r_test, sizes)
         result.random_init = evaluate(r_test, r_ivs, batch_size=self.cfg.eval_batch_size)

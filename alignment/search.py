@@ -21,19 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from steerlab.alignment._activations import Runner, site_layer
-from steerlab.alignment.controls import localist_alignment, random_init_lab
+from steerlab.alignment.controls import full_vector_bound, localist_alignment, random_init
 from steerlab.alignment.counterfactuals import CounterfactualDataset
 from steerlab.alignment.das import (
     TrainConfig,
+    bounded_iia,
     build_subspace_interventions,
     evaluate,
-    full_vector_iia,
     resolve_sizes,
     store_for,
     subspaces_of,
 )
 from steerlab.alignment.das import train as train_das
-from steerlab.alignment.results import DASResult, format_table
+from steerlab.alignment.results import DASResult, format_table, labelled_localist
 from steerlab.interventions import fileformat
 from steerlab.interventions.errors import ConfigError, DataError, FileFormatError
 from steerlab.interventions.lab import Lab
@@ -96,7 +96,9 @@ class SearchResult:
         above = list(dict.fromkeys(f"{r['site']} {r['positions']!r} size {r['size']}" for r in rows if r["above_full_vector"]))
         note = ("\nDAS above the full-vector interchange (more than 2 SE; a subspace edit that beats swapping the whole "
                 f"vector suggests an interpretability illusion): {'; '.join(above)}") if above else ""
-        return format_table(rows, cols) + note
+        scope = next((r.random_init_scope for r in self.results if r.random_init_scope), None)
+        scope = f"\nrandom-init: {scope}" if scope else ""
+        return format_table(labelled_localist(rows), cols) + scope + note
 
     def plot(self, **kwargs):
         """IIA over sites × sizes, with the controls and the full-vector interchange beside it."""
@@ -147,6 +149,7 @@ def search(
     positions: Any = (None,),
     sizes: Sequence[int] = (1, 4, 16),
     controls: bool = True,
+    random_init_scope: str | Sequence[str] = "all",
     epochs: int = 5,
     batch_size: int = 64,
     lr: float = 1e-2,
@@ -169,6 +172,7 @@ def search(
         positions: position specs to try (names the encoder knows, ints, ``None``).
         sizes: subspace sizes to try (each variable gets its own subspace of that size).
         controls: train on a re-initialised copy and search localist alignments too.
+        random_init_scope: what that copy re-initialises (``"all"``, ``"trained"``, module paths).
         progress: print each candidate's row as it finishes.
     """
     if not isinstance(train, CounterfactualDataset):
@@ -187,10 +191,11 @@ def search(
     t0 = time.perf_counter()
     store = store_for(lab, [train, test], names)
     timings["cache"] = time.perf_counter() - t0
-    rstore = None
+    rstore, scope = None, None
     if controls:
         t0 = time.perf_counter()
-        rstore = store_for(random_init_lab(lab, seed=seed), [train, test], names)
+        ri = random_init(lab, seed=seed, scope=random_init_scope)
+        rstore, scope = store_for(ri.lab, [train, test], names), ri.description
         timings["random_init_cache"] = time.perf_counter() - t0
     results = []
     t_all = time.perf_counter()
@@ -202,6 +207,7 @@ def search(
     timings["candidates"] = time.perf_counter() - t_all
     for r in results:
         r.fingerprint = lab.fingerprint()
+        r.random_init_scope = scope
     config = {**cfg.to_json(), "sites": names, "positions": specs, "sizes": sizes, "controls": controls,
               "n_train": len(train), "n_test": len(test)}
     return SearchResult(results, tuple(variables), config, timings, {s: site_layer(lab, s) for s in names}, lab.fingerprint())
@@ -226,7 +232,8 @@ def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, contr
     """Every size at one (site, positions): the full-vector IIA is computed once for all sizes."""
     t0 = time.perf_counter()
     r_train, r_test = Runner(store, train, site, spec), Runner(store, test, site, spec)
-    full = full_vector_iia(r_test, batch_size=cfg.eval_batch_size)
+    bound = full_vector_bound(r_test, test, batch_size=cfg.eval_batch_size)
+    full = {v: b[0] for v, b in bound.items()}
     t_full = time.perf_counter() - t0
     rr = (Runner(rstore, train, site, spec), Runner(rstore, test, site, spec)) if rstore is not None else None
     out = []
@@ -241,6 +248,7 @@ def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, contr
         timings["train"] = time.perf_counter() - t0
         res = DASResult(site=site, positions=spec, variables=tuple(variables), sizes=sizes_k,
                         subspaces=subspaces_of(ivs, variables, site, spec, "DAS", iia, train.encoder), iia=iia, full_vector=full,
+                        bounded=bounded_iia(r_test, ivs, bound, batch_size=cfg.eval_batch_size),
                         curve=curve, config={**cfg.to_json(), "n_train": len(train), "n_test": len(test)}, timings=timings)
         if controls:
             t0 = time.perf_counter()

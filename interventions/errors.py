@@ -31,6 +31,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "CausalModelError",
+    "NotFitted",
 ]
 
 
@@ -116,3 +117,7 @@ class DataError(SteerlabError, ValueError):
 
 class CausalModelError(SteerlabError, ValueError):
     """A causal model that is cyclic, incomplete or inconsistent."""
+
+
+class NotFitted(SteerlabError, AttributeError):
+    """A fitted attribute (``DAS.result``, ``.subspaces``, ...) read before ``fit``."""

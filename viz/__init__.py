@@ -10,6 +10,7 @@ figures, text and tables into one self-contained HTML file.
 from steerlab.viz.alignment import das_training_curve, iia_heatmap, subspace_projection
 from steerlab.viz.export import Pre, Section, find_browser, report, save, save_html, save_png
 from steerlab.viz.graph import run_graph
+from steerlab.viz.hypotheses import hypothesis_comparison
 from steerlab.viz.patching import patching_heatmap
 from steerlab.viz.reft import reft_training_curve, token_effects
 
@@ -17,6 +18,7 @@ __all__ = [
     "iia_heatmap",
     "das_training_curve",
     "subspace_projection",
+    "hypothesis_comparison",
     "patching_heatmap",
     "reft_training_curve",
     "token_effects",
