@@ -16,6 +16,7 @@ from steerlab.alignment.causal_model import CausalModel
 from steerlab.alignment.controls import localist_alignment, random_init, random_init_lab, reinitialise
 from steerlab.alignment.counterfactuals import Counterfactual, CounterfactualBatch, CounterfactualDataset
 from steerlab.alignment.das import DAS, BoundlessDAS
+from steerlab.alignment.dbm import DBM, MaskResult, MaskTradeoff, mask_tradeoff
 from steerlab.alignment.encoders import Encoder, PromptEncoder, VectorEncoder
 from steerlab.alignment.hypotheses import Hypothesis, HypothesisResult, PairedComparison, compare_hypotheses
 from steerlab.alignment.iia import IIA
@@ -32,6 +33,10 @@ __all__ = [
     "PromptEncoder",
     "DAS",
     "BoundlessDAS",
+    "DBM",
+    "MaskResult",
+    "MaskTradeoff",
+    "mask_tradeoff",
     "IIA",
     "Curve",
     "DASResult",

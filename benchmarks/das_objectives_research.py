@@ -300,8 +300,119 @@ def parse_variants(text: str) -> list[dict]:
     return out
 
 
+# -- SmolLM2 polarity: steerlab's cached runner, a copy of the training loop with the objective swapped ------------
+
+
+def lm_spec_objective(spec: str):
+    from steerlab.alignment.objectives import CrossEntropy, Hinge, SmoothZeroOne
+
+    kind, *a = spec.split(":")
+    if kind == "ce":
+        return CrossEntropy()
+    if kind == "sig":
+        return SmoothZeroOne(float(a[0]))
+    if kind == "anneal":
+        return SmoothZeroOne(float(a[0]), float(a[1]))
+    if kind == "hinge":
+        return Hinge(float(a[0]))
+    if kind == "ce>sig":
+        ce, sig = CrossEntropy(), SmoothZeroOne(float(a[0]))
+        return lambda z, y, p: ce(z, y, p) if p < 0.5 else sig(z, y, p)
+    raise ValueError(spec)
+
+
+def lm_fit(runner, site, width, k, spec, *, init, seed, epochs, lr, batch, sel_rows, evals_per_epoch):
+    from steerlab.alignment.das import evaluate
+    from steerlab.interventions.ops import SubspaceInterchange
+
+    g = torch.Generator().manual_seed(seed)
+    if init is None:
+        init = Orthonormal(width, k, generator=g)().detach()
+    iv = SubspaceInterchange(site, size=k, width=width, init=init)
+    obj = lm_spec_objective(spec)
+    opt = torch.optim.Adam(iv.parameters(), lr=lr)
+    n = len(runner)
+    per = math.ceil(n / batch)
+    steps = per * epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(steps, 1))
+
+    def train_iia():
+        iv.eval()
+        out = evaluate(runner, [iv], rows=sel_rows)["all"].value
+        iv.train()
+        return out
+
+    best_a, best = iv.rotation.weight.detach().clone(), train_iia()
+    start = best
+    every = max(1, per // evals_per_epoch)
+    step = 0
+    iv.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for a in range(0, n, batch):
+            rows = perm[a : a + batch]
+            loss = obj(runner.run(rows, [iv]), runner.labels(rows), step / steps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step % every == 0 or step == steps:
+                acc = train_iia()
+                if acc > best:
+                    best, best_a = acc, iv.rotation.weight.detach().clone()
+    iv.eval()
+    final = SubspaceInterchange(site, size=k, width=width, init=iv.R.detach())
+    with torch.no_grad():
+        iv.rotation.weight.copy_(best_a)
+    chosen = SubspaceInterchange(site, size=k, width=width, init=iv.R.detach())
+    return final, chosen, best, start
+
+
+def run_polarity(args, variants) -> list[dict]:
+    import steerlab as sl
+    from steerlab.alignment._activations import Runner
+    from steerlab.alignment.controls import full_vector_bound, localist_alignment
+    from steerlab.alignment.das import evaluate, store_for
+
+    model, tok = sl.load("smollm2-135m")
+    lab = sl.wrap(model, tok)
+    task = tasks.sentiment()
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        train, test = task.datasets(lab, n_train=args.n_train, n_test=args.n_test, seed=seed)
+        sites = [f"blocks.{L}.resid_post" for L in [int(x) for x in args.layers.split(",")]]
+        store = store_for(lab, [train, test], sites)
+        for site in sites:
+            for pos in args.positions.split(","):
+                rt, re_ = Runner(store, train, site, pos), Runner(store, test, site, pos)
+                full = full_vector_bound(re_, test)["POLARITY"][0].value
+                loc = localist_alignment(rt, re_, {"POLARITY": args.size}, 576, samples=8, selection_size=len(train), seed=seed)
+                sel = torch.arange(len(train))
+                for v in variants:
+                    t0 = time.perf_counter()
+                    fits = []
+                    for r in range(v["restarts"]):
+                        init = torch.eye(576)[loc.dims["POLARITY"]] if v["start"] == "localist" else None
+                        fits.append(lm_fit(rt, site, 576, args.size, v["loss"], init=init, seed=seed * 100 + r, epochs=args.epochs,
+                                           lr=v.get("lr", args.lr), batch=args.batch, sel_rows=sel, evals_per_epoch=args.evals_per_epoch))
+                    secs = time.perf_counter() - t0
+                    best = max(fits, key=lambda f: f[2])
+                    row = {"seed": seed, "layer": site, "pos": pos, "variant": f"{v['loss']}/{v['start']}/x{v['restarts']}",
+                           "final_test": evaluate(re_, [fits[0][0]])["all"].value, "best_test": evaluate(re_, [best[1]])["all"].value,
+                           "best_train": best[2], "start_train": fits[0][3], "localist_test": loc.iia["all"].value, "full": full,
+                           "seconds": secs}
+                    rows.append(row)
+                    print(f"seed {seed} {site} {pos:<9} {row['variant']:<22} final {row['final_test']:.3f}  selected {row['best_test']:.3f} "
+                          f"(train {row['best_train']:.3f})  localist {row['localist_test']:.3f}  full {full:.3f}  {secs:.1f}s", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--task", default="equality", choices=("equality", "polarity"))
+    ap.add_argument("--positions", default="last")
+    ap.add_argument("--size", type=int, default=4)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--layers", default="1,2,3")
     ap.add_argument("--variants", default="ce,sig:1,sig:0.3,anneal:3:0.1,hinge:1,ce>sig:0.3")
@@ -318,6 +429,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     variants = parse_variants(args.variants)
+    if args.task == "polarity":
+        t0 = time.perf_counter()
+        rows = run_polarity(args, variants)
+        print("\n== summary (mean over rows): variant, final test, selected test, seconds")
+        for v in dict.fromkeys(r["variant"] for r in rows):
+            rs = [r for r in rows if r["variant"] == v]
+            print(f"{v:<24} {statistics.mean(r['final_test'] for r in rs):.3f} {statistics.mean(r['best_test'] for r in rs):.3f} "
+                  f"{statistics.mean(r['seconds'] for r in rs):.1f}")
+        print(f"total {time.perf_counter() - t0:.0f}s")
+        return
     task = tasks.hierarchical_equality()
     rows = []
     t0 = time.perf_counter()

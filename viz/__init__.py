@@ -11,6 +11,7 @@ from steerlab.viz.alignment import das_training_curve, iia_heatmap, subspace_pro
 from steerlab.viz.export import Pre, Section, find_browser, report, save, save_html, save_png
 from steerlab.viz.graph import run_graph
 from steerlab.viz.hypotheses import hypothesis_comparison
+from steerlab.viz.masks import mask_tradeoff_curve, mask_units
 from steerlab.viz.patching import patching_heatmap
 from steerlab.viz.reft import reft_training_curve, token_effects
 
@@ -19,6 +20,8 @@ __all__ = [
     "das_training_curve",
     "subspace_projection",
     "hypothesis_comparison",
+    "mask_units",
+    "mask_tradeoff_curve",
     "patching_heatmap",
     "reft_training_curve",
     "token_effects",
