@@ -36,6 +36,9 @@ from steerlab.alignment._activations import ActivationStore, Runner
 from steerlab.alignment.controls import full_vector_bound
 from steerlab.alignment.counterfactuals import CounterfactualDataset
 from steerlab.alignment.iia import IIA, evaluate_iia
+from steerlab.alignment.objectives import CrossEntropy, Objective
+from steerlab.alignment.objectives import objective as make_objective
+from steerlab.alignment.selection import SELECT_RULES, Checkpoints, Selection
 from steerlab.alignment.results import Curve, DASResult
 from steerlab.interventions.errors import ConfigError, DataError, NotFitted, SubspaceSizeError
 from steerlab.interventions.lab import Lab
@@ -83,17 +86,28 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def with_seed(self, seed: int) -> TrainConfig:
+        """The same settings with another seed (a restart's)."""
+        out = TrainConfig.__new__(TrainConfig)
+        out.__dict__.update(self.__dict__, seed=seed)
+        return out
+
 
 def _random_basis(k: int, d: int, g: torch.Generator) -> Tensor:
     return _orthonormal_rows(torch.randn(d, k, generator=g))
 
 
-def build_subspace_interventions(site: str, sizes: Mapping[str, int], width: int, seed: int) -> list[SubspaceInterchange]:
+def build_subspace_interventions(site: str, sizes: Mapping[str, int], width: int, seed: int,
+                                 init: Tensor | None = None) -> list[SubspaceInterchange]:
     """One :class:`SubspaceInterchange` per variable; with several, their ``R``s are
-    consecutive row blocks of one orthonormal map (disjoint subspaces)."""
+    consecutive row blocks of one orthonormal map (disjoint subspaces). ``init``: the
+    ``[sum(sizes), width]`` start (rows in variable order); default a random one from ``seed``."""
     g = torch.Generator().manual_seed(seed)
     total = sum(sizes.values())
-    init = _random_basis(total, width, g)
+    if init is None:
+        init = _random_basis(total, width, g)
+    elif tuple(init.shape) != (total, width):
+        raise SubspaceSizeError(f"a start of shape {tuple(init.shape)} for sizes {dict(sizes)}; expected [{total}, {width}]")
     ivs = []
     if len(sizes) == 1:
         (k,) = sizes.values()
@@ -132,15 +146,17 @@ def train(
     on_step=None,
     on_epoch=None,
     groups: list[dict] | None = None,
+    objective: Objective | None = None,
 ) -> Curve:
-    """Train ``ivs`` (one per variable, in the runner's variable order) by
-    cross-entropy of the intervened label scores; returns the curve.
+    """Train ``ivs`` (one per variable, in the runner's variable order) on ``objective``
+    (default cross-entropy) of the intervened label scores; returns the curve.
 
     ``evaluator`` (default: ``runner``) gives the IIA after each epoch on up to
     ``cfg.eval_size`` of its examples. ``extra_loss()`` is added to the loss,
     ``on_step(step, total)`` runs before each step (temperature schedules),
     ``on_epoch(curve)`` after each epoch.
     """
+    obj = objective or CrossEntropy()
     for iv in ivs:
         iv.train()
     opt = torch.optim.Adam(groups or _parameters(ivs), lr=cfg.lr)
@@ -161,7 +177,7 @@ def train(
             if on_step is not None:
                 on_step(step, total)
             scores = runner.run(rows, ivs)
-            loss = F.cross_entropy(scores.float(), runner.labels(rows).to(scores.device))
+            loss = obj(scores.float(), runner.labels(rows).to(scores.device), step / max(total, 1))
             if extra_loss is not None:
                 loss = loss + extra_loss()
             opt.zero_grad(set_to_none=True)
@@ -216,6 +232,51 @@ def _subspace_positions(positions):
     return "per-call"
 
 
+def train_selected(
+    run_train: Runner,
+    run_test: Runner,
+    site: str,
+    sizes: Mapping[str, int],
+    width: int,
+    cfg: TrainConfig,
+    starts: Sequence[tuple[str, Tensor | None, int]],
+    *,
+    objective: Objective,
+    select: str = "train_iia",
+    selection_size: int = 512,
+    checks_per_epoch: int = 4,
+) -> tuple[list[Intervention], Curve, Selection]:
+    """One run per start ``(label, start rows or None for random, seed)``; the reported state
+    chosen on training counterfactuals (see :mod:`steerlab.alignment.selection`)."""
+    rows = _eval_rows(len(run_train), selection_size, cfg.seed + 2)
+    per_epoch = math.ceil(len(run_train) / cfg.batch_size)
+    every = max(1, per_epoch // checks_per_epoch)
+    sel = Selection(objective.to_json(), select, [s[0] for s in starts], rows=int(rows.numel()))
+    best: tuple[float, int, Checkpoints, list[Intervention], Curve] | None = None
+    for i, (_, init, seed) in enumerate(starts):
+        ivs = build_subspace_interventions(site, sizes, width, seed, init=init)
+        ck = Checkpoints(_parameters(ivs), lambda ivs=ivs: evaluate(run_train, ivs, rows=rows)["all"].value, i)
+
+        def on_step(step: int, total: int, ck=ck) -> None:
+            if step == 0 or (select == "train_iia" and step % every == 0):
+                ck.check(step)
+
+        curve = train(run_train, ivs, cfg.with_seed(seed), evaluator=run_test, on_step=on_step, objective=objective)
+        ck.check(len(curve.loss))
+        sel.start_iia.append(ck.first)
+        sel.final_iia.append(ck.last)
+        sel.checks += ck.checks
+        score = ck.best if select == "train_iia" else ck.last
+        if best is None or score > best[0]:
+            best = (score, i, ck, ivs, curve)
+    score, i, ck, ivs, curve = best
+    if select == "train_iia":
+        ck.restore()
+    sel.chosen_run, sel.iia = i, score
+    sel.chosen_step = ck.best_step if select == "train_iia" else len(curve.loss)
+    return ivs, curve, sel
+
+
 class DAS:
     """Distributed alignment search at one site (see the module docstring).
 
@@ -235,6 +296,17 @@ class DAS:
         localist_limit: enumerate every neuron assignment up to this many, else
             sample ``localist_samples`` of them; chosen on up to
             ``selection_size`` training examples, reported on the test set.
+        objective: what training minimises: ``"smooth_zero_one"``, ``"cross_entropy"``,
+            ``"hinge"`` or an :class:`~steerlab.alignment.objectives.Objective`
+            (default: :func:`~steerlab.alignment.objectives.default_objective`).
+        init: where the first run starts: ``"random"``, ``"localist"`` (the best
+            neuron-aligned subspace, the localist control's) or a :class:`Subspace`
+            (``{variable: Subspace}`` for several variables).
+        restarts: further runs, each from a random start.
+        select: ``"train_iia"`` reports the state with the best IIA on ``selection_size``
+            training counterfactuals over every run's start, ``checks_per_epoch``
+            checkpoints per epoch and end; ``"final"`` the best run's last step.
+            The test set is never used to choose (see :mod:`steerlab.alignment.selection`).
     """
 
     method = "DAS"
@@ -257,9 +329,24 @@ class DAS:
         localist_samples: int = 64,
         selection_size: int = 512,
         eval_size: int | None = 512,
+        objective: str | Objective | None = None,
+        init: str | Subspace | Mapping[str, Subspace] = "random",
+        restarts: int = 0,
+        select: str = "train_iia",
+        checks_per_epoch: int = 4,
     ):
         if not isinstance(lab, Lab):
             raise ConfigError(f"DAS needs a Lab (steerlab.wrap(model)); got {type(lab).__name__}")
+        self.objective = make_objective(objective)
+        if not (init in ("random", "localist") or isinstance(init, (Subspace, Mapping))):
+            raise ConfigError(f"init={init!r}: expected 'random', 'localist', a Subspace or {{variable: Subspace}}")
+        if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 0:
+            raise ConfigError(f"restarts={restarts!r}: expected a non-negative int (further random starts)")
+        if select not in SELECT_RULES:
+            raise ConfigError(f"select={select!r}: expected one of {list(SELECT_RULES)}")
+        if not isinstance(checks_per_epoch, int) or checks_per_epoch < 1:
+            raise ConfigError(f"checks_per_epoch={checks_per_epoch!r}: expected a positive int")
+        self.init, self.restarts, self.select, self.checks_per_epoch = init, restarts, select, checks_per_epoch
         self.lab = lab
         self.site = lab.resolve(site).name
         self.size = size
@@ -319,13 +406,20 @@ class DAS:
         sizes = self.resolve_sizes(variables)
         test = test if test is not None else train
         _check_same_task(train, test)
+        if self.init != "localist":
+            self._starts(variables, sizes)  # a given start is checked before any compute
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         store = store_for(self.lab, [train, test], [self.site])
         run_train, run_test = Runner(store, train, self.site, self.positions), Runner(store, test, self.site, self.positions)
         timings["cache"] = time.perf_counter() - t0
+        self._localist = None
+        if self.init == "localist":
+            t0 = time.perf_counter()
+            self._localist = self._localist_search(run_train, run_test, sizes)
+            timings["localist"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ivs, curve = self._train(run_train, run_test, sizes)
+        ivs, curve, selection = self._train(run_train, run_test, sizes, self._starts(variables, sizes))
         timings["train"] = time.perf_counter() - t0
         iia = evaluate(run_test, ivs, batch_size=self.cfg.eval_batch_size)
         bound = full_vector_bound(run_test, test, batch_size=self.cfg.eval_batch_size)
@@ -334,6 +428,7 @@ class DAS:
             subspaces=subspaces_of(ivs, variables, self.site, self.positions, self.method, iia, train.encoder), iia=iia,
             full_vector={v: b[0] for v, b in bound.items()}, bounded=bounded_iia(run_test, ivs, bound, batch_size=self.cfg.eval_batch_size),
             curve=curve, method=self.method, config=self._config(train, test), timings=timings, fingerprint=self.lab.fingerprint(),
+            selection=selection,
         )
         if self.controls:
             t0 = time.perf_counter()
@@ -342,30 +437,58 @@ class DAS:
         self._result = result
         return result
 
-    def _train(self, run_train: Runner, run_test: Runner, sizes: dict[str, int]) -> tuple[list[Intervention], Curve]:
-        ivs = build_subspace_interventions(self.site, sizes, self.width(), self.cfg.seed)
-        curve = train(run_train, ivs, self.cfg, evaluator=run_test)
-        return ivs, curve
+    # -- starts, runs and selection ------------------------------------------------------
+    def _starts(self, variables: Sequence[str], sizes: Mapping[str, int]) -> list[tuple[str, Tensor | None, int]]:
+        """``(label, start rows or None for random, seed)`` per run."""
+        seed, width = self.cfg.seed, self.width()
+        if self.init == "random":
+            first = (f"random (seed {seed})", None, seed)
+        elif self.init == "localist":
+            dims = [d for v in variables for d in self._localist.dims[v]]
+            first = ("localist", torch.eye(width)[dims], seed)
+        else:
+            subs = {variables[0]: self.init} if isinstance(self.init, Subspace) else dict(self.init)
+            if set(subs) != set(variables):
+                raise ConfigError(f"init gives subspaces for {sorted(subs)}; expected one for each of {list(variables)}")
+            for v in variables:
+                if subs[v].size != sizes[v] or subs[v].width != width:
+                    raise SubspaceSizeError(f"init[{v!r}] is {subs[v].size} x {subs[v].width}; expected {sizes[v]} x {width}")
+            rows = torch.cat([subs[v].basis for v in variables])
+            first = ("given subspace", _orthonormal_rows(rows.T), seed)
+        return [first] + [(f"random (seed {seed + r})", None, seed + r) for r in range(1, self.restarts + 1)]
+
+    def _train(self, run_train: Runner, run_test: Runner, sizes: dict[str, int],
+               starts: list[tuple[str, Tensor | None, int]]) -> tuple[list[Intervention], Curve, Selection]:
+        return train_selected(run_train, run_test, self.site, sizes, self.width(), self.cfg, starts, objective=self.objective,
+                              select=self.select, selection_size=self.selection_size, checks_per_epoch=self.checks_per_epoch)
+
+    def _localist_search(self, run_train: Runner, run_test: Runner, sizes: Mapping[str, int]):
+        from steerlab.alignment.controls import localist_alignment
+
+        return localist_alignment(run_train, run_test, sizes, self.width(), limit=self.localist_limit, samples=self.localist_samples,
+                                  selection_size=self.selection_size, seed=self.cfg.seed)
 
     def _final_sizes(self, ivs, sizes: dict[str, int]) -> dict[str, int]:
         return dict(sizes)
 
     def _config(self, train, test) -> dict[str, Any]:
-        return {**self.cfg.to_json(), "n_train": len(train), "n_test": len(test), "method": self.method}
+        init = self.init if isinstance(self.init, str) else "given subspace"
+        return {**self.cfg.to_json(), "n_train": len(train), "n_test": len(test), "method": self.method,
+                "objective": self.objective.describe(), "init": init, "restarts": self.restarts, "select": self.select}
 
     def _controls(self, result: DASResult, run_train: Runner, run_test: Runner, train, test, sizes) -> None:
-        from steerlab.alignment.controls import localist_alignment, random_init
+        from steerlab.alignment.controls import random_init
 
-        loc = localist_alignment(
-            run_train, run_test, result.sizes, self.width(), limit=self.localist_limit, samples=self.localist_samples,
-            selection_size=self.selection_size, seed=self.cfg.seed,
-        )
+        loc = self._localist if self._localist is not None and dict(result.sizes) == dict(sizes) else None
+        loc = loc or self._localist_search(run_train, run_test, result.sizes)
         result.localist, result.localist_method, result.localist_dims = loc.iia, loc.method, loc.dims
         ri = random_init(self.lab, seed=self.cfg.seed, scope=self.random_init_scope)
         result.random_init_scope = ri.description
         rstore = store_for(ri.lab, [train, test], [self.site])
         r_train, r_test = Runner(rstore, train, self.site, self.positions), Runner(rstore, test, self.site, self.positions)
-        r_ivs, r_curve = self._train(r_train, r_test, sizes)
+        # the same objective, runs and selection, from random starts (a localist start would need its own search)
+        starts = [(f"random (seed {self.cfg.seed + r})", None, self.cfg.seed + r) for r in range(self.restarts + 1)]
+        r_ivs, r_curve, _ = self._train(r_train, r_test, sizes, starts)
         result.random_init = evaluate(r_test, r_ivs, batch_size=self.cfg.eval_batch_size)
         result.random_init_curve = r_curve
 
@@ -397,6 +520,9 @@ class BoundlessDAS(DAS):
         **kwargs,
     ):
         super().__init__(lab, site=site, size=1, variables=variables, positions=positions, **kwargs)
+        if self.init == "localist":
+            raise ConfigError("Boundless DAS learns the size, so it has no localist start of its own; "
+                              "give init=a Subspace (a localist or DAS result's) instead")
         if not (len(temperature) == 2 and temperature[0] > 0 and temperature[1] > 0):
             raise ConfigError(f"temperature={temperature!r}: expected (start, end), both > 0")
         self.init_boundary, self.temperature = init_boundary, tuple(float(t) for t in temperature)
@@ -407,11 +533,40 @@ class BoundlessDAS(DAS):
             raise ConfigError(f"Boundless DAS aligns one variable at a time; got {list(variables)}")
         return {variables[0]: self.width()}
 
-    def _train(self, run_train: Runner, run_test: Runner, sizes: dict[str, int]) -> tuple[list[Intervention], Curve]:
+    def _starts(self, variables: Sequence[str], sizes: Mapping[str, int]) -> list[tuple[str, Tensor | None, int]]:
+        return super()._starts(variables, {v: getattr(self.init, "size", 1) for v in variables})
+
+    def _train(self, run_train: Runner, run_test: Runner, sizes: dict[str, int],
+               starts: list[tuple[str, Tensor | None, int]]) -> tuple[list[Intervention], Curve, Selection]:
+        """One run per start; each run's final hard subspace scored on training counterfactuals
+        (intermediate states are not candidates: their size is still moving), the best reported."""
+        rows = _eval_rows(len(run_train), self.selection_size, self.cfg.seed + 2)
+        sel = Selection(self.objective.to_json(), self.select, [s[0] for s in starts], rows=int(rows.numel()))
+        best = None
+        for i, (_, init, seed) in enumerate(starts):
+            hard, curve, start_iia = self._run(run_train, run_test, init, seed, rows)
+            final = evaluate(run_train, [hard], rows=rows)["all"].value
+            sel.start_iia.append(start_iia)
+            sel.final_iia.append(final)
+            sel.checks += 2
+            if best is None or final > best[0]:
+                best = (final, i, hard, curve)
+        final, i, hard, curve = best
+        sel.chosen_run, sel.chosen_step, sel.iia = i, len(curve.loss), final
+        return [hard], curve, sel
+
+    def _run(self, run_train: Runner, run_test: Runner, init: Tensor | None, seed: int, rows: Tensor):
         width = self.width()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.seed)
-            iv = BoundlessSubspaceInterchange(self.site, width=width, init_boundary=self.init_boundary, temperature=self.temperature[0])
+            torch.manual_seed(seed)
+            boundary = self.init_boundary if init is None else init.shape[0] / width
+            iv = BoundlessSubspaceInterchange(self.site, width=width, init_boundary=boundary, temperature=self.temperature[0])
+            if init is not None:  # the given rows first, completed to a rotation
+                full = _orthonormal_rows(torch.cat([init, torch.randn(width - init.shape[0], width)]).T)
+                iv.rotation = Orthonormal(width, width, full)
+        k0 = max(iv.size, 1)
+        start_iia = evaluate(run_train, [SubspaceInterchange(self.site, size=k0, width=width, init=iv.rotation().detach()[:k0])],
+                             rows=rows)["all"].value
         t0, t1 = self.temperature
         temps: list[float] = []
 
@@ -431,11 +586,12 @@ class BoundlessDAS(DAS):
         def record(curve: Curve) -> None:
             curve.size.append(iv.size)
 
-        curve = train(run_train, [iv], self.cfg, evaluator=run_test, extra_loss=penalty, on_step=schedule, on_epoch=record, groups=groups)
+        curve = train(run_train, [iv], self.cfg.with_seed(seed), evaluator=run_test, extra_loss=penalty, on_step=schedule,
+                      on_epoch=record, groups=groups, objective=self.objective)
         curve.temperature = temps
         k = max(iv.size, 1)
         hard = SubspaceInterchange(self.site, size=k, width=width, init=iv.rotation().detach()[:k])
-        return [hard], curve
+        return hard, curve, start_iia
 
     def _final_sizes(self, ivs, sizes: dict[str, int]) -> dict[str, int]:
         return {v: ivs[0].size for v in sizes}

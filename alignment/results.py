@@ -21,6 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steerlab.alignment.iia import IIA
+from steerlab.alignment.selection import Selection
 from steerlab.interventions import fileformat
 from steerlab.interventions.errors import FileFormatError
 from steerlab.interventions.subspace import Subspace
@@ -95,6 +96,7 @@ class DASResult:
     localist_dims: dict[str, list[int]] | None = None
     bounded: dict[str, IIA] | None = None
     random_init_scope: str | None = None
+    selection: Selection | None = None
     config: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     fingerprint: dict[str, Any] | None = None
@@ -161,7 +163,7 @@ class DASResult:
                                                       "full_vector_n", "chance"])
         tail = [f"localist: {self.localist_method}" if self.localist_method else "",
                 f"random-init: {self.random_init_scope}" if self.random_init_scope else "",
-                f"objective: {self.config['objective']}" if self.config.get("objective") else ""]
+                f"trained: {self.selection.describe()}" if self.selection is not None else ""]
         above = [r["variable"] for r in rows if r["above_full_vector"]]
         warn = f"above the full-vector interchange (suspect an illusion): {above}" if above else ""
         return "\n".join(x for x in (head, body, *tail, warn) if x)
@@ -225,6 +227,7 @@ class DASResult:
             "localist_dims": self.localist_dims,
             "bounded": _iias(self.bounded),
             "random_init_scope": self.random_init_scope,
+            "selection": None if self.selection is None else self.selection.to_json(),
             "config": self.config,
             "timings": self.timings,
         }
@@ -250,6 +253,7 @@ class DASResult:
                 localist_dims=rec.get("localist_dims"),
                 bounded=_from_iias(rec.get("bounded")),
                 random_init_scope=rec.get("random_init_scope"),
+                selection=Selection.from_json(rec.get("selection")),
                 config=dict(rec.get("config") or {}),
                 timings=dict(rec.get("timings") or {}),
             )

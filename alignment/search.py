@@ -20,19 +20,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from steerlab.alignment._activations import Runner, site_layer
 from steerlab.alignment.controls import full_vector_bound, localist_alignment, random_init
 from steerlab.alignment.counterfactuals import CounterfactualDataset
 from steerlab.alignment.das import (
     TrainConfig,
     bounded_iia,
-    build_subspace_interventions,
     evaluate,
     resolve_sizes,
     store_for,
     subspaces_of,
+    train_selected,
 )
-from steerlab.alignment.das import train as train_das
+from steerlab.alignment.objectives import objective as make_objective
+from steerlab.alignment.selection import SELECT_RULES
 from steerlab.alignment.results import DASResult, format_table, labelled_localist
 from steerlab.interventions import fileformat
 from steerlab.interventions.errors import ConfigError, DataError, FileFormatError
@@ -160,6 +163,11 @@ def search(
     localist_samples: int = 32,
     selection_size: int = 256,
     eval_size: int | None = 256,
+    objective=None,
+    init: str = "random",
+    restarts: int = 0,
+    select: str = "train_iia",
+    checks_per_epoch: int = 4,
     progress: bool = False,
 ) -> SearchResult:
     """DAS at every (site, positions, size) with controls (see the module docstring).
@@ -173,8 +181,18 @@ def search(
         sizes: subspace sizes to try (each variable gets its own subspace of that size).
         controls: train on a re-initialised copy and search localist alignments too.
         random_init_scope: what that copy re-initialises (``"all"``, ``"trained"``, module paths).
+        objective, init, restarts, select, checks_per_epoch: how each candidate trains and which state
+            it reports, as :class:`~steerlab.alignment.DAS` takes them (``init``: ``"random"`` or
+            ``"localist"``, the candidate's own localist control).
         progress: print each candidate's row as it finishes.
     """
+    obj = make_objective(objective)
+    if init not in ("random", "localist"):
+        raise ConfigError(f"init={init!r}: search starts each candidate at 'random' or 'localist'")
+    if select not in SELECT_RULES:
+        raise ConfigError(f"select={select!r}: expected one of {list(SELECT_RULES)}")
+    if not isinstance(restarts, int) or restarts < 0:
+        raise ConfigError(f"restarts={restarts!r}: expected a non-negative int")
     if not isinstance(train, CounterfactualDataset):
         if not hasattr(train, "datasets"):
             raise DataError(f"search() takes a CounterfactualDataset or a task; got {type(train).__name__}")
@@ -203,13 +221,15 @@ def search(
         for p in specs:
             results += _candidates(store, rstore, train, test, s, p, sizes, widths[s], cfg, controls,
                                    dict(limit=localist_limit, samples=localist_samples, selection_size=selection_size, seed=seed),
-                                   progress)
+                                   dict(objective=obj, select=select, selection_size=selection_size, checks_per_epoch=checks_per_epoch),
+                                   (init, restarts), progress)
     timings["candidates"] = time.perf_counter() - t_all
     for r in results:
         r.fingerprint = lab.fingerprint()
         r.random_init_scope = scope
     config = {**cfg.to_json(), "sites": names, "positions": specs, "sizes": sizes, "controls": controls,
-              "n_train": len(train), "n_test": len(test)}
+              "n_train": len(train), "n_test": len(test), "objective": obj.describe(), "init": init, "restarts": restarts,
+              "select": select}
     return SearchResult(results, tuple(variables), config, timings, {s: site_layer(lab, s) for s in names}, lab.fingerprint())
 
 
@@ -228,7 +248,7 @@ def _validate(lab: Lab, train: CounterfactualDataset, names: list[str], specs: l
     return widths
 
 
-def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, controls, localist, progress) -> list[DASResult]:
+def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, controls, localist, how, start, progress) -> list[DASResult]:
     """Every size at one (site, positions): the full-vector IIA is computed once for all sizes."""
     t0 = time.perf_counter()
     r_train, r_test = Runner(store, train, site, spec), Runner(store, test, site, spec)
@@ -238,26 +258,34 @@ def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, contr
     rr = (Runner(rstore, train, site, spec), Runner(rstore, test, site, spec)) if rstore is not None else None
     out = []
     variables = list(train.variables)
+    init, restarts = start
+    randoms = [(f"random (seed {cfg.seed + r})", None, cfg.seed + r) for r in range(restarts + 1)]
     for k in sizes:
         sizes_k = resolve_sizes(k, variables, site, width)
         timings = {"full_vector": t_full / len(sizes)}
+        loc = None
+        if controls or init == "localist":
+            t0 = time.perf_counter()
+            loc = localist_alignment(r_train, r_test, sizes_k, width, **localist)
+            timings["localist"] = time.perf_counter() - t0
+        starts = randoms
+        if init == "localist":
+            dims = [d for v in variables for d in loc.dims[v]]
+            starts = [("localist", torch.eye(width)[dims], cfg.seed)] + randoms[1:]
         t0 = time.perf_counter()
-        ivs = build_subspace_interventions(site, sizes_k, width, cfg.seed)
-        curve = train_das(r_train, ivs, cfg, evaluator=r_test)
+        ivs, curve, selection = train_selected(r_train, r_test, site, sizes_k, width, cfg, starts, **how)
         iia = evaluate(r_test, ivs, batch_size=cfg.eval_batch_size)
         timings["train"] = time.perf_counter() - t0
         res = DASResult(site=site, positions=spec, variables=tuple(variables), sizes=sizes_k,
                         subspaces=subspaces_of(ivs, variables, site, spec, "DAS", iia, train.encoder), iia=iia, full_vector=full,
-                        bounded=bounded_iia(r_test, ivs, bound, batch_size=cfg.eval_batch_size),
-                        curve=curve, config={**cfg.to_json(), "n_train": len(train), "n_test": len(test)}, timings=timings)
+                        bounded=bounded_iia(r_test, ivs, bound, batch_size=cfg.eval_batch_size), selection=selection,
+                        curve=curve, config={**cfg.to_json(), "n_train": len(train), "n_test": len(test),
+                                             "objective": how["objective"].describe(), "init": init, "restarts": restarts,
+                                             "select": how["select"]}, timings=timings)
         if controls:
-            t0 = time.perf_counter()
-            loc = localist_alignment(r_train, r_test, sizes_k, width, **localist)
             res.localist, res.localist_method, res.localist_dims = loc.iia, loc.method, loc.dims
-            timings["localist"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            r_ivs = build_subspace_interventions(site, sizes_k, width, cfg.seed)
-            res.random_init_curve = train_das(rr[0], r_ivs, cfg, evaluator=rr[1])
+            r_ivs, res.random_init_curve, _ = train_selected(rr[0], rr[1], site, sizes_k, width, cfg, randoms, **how)
             res.random_init = evaluate(rr[1], r_ivs, batch_size=cfg.eval_batch_size)
             timings["random_init"] = time.perf_counter() - t0
         if progress:
