@@ -49,15 +49,16 @@ class Split:
     labels: torch.Tensor  # [n]
 
 
-def mlp_for(task, seed: int, cache: Path | None, n_train: int):
+def mlp_for(task, seed: int, cache: Path | None, n_train: int, epochs: int = 3, weight_decay: float = 0.3):
     if cache is not None:
-        f = cache / f"he_mlp_seed{seed}_n{n_train}.pt"
+        tag = "" if (epochs, weight_decay) == (3, 0.3) else f"_e{epochs}_wd{weight_decay}"
+        f = cache / f"he_mlp_seed{seed}_n{n_train}{tag}.pt"
         if f.exists():
             mlp = task.model(seed=seed)
             mlp.load_state_dict(torch.load(f, weights_only=True))
             mlp.eval()
             return mlp, task.accuracy(mlp, seed=seed + 1)
-    mlp, acc = task.train_model(seed=seed, n_train=n_train)
+    mlp, acc = task.train_model(seed=seed, n_train=n_train, epochs=epochs, weight_decay=weight_decay)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         torch.save(mlp.state_dict(), f)
@@ -300,6 +301,58 @@ def parse_variants(text: str) -> list[dict]:
     return out
 
 
+# -- Boundless DAS on one relation (WX), plain torch --------------------------------------------------------------
+
+
+def boundless_fit(sp: Split, up, spec: str, *, seed, epochs, lr, batch, penalty=1.0, t=(50.0, 0.1), boundary_lr=0.01):
+    d = sp.h.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    rot = Orthonormal(d, d, generator=g)
+    b = torch.nn.Parameter(torch.tensor(0.5))
+    opt = torch.optim.Adam([{"params": rot.parameters(), "lr": lr}, {"params": [b], "lr": boundary_lr}])
+    n = sp.base.shape[0]
+    steps = math.ceil(n / batch) * epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(steps, 1))
+    idx = torch.arange(d, dtype=torch.float32)
+    step = 0
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for a in range(0, n, batch):
+            rows = perm[a : a + batch]
+            tau = t[0] * (t[1] / t[0]) ** (step / max(steps - 1, 1))
+            m = torch.sigmoid((b.clamp(0, 1) * d - idx) / tau)
+            r = rot()
+            hb, hs = sp.h[sp.base[rows]], sp.h[sp.src[rows, 0]]
+            z = up(hb + ((hs - hb) @ r.T * m) @ r)
+            loss = loss_fn(spec, step / steps)(z, sp.labels[rows]) + penalty * b.clamp(0, 1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+    k = max(int(round(float(b.detach().clamp(0, 1)) * d)), 1)
+    return rot().detach()[:k], k
+
+
+def run_boundless(args, variants) -> None:
+    task = tasks.hierarchical_equality()
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        mlp, _ = mlp_for(task, seed, Path(args.cache) if args.cache else None, args.mlp_n_train)
+        for p in mlp.parameters():
+            p.requires_grad_(False)
+        train = task.counterfactuals(args.n_train, intervene="WX", seed=seed)
+        test = task.counterfactuals(args.n_test, split="test", intervene="WX", seed=seed + 1)
+        for layer in [int(x) for x in args.layers.split(",")]:
+            tr, te = split_of(task, mlp, train, layer), split_of(task, mlp, test, layer)
+            up = upper(mlp, layer)
+            for v in variants:
+                for pen in (float(x) for x in args.penalties.split(",")):
+                    t0 = time.perf_counter()
+                    r, k = boundless_fit(tr, up, v["loss"], seed=seed, epochs=args.epochs, lr=args.lr, batch=args.batch, penalty=pen)
+                    print(f"seed {seed} L{layer} boundless {v['loss']:<14} penalty {pen:<5g} size {k:>2}  test IIA {iia(te, [r], up):.3f}  "
+                          f"{time.perf_counter() - t0:.1f}s", flush=True)
+
+
 # -- SmolLM2 polarity: steerlab's cached runner, a copy of the training loop with the objective swapped ------------
 
 
@@ -410,7 +463,8 @@ def run_polarity(args, variants) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--task", default="equality", choices=("equality", "polarity"))
+    ap.add_argument("--task", default="equality", choices=("equality", "polarity", "boundless"))
+    ap.add_argument("--penalties", default="1.0,0.1")
     ap.add_argument("--positions", default="last")
     ap.add_argument("--size", type=int, default=4)
     ap.add_argument("--seeds", default="0")
@@ -419,6 +473,8 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=20_000)
     ap.add_argument("--n-test", type=int, default=4_000)
     ap.add_argument("--mlp-n-train", type=int, default=300_000)
+    ap.add_argument("--mlp-epochs", type=int, default=3)
+    ap.add_argument("--mlp-wd", type=float, default=0.3)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--batch", type=int, default=64)
@@ -429,6 +485,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     variants = parse_variants(args.variants)
+    if args.task == "boundless":
+        run_boundless(args, variants)
+        return
     if args.task == "polarity":
         t0 = time.perf_counter()
         rows = run_polarity(args, variants)
@@ -443,7 +502,7 @@ def main() -> None:
     rows = []
     t0 = time.perf_counter()
     for seed in [int(s) for s in args.seeds.split(",")]:
-        mlp, acc = mlp_for(task, seed, Path(args.cache) if args.cache else None, args.mlp_n_train)
+        mlp, acc = mlp_for(task, seed, Path(args.cache) if args.cache else None, args.mlp_n_train, args.mlp_epochs, args.mlp_wd)
         print(f"seed {seed}: MLP held-out accuracy {acc:.4f}", flush=True)
         train, test = task.datasets(n_train=args.n_train, n_test=args.n_test, seed=seed)
         for layer in [int(x) for x in args.layers.split(",")]:
