@@ -244,7 +244,7 @@ def train_selected(
     objective: Objective,
     select: str = "train_iia",
     selection_size: int = 512,
-    checks_per_epoch: int = 4,
+    checks_per_epoch: int = 1,
 ) -> tuple[list[Intervention], Curve, Selection]:
     """One run per start ``(label, start rows or None for random, seed)``; the reported state
     chosen on training counterfactuals (see :mod:`steerlab.alignment.selection`)."""
@@ -333,7 +333,7 @@ class DAS:
         init: str | Subspace | Mapping[str, Subspace] = "random",
         restarts: int = 0,
         select: str = "train_iia",
-        checks_per_epoch: int = 4,
+        checks_per_epoch: int = 1,
     ):
         if not isinstance(lab, Lab):
             raise ConfigError(f"DAS needs a Lab (steerlab.wrap(model)); got {type(lab).__name__}")

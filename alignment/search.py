@@ -167,7 +167,7 @@ def search(
     init: str = "random",
     restarts: int = 0,
     select: str = "train_iia",
-    checks_per_epoch: int = 4,
+    checks_per_epoch: int = 1,
     progress: bool = False,
 ) -> SearchResult:
     """DAS at every (site, positions, size) with controls (see the module docstring).

@@ -5,7 +5,9 @@ selection rule) run on the same counterfactuals:
 
 * hierarchical equality: the 3-layer MLP (seed ``--seed``), WX and YZ at 8 + 8 dims, layers 1-3;
 * SmolLM2-135M adjective polarity: POLARITY at the answer position, size 4, at ``--lm-layers``
-  (the demo's budget: 64 + 64 counterfactuals, 3 epochs, batch 16).
+  (the demo's budget: 64 + 64 counterfactuals, 3 epochs, batch 16);
+* Boundless DAS on hierarchical equality's WX alone (the size learned), default objective
+  against cross-entropy.
 
 Each row: IIA on held-out counterfactuals (± s.e.), the localist control and the full-vector
 interchange beside it, and the seconds the fit took, so the cost of restarts and of the
@@ -28,10 +30,11 @@ from steerlab.alignment.controls import localist_alignment
 from steerlab.alignment.objectives import default_objective
 
 VARIANTS = {
-    "default (smooth 0-1, select on train)": {},
+    "default (CE then smooth 0-1, select on train)": {},
     "cross-entropy, last step (before)": {"objective": "cross_entropy", "select": "final"},
     "cross-entropy, select on train": {"objective": "cross_entropy"},
     "default, last step (no selection)": {"select": "final"},
+    "smooth 0-1 alone (3 -> 0.1)": {"objective": {"name": "smooth_zero_one", "temperature": 3.0, "final_temperature": 0.1}},
     "default, localist start": {"init": "localist"},
     "default, 2 restarts": {"restarts": 2},
 }
@@ -54,6 +57,35 @@ def equality(args) -> list[dict]:
         for name, v in VARIANTS.items():
             r, secs = fit(lab, train, test, site, 8, None, v, epochs=args.epochs, batch_size=64, lr=0.01, seed=args.seed)
             rows.append(_row("hierarchical equality", f"L{layer}", name, r, secs, lab, train, test, site, None, 8))
+    return rows
+
+
+BOUNDLESS = {
+    "Boundless, default objective": {},
+    "Boundless, cross-entropy": {"objective": "cross_entropy"},
+}
+
+
+def boundless_equality(args) -> list[dict]:
+    """Boundless DAS on one relation (WX), the size learned: IIA and the size it settles on."""
+    from steerlab.alignment import BoundlessDAS
+
+    task = tasks.hierarchical_equality()
+    mlp, _ = task.train_model(seed=args.seed, n_train=args.mlp_n_train)
+    lab = sl.wrap(mlp, example_input=task.example_input())
+    train = task.counterfactuals(args.n_train // 2, intervene="WX", seed=args.seed)
+    test = task.counterfactuals(args.n_test // 2, split="test", intervene="WX", seed=args.seed + 1)
+    rows = []
+    for layer in args.he_layers:
+        for name, v in BOUNDLESS.items():
+            t0 = time.perf_counter()
+            r = BoundlessDAS(lab, site=task.site(layer), epochs=args.epochs, batch_size=64, lr=0.01, seed=args.seed,
+                             boundary_penalty=args.boundary_penalty, controls=False, **v).fit(train, test)
+            secs = time.perf_counter() - t0
+            print(f"  hierarchical equality  L{layer} WX    {name:<40} IIA {r.iia['all'].value:.3f} ± {r.iia['all'].se:.3f}  "
+                  f"size {r.sizes['WX']:>2} of 16  {secs:6.1f}s", flush=True)
+            rows.append({"task": "hierarchical equality (WX)", "where": f"L{layer}", "variant": f"{name} (size {r.sizes['WX']})",
+                         "iia": r.iia["all"].value, "se": r.iia["all"].se, "localist": float("nan"), "full": None, "seconds": secs})
     return rows
 
 
@@ -101,7 +133,7 @@ def _row(task, where, name, r, secs, lab, train, test, site, positions, size) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tasks", default="equality,polarity")
+    ap.add_argument("--tasks", default="equality,polarity,boundless")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--he-layers", default="1,2,3")
     ap.add_argument("--lm-layers", default="14,18,22")
@@ -110,6 +142,7 @@ def main() -> None:
     ap.add_argument("--lm-n", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--mlp-n-train", type=int, default=300_000)
+    ap.add_argument("--boundary-penalty", type=float, default=1.0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -124,12 +157,15 @@ def main() -> None:
         rows += equality(args)
     if "polarity" in args.tasks:
         rows += polarity(args)
+    if "boundless" in args.tasks:
+        rows += boundless_equality(args)
     print(f"\n== DAS variants (default objective: {default_objective().describe()}); held-out IIA, seconds per fit")
     print("| task | where | variant | IIA | localist | full vector | seconds |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         full = "—" if r["full"] is None else f"{r['full']:.3f}"
-        print(f"| {r['task']} | {r['where']} | {r['variant']} | {r['iia']:.3f} ± {r['se']:.3f} | {r['localist']:.3f} | {full} | {r['seconds']:.1f} |")
+        loc = "—" if r["localist"] != r["localist"] else f"{r['localist']:.3f}"
+        print(f"| {r['task']} | {r['where']} | {r['variant']} | {r['iia']:.3f} ± {r['se']:.3f} | {loc} | {full} | {r['seconds']:.1f} |")
     print(f"\ntotal {time.perf_counter() - t0:.0f}s")
 
 

@@ -128,6 +128,11 @@ def loss_fn(spec: str, frac: float):
         if frac < 0.5:
             return lambda z, y: F.cross_entropy(z, y)
         return lambda z, y: torch.sigmoid(-margin(z, y) / t).mean()
+    if kind == "blend":  # cross-entropy handing over to the smooth 0-1 loss by `handover`, tau annealed a -> b
+        h, a, b = (float(x) for x in args)
+        w = min(frac / h, 1.0)
+        t = a * (b / a) ** frac
+        return lambda z, y: (1 - w) * F.cross_entropy(z, y) + w * torch.sigmoid(-margin(z, y) / t).mean()
     if kind == "ce+sig":
         t = float(args[0])
         return lambda z, y: F.cross_entropy(z, y) + torch.sigmoid(-margin(z, y) / t).mean()
@@ -371,6 +376,10 @@ def lm_spec_objective(spec: str):
     if kind == "ce>sig":
         ce, sig = CrossEntropy(), SmoothZeroOne(float(a[0]))
         return lambda z, y, p: ce(z, y, p) if p < 0.5 else sig(z, y, p)
+    if kind == "blend":
+        from steerlab.alignment.objectives import CrossEntropyThenSmooth
+
+        return CrossEntropyThenSmooth(float(a[0]), float(a[1]), float(a[2]))
     raise ValueError(spec)
 
 

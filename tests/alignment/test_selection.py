@@ -100,3 +100,31 @@ def test_bad_options_are_refused_before_compute():
     finally:
         h.remove()
     assert not calls
+
+
+def test_search_takes_the_same_options():
+    from steerlab.alignment import search
+
+    _, data, lab = _xor_task(200)
+    res = search(lab, data, sites=[SITE], sizes=[1], epochs=1, batch_size=64, init="localist", restarts=1,
+                 objective="cross_entropy", localist_samples=8)
+    (r,) = res.results
+    assert r.selection.starts == ["localist", "random (seed 1)"] and r.selection.start_iia[0] == 1.0
+    assert r.iia["all"].value == 1.0  # the localist start is the known answer and selection keeps it
+    assert r.config["objective"] == "cross-entropy" and res.config["init"] == "localist"
+    with pytest.raises(ConfigError, match=r"init='given': search starts each candidate at 'random' or 'localist'"):
+        search(lab, data, sites=[SITE], sizes=[1], init="given")
+
+
+def test_cross_entropy_hands_over_to_the_smooth_loss():
+    from steerlab.alignment.objectives import CrossEntropyThenSmooth, default_objective
+
+    z = torch.tensor([[2.0, -1.0], [0.0, 3.0], [1.0, 0.5]])
+    y = torch.tensor([0, 0, 1])
+    blend = CrossEntropyThenSmooth(0.5, 3.0, 0.1)
+    ce = torch.nn.functional.cross_entropy(z, y).item()
+    assert blend(z, y, 0.0).item() == pytest.approx(ce)
+    assert blend(z, y, 0.25).item() == pytest.approx(0.5 * ce + 0.5 * SmoothZeroOne(3.0, 0.1)(z, y, 0.25).item())
+    assert blend(z, y, 0.8).item() == pytest.approx(SmoothZeroOne(3.0, 0.1)(z, y, 0.8).item())
+    assert objective(blend.to_json()).to_json() == blend.to_json()
+    assert default_objective().to_json() == blend.to_json()
