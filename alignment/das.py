@@ -29,7 +29,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from steerlab.alignment._activations import ActivationStore, Runner
@@ -42,7 +41,7 @@ from steerlab.alignment.selection import SELECT_RULES, Checkpoints, Selection
 from steerlab.alignment.results import Curve, DASResult
 from steerlab.interventions.errors import ConfigError, DataError, NotFitted, SubspaceSizeError
 from steerlab.interventions.lab import Lab
-from steerlab.interventions.ops import BoundlessSubspaceInterchange, Interchange, Intervention, SubspaceInterchange
+from steerlab.interventions.ops import BoundlessSubspaceInterchange, Intervention, SubspaceInterchange
 from steerlab.interventions.orthonormal import Orthonormal, _orthonormal_rows
 from steerlab.interventions.subspace import Subspace
 

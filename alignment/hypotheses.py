@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,6 +217,18 @@ def _pairs(hypotheses, n: int, seed: int, sampler) -> tuple[list[Setting], list[
     return bases, sources
 
 
+def _predictions(hypotheses: list[Hypothesis], encoder: Encoder, bases, sources, null: bool) -> dict[str, Tensor]:
+    """Each hypothesis's predicted label index per example (and the null's: the base's own answer)."""
+    out: dict[str, Tensor] = {}
+    for h in hypotheses:
+        out[h.name] = torch.tensor([encoder.label_index(h.predict(b, s)) for b, s in zip(bases, sources)])
+    if null:
+        first = hypotheses[0]
+        var = first.output or _only_output(first.causal_model)
+        out[NULL] = torch.tensor([encoder.label_index(first.causal_model.run(b)[var]) for b in bases])
+    return out
+
+
 def compare_hypotheses(
     lab: Lab,
     hypotheses: Sequence[Hypothesis],
@@ -269,12 +281,7 @@ def compare_hypotheses(
             rows = torch.arange(a, min(a + batch_size, len(data)))
             answers[rows] = runner.run(rows, [iv]).argmax(-1).cpu()
     n_labels = len(encoder.labels)
-    predictions: dict[str, Tensor] = {}
-    for h in hypotheses:
-        predictions[h.name] = torch.tensor([encoder.label_index(h.predict(b, s)) for b, s in zip(bases, sources)])
-    if null:
-        out = first.output or _only_output(first.causal_model)
-        predictions[NULL] = torch.tensor([encoder.label_index(first.causal_model.run(b)[out]) for b in bases])
+    predictions = _predictions(hypotheses, encoder, bases, sources, null)
     names = list(predictions)
     correct = {h: predictions[h] == answers for h in names}
     iia = {h: IIA(float(c.float().mean()), c.numel(), 1.0 / n_labels) for h, c in correct.items()}

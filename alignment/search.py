@@ -186,13 +186,7 @@ def search(
             ``"localist"``, the candidate's own localist control).
         progress: print each candidate's row as it finishes.
     """
-    obj = make_objective(objective)
-    if init not in ("random", "localist"):
-        raise ConfigError(f"init={init!r}: search starts each candidate at 'random' or 'localist'")
-    if select not in SELECT_RULES:
-        raise ConfigError(f"select={select!r}: expected one of {list(SELECT_RULES)}")
-    if not isinstance(restarts, int) or restarts < 0:
-        raise ConfigError(f"restarts={restarts!r}: expected a non-negative int")
+    obj = _training_options(objective, init, restarts, select)
     if not isinstance(train, CounterfactualDataset):
         if not hasattr(train, "datasets"):
             raise DataError(f"search() takes a CounterfactualDataset or a task; got {type(train).__name__}")
@@ -206,15 +200,7 @@ def search(
     widths = _validate(lab, train, names, specs, sizes)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_size=eval_size)
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    store = store_for(lab, [train, test], names)
-    timings["cache"] = time.perf_counter() - t0
-    rstore, scope = None, None
-    if controls:
-        t0 = time.perf_counter()
-        ri = random_init(lab, seed=seed, scope=random_init_scope)
-        rstore, scope = store_for(ri.lab, [train, test], names), ri.description
-        timings["random_init_cache"] = time.perf_counter() - t0
+    store, rstore, scope = _stores(lab, train, test, names, controls, seed, random_init_scope, timings)
     results = []
     t_all = time.perf_counter()
     for s in names:
@@ -231,6 +217,31 @@ def search(
               "n_train": len(train), "n_test": len(test), "objective": obj.describe(), "init": init, "restarts": restarts,
               "select": select}
     return SearchResult(results, tuple(variables), config, timings, {s: site_layer(lab, s) for s in names}, lab.fingerprint())
+
+
+def _stores(lab, train, test, names, controls, seed, scope, timings):
+    """The activation store of the model and, with controls, of its re-initialised copy (and what that re-initialised)."""
+    t0 = time.perf_counter()
+    store = store_for(lab, [train, test], names)
+    timings["cache"] = time.perf_counter() - t0
+    if not controls:
+        return store, None, None
+    t0 = time.perf_counter()
+    ri = random_init(lab, seed=seed, scope=scope)
+    rstore = store_for(ri.lab, [train, test], names)
+    timings["random_init_cache"] = time.perf_counter() - t0
+    return store, rstore, ri.description
+
+
+def _training_options(objective, init, restarts, select):
+    """The objective, after checking the start, restarts and selection rule."""
+    if init not in ("random", "localist"):
+        raise ConfigError(f"init={init!r}: search starts each candidate at 'random' or 'localist'")
+    if select not in SELECT_RULES:
+        raise ConfigError(f"select={select!r}: expected one of {list(SELECT_RULES)}")
+    if not isinstance(restarts, int) or restarts < 0:
+        raise ConfigError(f"restarts={restarts!r}: expected a non-negative int")
+    return make_objective(objective)
 
 
 def _validate(lab: Lab, train: CounterfactualDataset, names: list[str], specs: list, sizes: list[int]) -> dict[str, int]:
