@@ -164,8 +164,10 @@ class ActivationStore:
     def suffix_positions(self, spec, start: int) -> Int[Tensor, "n k"]:
         """``spec``'s real-token indices counted from the first real token at or after ``start``."""
         _, padded = self.positions(spec)
-        pad = _seq(self.encoded) - self.lengths
-        return padded - start - (pad - start).clamp_min(0)[:, None]
+        mask = self.encoded.get("attention_mask") if isinstance(self.encoded, dict) else None
+        # the first real column of each input, wherever its padding is (left-padding's start, or 0)
+        first = torch.zeros_like(self.lengths) if mask is None else mask.long().argmax(-1)
+        return torch.where(padded < 0, padded, padded - first.clamp_min(start)[:, None])
 
     def positions(self, spec) -> tuple[Int[Tensor, "n k"] | None, Int[Tensor, "n k"] | None]:
         """``(real-token indices, padded indices)`` of ``spec`` for every input (``None, None``: all positions)."""

@@ -23,7 +23,6 @@ computed once per dataset (see :mod:`steerlab.alignment._activations`).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -37,13 +36,15 @@ from steerlab.alignment.counterfactuals import CounterfactualDataset
 from steerlab.alignment.iia import IIA, evaluate_iia
 from steerlab.alignment.objectives import CrossEntropy, Objective
 from steerlab.alignment.objectives import objective as make_objective
-from steerlab.alignment.selection import SELECT_RULES, Checkpoints, Selection
 from steerlab.alignment.results import Curve, DASResult
+from steerlab.alignment.selection import SELECT_RULES, Checkpoints, Selection
 from steerlab.interventions.errors import ConfigError, DataError, NotFitted, SubspaceSizeError
 from steerlab.interventions.lab import Lab
 from steerlab.interventions.ops import BoundlessSubspaceInterchange, Intervention, SubspaceInterchange
 from steerlab.interventions.orthonormal import Orthonormal, _orthonormal_rows
+from steerlab.interventions.progress import Bar, bar
 from steerlab.interventions.subspace import Subspace
+from steerlab.interventions.training import LoopSettings, run_loop
 
 __all__ = ["DAS", "BoundlessDAS", "TrainConfig"]
 
@@ -72,6 +73,8 @@ class TrainConfig:
         seed: int = 0,
         eval_size: int | None = 512,
         eval_batch_size: int = 256,
+        warmup_ratio: float = 0.0,
+        gradient_accumulation_steps: int = 1,
     ):
         if not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"epochs={epochs!r}: expected a positive int")
@@ -81,6 +84,13 @@ class TrainConfig:
             raise ConfigError(f"lr={lr!r}: expected a positive learning rate")
         self.epochs, self.batch_size, self.lr, self.seed = epochs, batch_size, float(lr), seed
         self.eval_size, self.eval_batch_size = eval_size, eval_batch_size
+        self.warmup_ratio, self.gradient_accumulation_steps = warmup_ratio, gradient_accumulation_steps
+        self.loop()  # checks the loop's settings now
+
+    def loop(self) -> LoopSettings:
+        """The settings of the one training loop (the same order and schedule as ReFT's for the same seed)."""
+        return LoopSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed, shuffle=True,
+                            warmup_ratio=self.warmup_ratio, gradient_accumulation_steps=self.gradient_accumulation_steps)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -135,6 +145,16 @@ def _eval_rows(n: int, size: int | None, seed: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:size].sort().values
 
 
+def objective(runner: Runner, rows: Tensor, ivs: Sequence[Intervention], loss: Objective | None = None,
+              progress: float = 0.0) -> Tensor:
+    """The DAS loss of a minibatch: ``loss`` (default cross-entropy; see
+    :mod:`steerlab.alignment.objectives`) of the intervened label scores against the causal
+    model's counterfactual labels, at ``progress`` (0..1) through training (the one place the
+    objective is evaluated)."""
+    scores = runner.run(rows, ivs)
+    return (loss or CrossEntropy())(scores.float(), runner.labels(rows).to(scores.device), progress)
+
+
 def train(
     runner: Runner,
     ivs: Sequence[Intervention],
@@ -145,53 +165,51 @@ def train(
     on_step=None,
     on_epoch=None,
     groups: list[dict] | None = None,
-    objective: Objective | None = None,
+    progress: bool | None = None,
+    desc: str = "DAS",
+    loss: Objective | None = None,
 ) -> Curve:
-    """Train ``ivs`` (one per variable, in the runner's variable order) on ``objective``
-    (default cross-entropy) of the intervened label scores; returns the curve.
+    """Train ``ivs`` (one per variable, in the runner's variable order) on :func:`objective` (``loss``)
+    with Adam on the one training loop (:func:`steerlab.interventions.training.run_loop`:
+    the seeded order, linear decay to 0, losses read per logging interval); returns the curve.
 
     ``evaluator`` (default: ``runner``) gives the IIA after each epoch on up to
     ``cfg.eval_size`` of its examples. ``extra_loss()`` is added to the loss,
     ``on_step(step, total)`` runs before each step (temperature schedules),
-    ``on_epoch(curve)`` after each epoch.
+    ``on_epoch(curve)`` after each epoch. ``progress``: a bar (see
+    :mod:`steerlab.interventions.progress`).
     """
-    obj = objective or CrossEntropy()
-    for iv in ivs:
-        iv.train()
     opt = torch.optim.Adam(groups or _parameters(ivs), lr=cfg.lr)
-    n = len(runner)
-    per_epoch = math.ceil(n / cfg.batch_size)
-    total = per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total, 1))
-    g = torch.Generator().manual_seed(cfg.seed)
     curve = Curve()
     ev = evaluator or runner
     ev_rows = _eval_rows(len(ev), cfg.eval_size, cfg.seed)
-    step = 0
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(n, generator=g)
-        losses = []
-        for a in range(0, n, cfg.batch_size):
-            rows = perm[a : a + cfg.batch_size]
-            if on_step is not None:
-                on_step(step, total)
-            scores = runner.run(rows, ivs)
-            loss = obj(scores.float(), runner.labels(rows).to(scores.device), step / max(total, 1))
-            if extra_loss is not None:
-                loss = loss + extra_loss()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.detach())
-            step += 1
-        curve.loss += torch.stack(losses).cpu().tolist()  # one host sync per epoch
+
+    at = {"progress": 0.0}  # where training is, for objectives that anneal
+
+    def step_start(step: int, total: int) -> None:
+        at["progress"] = step / max(total, 1)
+        if on_step is not None:
+            on_step(step, total)
+
+    def loss_of(rows: Tensor) -> Tensor:
+        value = objective(runner, rows, ivs, loss, at["progress"])
+        return value if extra_loss is None else value + extra_loss()
+
+    def epoch_done(epoch: int, step: int) -> None:
         curve.epoch_step.append(step)
         curve.epoch_iia.append(evaluate(ev, ivs, rows=ev_rows, batch_size=cfg.eval_batch_size)["all"].value)
         if on_epoch is not None:
             on_epoch(curve)
+
     for iv in ivs:
-        iv.eval()
+        iv.train()
+    try:
+        run = run_loop(len(runner), lambda rows: rows, loss_of, opt, cfg.loop(), on_step=step_start, on_epoch=epoch_done,
+                       progress=progress, desc=desc)
+    finally:
+        for iv in ivs:
+            iv.eval()
+    curve.loss = run.losses
     return curve
 
 
@@ -244,11 +262,13 @@ def train_selected(
     select: str = "train_iia",
     selection_size: int = 512,
     checks_per_epoch: int = 1,
+    progress: bool | None = None,
+    desc: str = "DAS",
 ) -> tuple[list[Intervention], Curve, Selection]:
     """One run per start ``(label, start rows or None for random, seed)``; the reported state
     chosen on training counterfactuals (see :mod:`steerlab.alignment.selection`)."""
     rows = _eval_rows(len(run_train), selection_size, cfg.seed + 2)
-    per_epoch = math.ceil(len(run_train) / cfg.batch_size)
+    per_epoch = cfg.loop().steps_per_epoch(len(run_train))
     every = max(1, per_epoch // checks_per_epoch)
     sel = Selection(objective.to_json(), select, [s[0] for s in starts], rows=int(rows.numel()))
     best: tuple[float, int, Checkpoints, list[Intervention], Curve] | None = None
@@ -260,7 +280,13 @@ def train_selected(
             if step == 0 or (select == "train_iia" and step % every == 0):
                 ck.check(step)
 
-        curve = train(run_train, ivs, cfg.with_seed(seed), evaluator=run_test, on_step=on_step, objective=objective)
+        curve = train(run_train, ivs, cfg.with_seed(seed), evaluator=run_test, on_step=on_step, loss=objective, progress=progress,
+                      desc=desc if len(starts) == 1 else f"{desc} ({starts[i][0]})")
+        if not all(bool(torch.isfinite(p).all()) for p in ck.params):
+            # a diverged run (NaN activations, an exploding loss) must not hide behind a finite earlier state:
+            # its basis goes out as it is, and the Subspace check names the failure
+            sel.chosen_run, sel.chosen_step = i, len(curve.loss)
+            return ivs, curve, sel
         ck.check(len(curve.loss))
         sel.start_iia.append(ck.first)
         sel.final_iia.append(ck.last)
@@ -286,7 +312,10 @@ class DAS:
         variables: the causal variables to align (default: those the training data intervenes).
         positions: where in the sequence: a name the encoder knows (``"last"``,
             ``"adjective"``), an int, or ``None`` (every position / no position axis).
-        epochs, batch_size, lr, seed: training (Adam, linear decay to 0).
+        epochs: training epochs (Adam, the learning rate decaying linearly to 0).
+        batch_size: counterfactuals per step.
+        lr: the learning rate.
+        seed: the initial subspace and the data order.
         controls: also train on a re-initialised copy of the model and search
             neuron-aligned alignments of the same size (on by default).
         random_init_scope: what the random-init control re-initialises: ``"all"``,
@@ -399,8 +428,12 @@ class DAS:
         return [v for v in have]
 
     # -- fitting ------------------------------------------------------------------------------
-    def fit(self, train: CounterfactualDataset, test: CounterfactualDataset | None = None) -> DASResult:
-        """Train on ``train``; report IIA and controls on ``test`` (default: ``train``)."""
+    def fit(self, train: CounterfactualDataset, test: CounterfactualDataset | None = None, *, progress: bool | None = None) -> DASResult:
+        """Train on ``train``; report IIA and controls on ``test`` (default: ``train``).
+
+        ``progress``: a bar over the fit's phases (caching, training, evaluation,
+        controls) with each training's own bar inside it; default: when the output
+        is a terminal or a notebook (:mod:`steerlab.interventions.progress`)."""
         variables = self._variables(train)
         sizes = self.resolve_sizes(variables)
         test = test if test is not None else train
@@ -408,33 +441,40 @@ class DAS:
         if self.init != "localist":
             self._starts(variables, sizes)  # a given start is checked before any compute
         timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        store = store_for(self.lab, [train, test], [self.site])
-        run_train, run_test = Runner(store, train, self.site, self.positions), Runner(store, test, self.site, self.positions)
-        timings["cache"] = time.perf_counter() - t0
-        self._localist = None
-        if self.init == "localist":
+        phases = 3 + (self.init == "localist") + (3 if self.controls else 0)
+        with bar(total=phases, desc=f"{self.method} {self.site}", unit="phase", progress=progress) as b:
             t0 = time.perf_counter()
-            self._localist = self._localist_search(run_train, run_test, sizes)
-            timings["localist"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ivs, curve, selection = self._train(run_train, run_test, sizes, self._starts(variables, sizes))
-        timings["train"] = time.perf_counter() - t0
+            store = _phase(b, "caching activations", lambda: store_for(self.lab, [train, test], [self.site]))
+            run_train, run_test = Runner(store, train, self.site, self.positions), Runner(store, test, self.site, self.positions)
+            timings["cache"] = time.perf_counter() - t0
+            self._localist = None
+            if self.init == "localist":
+                t0 = time.perf_counter()
+                self._localist = _phase(b, "localist start", lambda: self._localist_search(run_train, run_test, sizes))
+                timings["localist"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ivs, curve, selection = _phase(b, "training", lambda: self._train(run_train, run_test, sizes, self._starts(variables, sizes),
+                                                                            progress=progress))
+            timings["train"] = time.perf_counter() - t0
+            result = _phase(b, "evaluating", lambda: self._result_of(ivs, curve, selection, run_test, variables, sizes, train, test, timings))
+            if self.controls:
+                t0 = time.perf_counter()
+                self._controls(result, run_train, run_test, train, test, sizes, b, progress)
+                timings["controls"] = time.perf_counter() - t0
+        self._result = result
+        return result
+
+    def _result_of(self, ivs, curve, selection, run_test, variables, sizes, train, test, timings) -> DASResult:
+        """The result before controls: held-out IIA, the full-vector bound and the DAS IIA on its rows."""
         iia = evaluate(run_test, ivs, batch_size=self.cfg.eval_batch_size)
         bound = full_vector_bound(run_test, test, batch_size=self.cfg.eval_batch_size)
-        result = DASResult(
+        return DASResult(
             site=self.site, positions=self.positions, variables=tuple(variables), sizes=self._final_sizes(ivs, sizes),
             subspaces=subspaces_of(ivs, variables, self.site, self.positions, self.method, iia, train.encoder), iia=iia,
-            full_vector={v: b[0] for v, b in bound.items()}, bounded=bounded_iia(run_test, ivs, bound, batch_size=self.cfg.eval_batch_size),
+            full_vector={v: x[0] for v, x in bound.items()}, bounded=bounded_iia(run_test, ivs, bound, batch_size=self.cfg.eval_batch_size),
             curve=curve, method=self.method, config=self._config(train, test), timings=timings, fingerprint=self.lab.fingerprint(),
             selection=selection,
         )
-        if self.controls:
-            t0 = time.perf_counter()
-            self._controls(result, run_train, run_test, train, test, sizes)
-            timings["controls"] = time.perf_counter() - t0
-        self._result = result
-        return result
 
     # -- starts, runs and selection ------------------------------------------------------
     def _starts(self, variables: Sequence[str], sizes: Mapping[str, int]) -> list[tuple[str, Tensor | None, int]]:
@@ -456,16 +496,18 @@ class DAS:
             first = ("given subspace", _orthonormal_rows(rows.T), seed)
         return [first] + [(f"random (seed {seed + r})", None, seed + r) for r in range(1, self.restarts + 1)]
 
-    def _train(self, run_train: Runner, run_test: Runner, sizes: dict[str, int],
-               starts: list[tuple[str, Tensor | None, int]]) -> tuple[list[Intervention], Curve, Selection]:
+    def _train(self, run_train: Runner, run_test: Runner, sizes: dict[str, int], starts: list[tuple[str, Tensor | None, int]], *,
+               progress: bool | None = None, desc: str | None = None) -> tuple[list[Intervention], Curve, Selection]:
         return train_selected(run_train, run_test, self.site, sizes, self.width(), self.cfg, starts, objective=self.objective,
-                              select=self.select, selection_size=self.selection_size, checks_per_epoch=self.checks_per_epoch)
+                              select=self.select, selection_size=self.selection_size, checks_per_epoch=self.checks_per_epoch,
+                              progress=progress, desc=desc or self.method)
 
     def _localist_search(self, run_train: Runner, run_test: Runner, sizes: Mapping[str, int]):
         from steerlab.alignment.controls import localist_alignment
 
         return localist_alignment(run_train, run_test, sizes, self.width(), limit=self.localist_limit, samples=self.localist_samples,
                                   selection_size=self.selection_size, seed=self.cfg.seed)
+
 
     def _final_sizes(self, ivs, sizes: dict[str, int]) -> dict[str, int]:
         return dict(sizes)
@@ -475,21 +517,32 @@ class DAS:
         return {**self.cfg.to_json(), "n_train": len(train), "n_test": len(test), "method": self.method,
                 "objective": self.objective.describe(), "init": init, "restarts": self.restarts, "select": self.select}
 
-    def _controls(self, result: DASResult, run_train: Runner, run_test: Runner, train, test, sizes) -> None:
+    def _controls(self, result: DASResult, run_train: Runner, run_test: Runner, train, test, sizes, b: Bar, progress) -> None:
         from steerlab.alignment.controls import random_init
 
-        loc = self._localist if self._localist is not None and dict(result.sizes) == dict(sizes) else None
-        loc = loc or self._localist_search(run_train, run_test, result.sizes)
+        reuse = self._localist is not None and dict(result.sizes) == dict(sizes)
+        loc = self._localist if reuse else _phase(b, "localist control", lambda: self._localist_search(run_train, run_test, result.sizes))
+        if reuse:
+            b.update(1)
         result.localist, result.localist_method, result.localist_dims = loc.iia, loc.method, loc.dims
         ri = random_init(self.lab, seed=self.cfg.seed, scope=self.random_init_scope)
         result.random_init_scope = ri.description
-        rstore = store_for(ri.lab, [train, test], [self.site])
+        rstore = _phase(b, "random-init activations", lambda: store_for(ri.lab, [train, test], [self.site]))
         r_train, r_test = Runner(rstore, train, self.site, self.positions), Runner(rstore, test, self.site, self.positions)
         # the same objective, runs and selection, from random starts (a localist start would need its own search)
         starts = [(f"random (seed {self.cfg.seed + r})", None, self.cfg.seed + r) for r in range(self.restarts + 1)]
-        r_ivs, r_curve, _ = self._train(r_train, r_test, sizes, starts)
+        r_ivs, r_curve, _ = _phase(b, "random-init training", lambda: self._train(r_train, r_test, sizes, starts, progress=progress,
+                                                                                  desc=f"{self.method} (random init)"))
         result.random_init = evaluate(r_test, r_ivs, batch_size=self.cfg.eval_batch_size)
         result.random_init_curve = r_curve
+
+
+def _phase(b: Bar, name: str, work):
+    """Run one phase of a fit under the fit's bar: its name shown while it runs, the bar advanced after."""
+    b.set_postfix(phase=name)
+    out = work()
+    b.update(1)
+    return out
 
 
 class BoundlessDAS(DAS):
@@ -535,15 +588,15 @@ class BoundlessDAS(DAS):
     def _starts(self, variables: Sequence[str], sizes: Mapping[str, int]) -> list[tuple[str, Tensor | None, int]]:
         return super()._starts(variables, {v: getattr(self.init, "size", 1) for v in variables})
 
-    def _train(self, run_train: Runner, run_test: Runner, sizes: dict[str, int],
-               starts: list[tuple[str, Tensor | None, int]]) -> tuple[list[Intervention], Curve, Selection]:
+    def _train(self, run_train: Runner, run_test: Runner, sizes: dict[str, int], starts: list[tuple[str, Tensor | None, int]], *,
+               progress: bool | None = None, desc: str | None = None) -> tuple[list[Intervention], Curve, Selection]:
         """One run per start; each run's final hard subspace scored on training counterfactuals
         (intermediate states are not candidates: their size is still moving), the best reported."""
         rows = _eval_rows(len(run_train), self.selection_size, self.cfg.seed + 2)
         sel = Selection(self.objective.to_json(), self.select, [s[0] for s in starts], rows=int(rows.numel()))
         best = None
         for i, (_, init, seed) in enumerate(starts):
-            hard, curve, start_iia = self._run(run_train, run_test, init, seed, rows)
+            hard, curve, start_iia = self._run(run_train, run_test, init, seed, rows, progress, desc or self.method)
             final = evaluate(run_train, [hard], rows=rows)["all"].value
             sel.start_iia.append(start_iia)
             sel.final_iia.append(final)
@@ -554,7 +607,7 @@ class BoundlessDAS(DAS):
         sel.chosen_run, sel.chosen_step, sel.iia = i, len(curve.loss), final
         return [hard], curve, sel
 
-    def _run(self, run_train: Runner, run_test: Runner, init: Tensor | None, seed: int, rows: Tensor):
+    def _run(self, run_train: Runner, run_test: Runner, init: Tensor | None, seed: int, rows: Tensor, progress, desc: str):
         width = self.width()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -586,7 +639,7 @@ class BoundlessDAS(DAS):
             curve.size.append(iv.size)
 
         curve = train(run_train, [iv], self.cfg.with_seed(seed), evaluator=run_test, extra_loss=penalty, on_step=schedule,
-                      on_epoch=record, groups=groups, objective=self.objective)
+                      on_epoch=record, groups=groups, loss=self.objective, progress=progress, desc=desc)
         curve.temperature = temps
         k = max(iv.size, 1)
         hard = SubspaceInterchange(self.site, size=k, width=width, init=iv.rotation().detach()[:k])

@@ -35,11 +35,13 @@ from steerlab.alignment.das import (
     train_selected,
 )
 from steerlab.alignment.objectives import objective as make_objective
-from steerlab.alignment.selection import SELECT_RULES
 from steerlab.alignment.results import DASResult, format_table, labelled_localist
+from steerlab.alignment.selection import SELECT_RULES
 from steerlab.interventions import fileformat
 from steerlab.interventions.errors import ConfigError, DataError, FileFormatError
+from steerlab.interventions.fileformat import field_of
 from steerlab.interventions.lab import Lab
+from steerlab.interventions.progress import Bar, bar
 
 __all__ = ["search", "SearchResult"]
 
@@ -111,6 +113,8 @@ class SearchResult:
 
     # -- the file format --------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
+        """Save in the one file format, atomically (see :mod:`~steerlab.interventions.fileformat`
+        for the files a save owns in ``directory``)."""
         tensors: dict = {}
         records = []
         for i, r in enumerate(self.results):
@@ -121,14 +125,26 @@ class SearchResult:
 
     @classmethod
     def load(cls, directory: str | Path, *, fingerprint: dict | None = None) -> SearchResult:
-        meta, tensors = fileformat.load(directory, kind="das_search", fingerprint=fingerprint)
-        cfg = meta["config"]
-        try:
-            results = [DASResult.from_record(rec, tensors, f"{i}.") for i, rec in enumerate(cfg["results"])]
-            return cls(results, tuple(cfg["variables"]), dict(cfg.get("config") or {}), dict(cfg.get("timings") or {}),
-                       dict(cfg.get("layers") or {}), meta.get("fingerprint"))
-        except (KeyError, TypeError) as e:
-            raise FileFormatError(f"{directory}: a search record is malformed: {e}") from None
+        """Load a saved search; ``fingerprint`` (``lab.fingerprint()``) checks it was made for that model.
+        Every candidate's record is checked before anything is built."""
+        saved = fileformat.read(directory, kind="das_search", fingerprint=fingerprint)
+        cfg = saved.config
+        where = f"{directory}"
+        records = field_of(cfg, "results", list, where)
+        variables = field_of(cfg, "variables", list, where)
+        layers = field_of(cfg, "layers", dict, where)
+        for key in ("config", "timings"):
+            field_of(cfg, key, dict, where)
+        if not all(isinstance(v, str) for v in variables) or not all(isinstance(v, (int, type(None))) and not isinstance(v, bool) for v in layers.values()):
+            raise FileFormatError(f"{where}: variables {variables!r:.60} or layers {layers!r:.60}; expected names and layer numbers")
+        owned: set[str] = set()
+        for i, rec in enumerate(records):
+            owned |= DASResult.check_record(rec, saved.specs, f"{i}.", f"{where}: candidate {i}")
+        if set(saved.specs) != owned:
+            raise FileFormatError(f"{where} holds tensors {sorted(set(saved.specs) - owned)[:5]} that no candidate owns")
+        tensors = saved.tensors()
+        results = [DASResult.from_record(rec, tensors, f"{i}.") for i, rec in enumerate(records)]
+        return cls(results, tuple(variables), dict(cfg["config"]), dict(cfg["timings"]), dict(layers), saved.fingerprint)
 
     def __repr__(self) -> str:
         return f"SearchResult({len(self.results)} candidates, variables {list(self.variables)})"
@@ -168,7 +184,7 @@ def search(
     restarts: int = 0,
     select: str = "train_iia",
     checks_per_epoch: int = 1,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> SearchResult:
     """DAS at every (site, positions, size) with controls (see the module docstring).
 
@@ -184,15 +200,12 @@ def search(
         objective, init, restarts, select, checks_per_epoch: how each candidate trains and which state
             it reports, as :class:`~steerlab.alignment.DAS` takes them (``init``: ``"random"`` or
             ``"localist"``, the candidate's own localist control).
-        progress: print each candidate's row as it finishes.
+        progress: a bar over the candidates, each candidate's training bar inside it, and each
+            candidate's row printed above the bar as it finishes; default: when the output is a
+            terminal or a notebook (:mod:`steerlab.interventions.progress`).
     """
     obj = _training_options(objective, init, restarts, select)
-    if not isinstance(train, CounterfactualDataset):
-        if not hasattr(train, "datasets"):
-            raise DataError(f"search() takes a CounterfactualDataset or a task; got {type(train).__name__}")
-        train, task_test = train.datasets(lab, n_train=n_train, n_test=n_test, seed=seed)
-        test = test if test is not None else task_test
-    test = test if test is not None else train
+    train, test = _datasets(lab, train, test, n_train, n_test, seed)
     variables = list(train.variables)
     names = _sites(lab, sites)
     specs = [positions] if isinstance(positions, (str, int)) or positions is None else list(positions)
@@ -200,15 +213,17 @@ def search(
     widths = _validate(lab, train, names, specs, sizes)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_size=eval_size)
     timings: dict[str, float] = {}
-    store, rstore, scope = _stores(lab, train, test, names, controls, seed, random_init_scope, timings)
-    results = []
-    t_all = time.perf_counter()
-    for s in names:
-        for p in specs:
-            results += _candidates(store, rstore, train, test, s, p, sizes, widths[s], cfg, controls,
-                                   dict(limit=localist_limit, samples=localist_samples, selection_size=selection_size, seed=seed),
-                                   dict(objective=obj, select=select, selection_size=selection_size, checks_per_epoch=checks_per_epoch),
-                                   (init, restarts), progress)
+    n_candidates = len(names) * len(specs) * len(sizes)
+    with bar(total=n_candidates, desc="DAS search", unit="candidate", progress=progress) as b:
+        store, rstore, scope = _stores(lab, train, test, names, controls, seed, random_init_scope, b, timings)
+        results = []
+        t_all = time.perf_counter()
+        localist = dict(limit=localist_limit, samples=localist_samples, selection_size=selection_size, seed=seed)
+        for s in names:
+            for p in specs:
+                results += _candidates(store, rstore, train, test, s, p, sizes, widths[s], cfg, controls, localist,
+                                       dict(objective=obj, select=select, selection_size=selection_size, checks_per_epoch=checks_per_epoch),
+                                       (init, restarts), b, progress)
     timings["candidates"] = time.perf_counter() - t_all
     for r in results:
         r.fingerprint = lab.fingerprint()
@@ -219,13 +234,26 @@ def search(
     return SearchResult(results, tuple(variables), config, timings, {s: site_layer(lab, s) for s in names}, lab.fingerprint())
 
 
-def _stores(lab, train, test, names, controls, seed, scope, timings):
-    """The activation store of the model and, with controls, of its re-initialised copy (and what that re-initialised)."""
+def _datasets(lab: Lab, train, test, n_train: int, n_test: int, seed: int) -> tuple[CounterfactualDataset, CounterfactualDataset]:
+    """``(train, test)``: given, or drawn from a task; test defaults to the task's held-out split, else train."""
+    if not isinstance(train, CounterfactualDataset):
+        if not hasattr(train, "datasets"):
+            raise DataError(f"search() takes a CounterfactualDataset or a task; got {type(train).__name__}")
+        train, task_test = train.datasets(lab, n_train=n_train, n_test=n_test, seed=seed)
+        test = test if test is not None else task_test
+    return train, test if test is not None else train
+
+
+def _stores(lab: Lab, train, test, names: list[str], controls: bool, seed: int, scope, b: Bar, timings: dict[str, float]):
+    """The activation stores of the model and (with controls) of its re-initialised copy, timed,
+    and what the copy re-initialised."""
+    b.set_postfix(phase="caching activations")
     t0 = time.perf_counter()
     store = store_for(lab, [train, test], names)
     timings["cache"] = time.perf_counter() - t0
     if not controls:
         return store, None, None
+    b.set_postfix(phase="caching random-init activations")
     t0 = time.perf_counter()
     ri = random_init(lab, seed=seed, scope=scope)
     rstore = store_for(ri.lab, [train, test], names)
@@ -259,7 +287,8 @@ def _validate(lab: Lab, train: CounterfactualDataset, names: list[str], specs: l
     return widths
 
 
-def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, controls, localist, how, start, progress) -> list[DASResult]:
+def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, controls, localist, how, start, b: Bar,
+                progress) -> list[DASResult]:
     """Every size at one (site, positions): the full-vector IIA is computed once for all sizes."""
     t0 = time.perf_counter()
     r_train, r_test = Runner(store, train, site, spec), Runner(store, test, site, spec)
@@ -272,6 +301,7 @@ def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, contr
     init, restarts = start
     randoms = [(f"random (seed {cfg.seed + r})", None, cfg.seed + r) for r in range(restarts + 1)]
     for k in sizes:
+        b.set_postfix(site=site, positions=spec, size=k)
         sizes_k = resolve_sizes(k, variables, site, width)
         timings = {"full_vector": t_full / len(sizes)}
         loc = None
@@ -284,7 +314,8 @@ def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, contr
             dims = [d for v in variables for d in loc.dims[v]]
             starts = [("localist", torch.eye(width)[dims], cfg.seed)] + randoms[1:]
         t0 = time.perf_counter()
-        ivs, curve, selection = train_selected(r_train, r_test, site, sizes_k, width, cfg, starts, **how)
+        ivs, curve, selection = train_selected(r_train, r_test, site, sizes_k, width, cfg, starts, **how, progress=progress,
+                                               desc=f"DAS {site} size {k}")
         iia = evaluate(r_test, ivs, batch_size=cfg.eval_batch_size)
         timings["train"] = time.perf_counter() - t0
         res = DASResult(site=site, positions=spec, variables=tuple(variables), sizes=sizes_k,
@@ -296,13 +327,14 @@ def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, contr
         if controls:
             res.localist, res.localist_method, res.localist_dims = loc.iia, loc.method, loc.dims
             t0 = time.perf_counter()
-            r_ivs, res.random_init_curve, _ = train_selected(rr[0], rr[1], site, sizes_k, width, cfg, randoms, **how)
+            r_ivs, res.random_init_curve, _ = train_selected(rr[0], rr[1], site, sizes_k, width, cfg, randoms, **how, progress=progress,
+                                                             desc=f"random-init {site} size {k}")
             res.random_init = evaluate(rr[1], r_ivs, batch_size=cfg.eval_batch_size)
             timings["random_init"] = time.perf_counter() - t0
-        if progress:
-            row = res.rows()[-1]
-            print(f"  {site} pos={spec!r} size={k}: iia {row['iia']:.3f} random {_f(row['random_init'])} "
-                  f"localist {_f(row['localist'])} full {_f(row['full_vector'])} ({sum(timings.values()):.1f}s)", flush=True)
+        row = res.rows()[-1]
+        b.write(f"  {site} pos={spec!r} size={k}: iia {row['iia']:.3f} random {_f(row['random_init'])} "
+                f"localist {_f(row['localist'])} full {_f(row['full_vector'])} ({sum(timings.values()):.1f}s)")
+        b.update(1)
         out.append(res)
     return out
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from steerlab.interventions.errors import ConfigError
+from steerlab.interventions.errors import ConfigError, FileFormatError
 
 __all__ = ["Selection", "Checkpoints", "SELECT_RULES"]
 
@@ -62,6 +62,28 @@ class Selection:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    @staticmethod
+    def check_record(d: Any, where: str) -> None:
+        """A saved selection's fields, of the right types, before anything is built."""
+        from steerlab.interventions.fileformat import field_of
+
+        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+        count = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0  # noqa: E731
+        field_of(d, "objective", dict, where)
+        rule = field_of(d, "rule", str, where)
+        starts = field_of(d, "starts", list, where)
+        if rule not in SELECT_RULES or not starts or not all(isinstance(x, str) for x in starts):
+            raise FileFormatError(f"{where}: rule {rule!r:.40} with starts {starts!r:.80}; expected one of {list(SELECT_RULES)} and labels")
+        for key in ("start_iia", "final_iia"):
+            xs = field_of(d, key, list, where)
+            if not all(number(x) for x in xs) or len(xs) > len(starts):
+                raise FileFormatError(f"{where}: {key} {xs!r:.80}; expected at most one IIA per start")
+        for key in ("chosen_run", "chosen_step", "rows", "checks"):
+            if not count(field_of(d, key, int, where)):
+                raise FileFormatError(f"{where}: {key} {d[key]!r}; expected a count")
+        if d["chosen_run"] >= len(starts) or not number(field_of(d, "iia", (int, float), where)):
+            raise FileFormatError(f"{where}: chosen run {d['chosen_run']} of {len(starts)} starts, iia {d['iia']!r}")
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> Selection | None:

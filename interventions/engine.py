@@ -334,10 +334,11 @@ def _run_plan(plan: _Plan, *, prefix: Prefix | None, model_kwargs: dict | None, 
             v = store[key]
             values[id(iv)] = v if rows is None else v[rows]
 
-    # plain sources of one shape share a forward
+    # plain sources of one shape share a forward, unless a read takes per-example positions
+    # (a [batch, k] tensor, which would be resolved against the concatenated batch)
     groups: dict[tuple, list[_Node]] = defaultdict(list)
     for node in plan.nodes:
-        if not node.edits and not node.output and node.reads:
+        if not node.edits and not node.output and node.reads and all(r[1].kind != "tensor" for r in node.reads.values()):
             groups[node.inputs.signature()].append(node)
     src_kwargs = lab.no_cache
     for members in groups.values():

@@ -45,6 +45,10 @@ def parse_dtype(dtype) -> torch.dtype | None:
     raise ConfigError(f"dtype={dtype!r}: expected a floating torch.dtype or its name ('float32', 'bfloat16', 'float16')")
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _activation(name: str | None):
     if name is None or name in ("linear", "identity", "none"):
         return None
@@ -117,8 +121,10 @@ class ReftIntervention(Intervention):
 
     # -- maths ---------------------------------------------------------------
     def learned_source(self, h: Float[Tensor, "*b d"], weight: Tensor, bias: Tensor) -> Float[Tensor, "*b r"]:
-        """``act(W h + b)`` in the projection's dtype."""
-        t = F.linear(h.to(weight.dtype), weight, bias)
+        """``act(W h + b)``, in fp32 when ``h`` or ``W`` is half precision (as the rest of the edit:
+        rounding ``W h + b`` to bf16 first moved a bf16 edit by up to ``2⁻⁸ |W h + b|``)."""
+        dt = torch.promote_types(_compute_dtype(h.dtype), _compute_dtype(weight.dtype))
+        t = F.linear(h.to(dt), weight.to(dt), bias.to(dt))
         return t if self._act is None else self._act(t)
 
     def edit(self, h: Float[Tensor, "*b d"]) -> Float[Tensor, "*b d"]:  # pragma: no cover - abstract

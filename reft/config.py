@@ -49,7 +49,8 @@ class ReftConfig:
         site: the block site (default ``"resid_post"``, the block output).
         tied: one intervention per layer for all positions (``True``), or,
             for ``"fA+lB"``, one for the first and one for the last positions.
-        act_fn, dropout: passed to each intervention.
+        act_fn: passed to each intervention.
+        dropout: passed to each intervention.
         dtype: of the learned projections (``None``: the model's).
         modules_to_save: base-model modules trained (and saved) along with
             the interventions, e.g. ``["classifier"]`` or ``["score"]`` heads.

@@ -101,7 +101,8 @@ class InstructionDataset(_Examples):
 
     Args:
         tokenizer: a tokenizer with a pad token.
-        prompts, responses: equal-length lists of text.
+        prompts: the prompts (a list of text).
+        responses: the responses, one per prompt.
         positions: the prompt-position spec (``"f7+l7"``, ``"l1"``, ...);
             pass ``reft_model.positions`` to match the model.
         tied: ``False`` for a model with untied first/last weights.

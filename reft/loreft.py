@@ -40,7 +40,9 @@ class LoReFT(ReftIntervention):
             every intervention (``"f7+l7"``, ``-1``, ``"per-call"``, ...).
         rank: ``r``.
         width: ``d``; inferred from the site when first used.
-        act_fn, dropout, dtype: see :mod:`steerlab.reft._base`.
+        act_fn: see :mod:`steerlab.reft._base`.
+        dropout: see :mod:`steerlab.reft._base`.
+        dtype: see :mod:`steerlab.reft._base`.
         init: an initial ``R`` (``[rank, width]``), e.g. a DAS subspace's basis.
         train_rotation: ``False`` freezes ``R`` (train ``W`` and ``b`` only).
 

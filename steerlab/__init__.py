@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 
 __all__ = [*_base, "__version__"]
 
-from steerlab.models import load  # noqa: E402
+from steerlab.models import ModelNotFound, load  # noqa: E402
 
-__all__ += ["load"]
+__all__ += ["load", "ModelNotFound"]
 
 # the upper layers load on first use (`sl.viz.patching_heatmap`, `sl.reft.LoReFT`), so that
 # `import steerlab` stays light and a layer is imported only by those who use it

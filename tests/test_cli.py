@@ -103,7 +103,9 @@ def test_patch_writes_the_heatmap_of_the_sweep(capsys, tmp_path):
     m = re.search(r'Plotly\.newPlot\(\s*"[^"]+",\s*(\[.*?\]),\s*\{', page, flags=re.S)
     (heat,) = [t for t in json.loads(m.group(1)) if t["type"] == "heatmap"]
     result = sl.SweepResult.load(tmp_path / "sweep")
-    assert torch.allclose(torch.tensor(heat["z"]), result.values.float(), atol=1e-6)
+    # the heatmap shows the normalised effect (0 = base, 1 = source), the raw metric beside it in the hover data
+    assert torch.allclose(torch.tensor(heat["z"]), result.normalised.float(), atol=1e-6)
+    assert torch.allclose(torch.tensor([[c[1] for c in row] for row in heat["customdata"]]), result.values.float(), atol=1e-6)
     assert result.tokens == [" Italy", " is"]
 
 
@@ -175,7 +177,7 @@ def test_generate_with_saved_steering_equals_the_library(capsys, smollm, steerin
     code, out, err = run_cli(capsys, "generate", "smollm2-135m", *prompts, "--interventions", str(path), "--compare",
                              "--max-new-tokens", "6", "--decode")
     assert code == 0, err
-    assert out.splitlines()[0] == f"# 1 interventions from {path}: Add@blocks.10.resid_post"
+    assert out.splitlines()[0] == f"# 1 intervention from {path}: Add@blocks.10.resid_post"
     got = _generations(out)
     # before: plain transformers, greedy, on each prompt alone (no padding involved)
     for (before, _), p in zip(got, prompts, strict=True):
@@ -290,5 +292,6 @@ def test_the_installed_command_runs_as_a_process():
     bad = subprocess.run([str(script), "sites", "nope"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == [
-        "steerlab: error: model 'nope' is not an embedded name (minilm-l6, smollm2-135m) nor a local directory, and the hub is offline (HF_HUB_OFFLINE=1)"
+        "steerlab: error: model 'nope' is not an embedded name (minilm-l6, smollm2-135m) nor a local directory, and the hub is offline "
+        "(HF_HUB_OFFLINE=1) with no cached copy of it"
     ]

@@ -1,6 +1,8 @@
 # %% [markdown]
 # # Sites and activation patching on SmolLM2-135M
 #
+# **Run time.** Full mode about 3 min on 2 CPU cores (measured 2026-12-05); fast mode (`STEERLAB_FAST=1`, what the tests run) about a minute.
+#
 # **Question.** Given *"The capital of Italy is"*, SmolLM2-135M continues with *" Rome"*; given
 # *"The capital of France is"*, with *" Paris"*. Where inside the model does the country become
 # the answer: at which layer, at which token, through which attention head?

@@ -1,6 +1,8 @@
 # %% [markdown]
 # # Distributed alignment search on SmolLM2-135M: where is a review's polarity?
 #
+# **Run time.** Full mode about 32 min on 2 CPU cores (measured on a busy shared machine); fast mode (`STEERLAB_FAST=1`, what the tests run) about a minute.
+#
 # **Question.** Given *"Review: The movie was wonderful.\nSentiment:"*, SmolLM2-135M answers
 # *" positive"*; with *"dreadful"*, *" negative"*. The polarity is no token of the prompt: the
 # model has to compute it from the adjective and carry it to the last token, where the answer is

@@ -1,6 +1,8 @@
 # %% [markdown]
 # # From a DAS subspace to a LoReFT steer
 #
+# **Run time.** Full mode about 18 min on 2 CPU cores (measured on a busy shared machine); fast mode (`STEERLAB_FAST=1`, what the tests run) about a minute.
+#
 # **Question.** DAS finds *where* a model keeps a variable: a small subspace of one hidden state whose
 # interchange carries the variable from one input to another. Is that subspace also a good place to
 # *steer*? If a LoReFT may only write inside the subspace DAS found, can it flip the model's answer, and

@@ -1,6 +1,8 @@
 # %% [markdown]
 # # One graph, two engines: steerlab's hooks and nnsight (and NDIF)
 #
+# **Run time.** Full mode about 8 min on 2 CPU cores (measured 2026-12-05); fast mode (`STEERLAB_FAST=1`, what the tests run) about a minute.
+#
 # **Question.** A study written as a steerlab run graph — patches, a DAS subspace, a trained
 # LoReFT, collected activations — should not depend on the machinery that executes it. Does the
 # same graph give the same numbers when each forward is an nnsight trace instead of a set of

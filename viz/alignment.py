@@ -21,9 +21,18 @@ from plotly.subplots import make_subplots
 
 from steerlab.interventions.errors import ConfigError
 
-__all__ = ["iia_heatmap", "das_training_curve", "subspace_projection"]
+__all__ = ["iia_heatmap", "das_training_curve", "subspace_projection", "COLOURS", "integer_axis"]
 
-_SIZE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+#: one colour per kind of series, the same in every figure: DAS and each control must be told apart at a glance
+COLOURS = {"DAS": "#1f77b4", "random-init": "#d62728", "localist": "#2ca02c", "full vector": "#000000", "chance": "#7f7f7f"}
+#: several sizes of one series differ by dash (and marker), not by colour
+_SIZE_DASH = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
+
+
+def integer_axis(n: int, *, start: int = 1) -> dict:
+    """Axis settings that tick only at integers (epochs, steps) from ``start``, at most about ten ticks for ``n`` values."""
+    step = max(1, -(-n // 10))
+    return {"tickmode": "linear", "tick0": start, "dtick": step, "tickformat": "d"}
 
 
 def _key(result, variable: str | None) -> str:
@@ -63,7 +72,7 @@ def iia_heatmap(search, *, variable: str | None = None, title: str | None = None
     titles = []
     for p in specs:
         titles += [f"DAS IIA ({key}), {_pos_label(eval_spec(p))}", f"controls and upper bound, {_pos_label(eval_spec(p))}"]
-    fig = make_subplots(rows=len(specs), cols=2, subplot_titles=titles, horizontal_spacing=0.12, vertical_spacing=0.18)
+    fig = make_subplots(rows=len(specs), cols=2, subplot_titles=titles, horizontal_spacing=0.2, vertical_spacing=0.18)
     chance = search.chance
     for i, p in enumerate(specs, start=1):
         by = {(r.site, sum(r.sizes.values()) // len(r.sizes)): r for r in results if repr(r.positions) == p}
@@ -82,17 +91,21 @@ def iia_heatmap(search, *, variable: str | None = None, title: str | None = None
         fig.add_trace(go.Heatmap(
             z=z, x=labels, y=[f"size {k}" for k in sizes], text=text, texttemplate="%{text}", customdata=hover,
             hovertemplate="%{x}, %{y}<br>%{customdata}<extra></extra>", zmin=chance, zmax=1.0, colorscale="Viridis",
-            showscale=i == 1, colorbar={"title": {"text": "IIA"}, "len": 0.9 / len(specs)},
+            showscale=i == 1,
+            # the colour bar sits between the heatmap and the line panel, so it never covers the legend (right of the figure)
+            colorbar={"title": {"text": "IIA"}, "len": 0.9 / len(specs), "x": 0.41, "xanchor": "left", "thickness": 14},
         ), row=i, col=1)
         for j, k in enumerate(sizes):
-            colour = _SIZE_COLOURS[j % len(_SIZE_COLOURS)]
+            dash = _SIZE_DASH[j % len(_SIZE_DASH)]
             rs = [by.get((s, k)) for s in sites]
-            _line(fig, labels, [_val(r.iia, key) if r else None for r in rs], f"DAS size {k}", colour, "solid", i, i == 1)
-            _line(fig, labels, [_val(r.random_init, key) if r else None for r in rs], f"random-init size {k}", colour, "dash", i, i == 1)
-            _line(fig, labels, [_val(r.localist, key) if r else None for r in rs], f"localist size {k}", colour, "dot", i, i == 1)
+            _line(fig, labels, [_val(r.iia, key) if r else None for r in rs], f"DAS size {k}", COLOURS["DAS"], dash, i, i == 1)
+            _line(fig, labels, [_val(r.random_init, key) if r else None for r in rs], f"random-init size {k}", COLOURS["random-init"], dash,
+                  i, i == 1)
+            _line(fig, labels, [_val(r.localist, key) if r else None for r in rs], f"localist size {k}", COLOURS["localist"], dash, i, i == 1)
         first = [next((r for (s2, _), r in by.items() if s2 == s), None) for s in sites]
-        _line(fig, labels, [_val(r.full_vector, key) if r else None for r in first], "full vector (upper bound)", "black", "solid", i, i == 1)
-        fig.add_hline(y=chance, line_dash="dot", line_color="grey", row=i, col=2, annotation_text="chance" if i == 1 else None)
+        _line(fig, labels, [_val(r.full_vector, key) if r else None for r in first], "full vector (upper bound)", COLOURS["full vector"],
+              "solid", i, i == 1)
+        _line(fig, labels, [chance] * len(labels), "chance", COLOURS["chance"], "dot", i, i == 1)
         fig.update_xaxes(title_text="site", row=i, col=1)
         fig.update_xaxes(title_text="site", row=i, col=2)
         fig.update_yaxes(title_text="subspace size", row=i, col=1)
@@ -140,25 +153,28 @@ def das_training_curve(result, *, title: str | None = None) -> go.Figure:
     """Loss per step and held-out IIA per epoch (DAS and its random-init control)."""
     c = result.curve
     fig = make_subplots(rows=1, cols=2, subplot_titles=["training loss", "held-out IIA per epoch"], specs=[[{}, {"secondary_y": True}]])
-    fig.add_trace(go.Scatter(y=c.loss, name=f"{result.method} loss", mode="lines", line={"color": "#1f77b4"},
+    fig.add_trace(go.Scatter(x=list(range(1, len(c.loss) + 1)), y=c.loss, name=f"{result.method} loss", mode="lines",
+                             line={"color": COLOURS["DAS"]},
                              hovertemplate="step %{x}<br>loss %{y:.4f}<extra></extra>"), row=1, col=1)
     rc = result.random_init_curve
     if rc is not None:
-        fig.add_trace(go.Scatter(y=rc.loss, name="random-init loss", mode="lines", line={"color": "#d62728", "dash": "dash"},
+        fig.add_trace(go.Scatter(x=list(range(1, len(rc.loss) + 1)), y=rc.loss, name="random-init loss", mode="lines",
+                                 line={"color": COLOURS["random-init"], "dash": "dash"},
                                  hovertemplate="step %{x}<br>loss %{y:.4f}<extra></extra>"), row=1, col=1)
     epochs = list(range(1, len(c.epoch_iia) + 1))
-    fig.add_trace(go.Scatter(x=epochs, y=c.epoch_iia, name=f"{result.method} IIA", mode="lines+markers", line={"color": "#1f77b4"},
+    fig.add_trace(go.Scatter(x=epochs, y=c.epoch_iia, name=f"{result.method} IIA", mode="lines+markers", line={"color": COLOURS["DAS"]},
                              hovertemplate="epoch %{x}<br>IIA %{y:.3f}<extra></extra>"), row=1, col=2)
     if rc is not None:
         fig.add_trace(go.Scatter(x=epochs, y=rc.epoch_iia, name="random-init IIA", mode="lines+markers",
-                                 line={"color": "#d62728", "dash": "dash"}, hovertemplate="epoch %{x}<br>IIA %{y:.3f}<extra></extra>"), row=1, col=2)
-    levels = [("chance", result.chance, "grey")]
+                                 line={"color": COLOURS["random-init"], "dash": "dash"},
+                                 hovertemplate="epoch %{x}<br>IIA %{y:.3f}<extra></extra>"), row=1, col=2)
+    levels = [("chance", result.chance, COLOURS["chance"])]
     loc = _val(result.localist, "all")
     if loc is not None:
-        levels.append(("localist", loc, "#2ca02c"))
+        levels.append(("localist", loc, COLOURS["localist"]))
     full = [v.value for v in result.full_vector.values()]
     if full:
-        levels.append(("full vector", sum(full) / len(full), "black"))
+        levels.append(("full vector", sum(full) / len(full), COLOURS["full vector"]))
     for name, y, colour in levels:
         fig.add_trace(go.Scatter(x=[epochs[0] if epochs else 1, epochs[-1] if epochs else 1], y=[y, y], name=name, mode="lines",
                                  line={"color": colour, "dash": "dot"}, hovertemplate=f"{name} %{{y:.3f}}<extra></extra>"), row=1, col=2)
@@ -167,9 +183,9 @@ def das_training_curve(result, *, title: str | None = None) -> go.Figure:
                                  line={"color": "#9467bd"}, hovertemplate="epoch %{x}<br>size %{y}<extra></extra>"),
                       row=1, col=2, secondary_y=True)
         fig.update_yaxes(title_text="subspace size", row=1, col=2, secondary_y=True)
-    fig.update_xaxes(title_text="step", row=1, col=1)
+    fig.update_xaxes(title_text="step", row=1, col=1, **integer_axis(len(c.loss)))
     fig.update_yaxes(title_text="cross-entropy", row=1, col=1)
-    fig.update_xaxes(title_text="epoch", row=1, col=2)
+    fig.update_xaxes(title_text="epoch", row=1, col=2, **integer_axis(len(epochs)))
     fig.update_yaxes(title_text="IIA", range=[0, 1.02], row=1, col=2, secondary_y=False)
     sizes = ", ".join(f"{k}: {v}" for k, v in result.sizes.items())
     fig.update_layout(title=title or f"{result.method} at {result.site} ({sizes}): final IIA {result.iia['all'].value:.3f}")

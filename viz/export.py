@@ -26,7 +26,7 @@ import plotly.graph_objects as go
 
 from steerlab.interventions.errors import ConfigError
 
-__all__ = ["save_html", "save_png", "save", "report", "Section", "Pre", "find_browser"]
+__all__ = ["save_html", "save_png", "check_png", "save", "report", "Section", "Pre", "find_browser"]
 
 
 def _write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
@@ -72,14 +72,16 @@ def find_browser() -> str | None:
     return path if path and os.path.isfile(path) and os.access(path, os.X_OK) else None
 
 
-def save_png(fig: go.Figure, path: str | os.PathLike, *, width: int | None = None, height: int | None = None, scale: float = 2.0) -> Path:
-    """Write ``fig`` as a PNG through kaleido (needs ``pip install 'steerlab[png]'`` and Chrome/Chromium)."""
-    _check_figure(fig)
+def check_png(path: str | os.PathLike = "figure.png") -> None:
+    """Raise :class:`~steerlab.interventions.errors.ConfigError` now if a PNG cannot be written:
+    kaleido missing, or no Chrome/Chromium for it to drive. Commands call it before any compute,
+    so a long run never ends in "cannot write the PNG"."""
     try:
         import kaleido  # noqa: F401 - only to say what is missing
     except ImportError:
         raise ConfigError(
-            f"PNG export of {str(path)!r} needs the 'kaleido' package: pip install 'steerlab[png]' (or save HTML: it always works)"
+            f"PNG export of {str(path)!r} needs the 'kaleido' package: pip install 'kaleido>=1.0' (in a clone of steerlab: "
+            "pip install -e '.[png]'); or write HTML, which always works"
         ) from None
     if find_browser() is None:
         hint = f" (BROWSER_PATH={os.environ['BROWSER_PATH']!r} is not an executable)" if os.environ.get("BROWSER_PATH") else ""
@@ -87,6 +89,12 @@ def save_png(fig: go.Figure, path: str | os.PathLike, *, width: int | None = Non
             f"PNG export of {str(path)!r} needs a Chrome or Chromium browser for kaleido, and none was found{hint}: "
             "install one (Debian: apt-get install chromium; or run plotly_get_chrome), or save HTML instead"
         )
+
+
+def save_png(fig: go.Figure, path: str | os.PathLike, *, width: int | None = None, height: int | None = None, scale: float = 2.0) -> Path:
+    """Write ``fig`` as a PNG through kaleido (needs the ``kaleido`` package and Chrome/Chromium; see :func:`check_png`)."""
+    _check_figure(fig)
+    check_png(path)
     try:
         data = fig.to_image(format="png", width=width, height=height, scale=scale)
     except Exception as e:  # kaleido's errors come from the browser process; name the cause in one line

@@ -16,6 +16,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from steerlab.interventions.errors import ConfigError
+from steerlab.viz.alignment import integer_axis
+from steerlab.viz.tokens import token_label
 
 __all__ = ["reft_training_curve", "token_effects"]
 
@@ -42,6 +44,7 @@ def reft_training_curve(result, *, title: str | None = None) -> go.Figure:
     if not runs:
         raise ConfigError("reft_training_curve: no training result to plot")
     fig = go.Figure()
+    longest = max(len(list(getattr(r, "losses", None) or [])) for r in runs.values())
     for i, (name, res) in enumerate(runs.items()):
         losses = list(getattr(res, "losses", None) or [])
         if not losses:
@@ -66,6 +69,7 @@ def reft_training_curve(result, *, title: str | None = None) -> go.Figure:
         title = "ReFT training loss: " + "; ".join(parts)
     fig.update_layout(title=title, xaxis_title="optimiser step", yaxis_title="loss (cross-entropy on the targets)",
                       legend={"title": {"text": "series"}})
+    fig.update_xaxes(**integer_axis(longest))
     return fig
 
 
@@ -105,7 +109,8 @@ def token_effects(effects, *, title: str | None = None) -> go.Figure:
         fig.add_trace(go.Scatter(x=x, y=e.steered_logprob, name="steered log-prob", mode="lines+markers", line={"color": "#1f77b4"},
                                  customdata=hover, hovertemplate="%{customdata}<extra></extra>", legendgroup="steered", showlegend=first),
                       row=r, col=1)
-        fig.update_xaxes(tickmode="array", tickvals=x, ticktext=e.tokens, tickangle=-45, title_text="continuation token", row=r, col=1)
+        fig.update_xaxes(tickmode="array", tickvals=x, ticktext=[token_label(t) for t in e.tokens], tickangle=-45,
+                         title_text="continuation token", row=r, col=1)
         fig.update_yaxes(title_text="log-prob (nats)", row=r, col=1)
     fig.update_layout(
         title=title or "Per-token effect of the steering intervention (teacher-forced log-probabilities)",

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from steerlab import reft
 from steerlab.interventions.errors import ConfigError, DataError
-from steerlab.viz import reft_training_curve, token_effects
+from steerlab.viz import reft_training_curve, token_effects, token_label
 
 PROMPT = "Review: The hotel was"
 LAYER = 20
@@ -109,7 +109,7 @@ def test_token_effects_figure_holds_the_effect(steered):
         assert list(lines[("base log-prob", axis)].y) == pytest.approx(e.base_logprob)
         assert list(lines[("steered log-prob", axis)].y) == pytest.approx(e.steered_logprob)
         xaxis = fig.layout[f"xaxis{'' if i == 1 else i}"]
-        assert list(xaxis.ticktext) == e.tokens and list(xaxis.tickvals) == list(range(len(e.tokens)))
+        assert list(xaxis.ticktext) == [token_label(t) for t in e.tokens] and list(xaxis.tickvals) == list(range(len(e.tokens)))
         assert repr(e.tokens[0]) in bar.customdata[0] and f"{e.delta[0]:+.3f}" in bar.customdata[0]
         assert f"{e.total:+.2f} nats" in fig.layout.annotations[i - 1].text
     assert fig.layout.yaxis.title.text == "log-prob (nats)" and fig.layout.xaxis.title.text == "continuation token"
