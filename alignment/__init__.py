@@ -5,7 +5,8 @@ Causal models (:class:`CausalModel`), counterfactual data
 search (:class:`DAS`, :class:`BoundlessDAS`) scored by interchange-intervention
 accuracy (:class:`IIA`), the controls every result needs beside it
 (a re-initialised model and a localist alignment of the same size), search
-over sites × positions × sizes (:func:`search`), and shipped tasks
+over sites × positions × sizes (:func:`search`), hypothesis testing between
+causal models (:func:`compare_hypotheses`), shipped tasks
 (:mod:`steerlab.alignment.tasks`), and direction finders for steering
 (:mod:`steerlab.alignment.directions`: DiffMean, PCA, probe, CAA, ActAdd). A result exports each variable's
 :class:`~steerlab.Subspace` for steering. The field's classic locating
@@ -17,10 +18,12 @@ from steerlab.alignment import directions, tasks
 from steerlab.alignment.causal_model import CausalModel
 from steerlab.alignment.causal_tracing import CausalTrace, noise_scale, trace
 from steerlab.alignment.circuits import Circuit, Faithfulness, PathPatching, Receiver, faithfulness, head_means, path_patching
-from steerlab.alignment.controls import localist_alignment, random_init_lab, reinitialise
+from steerlab.alignment.controls import localist_alignment, random_init, random_init_lab, reinitialise
 from steerlab.alignment.counterfactuals import Counterfactual, CounterfactualBatch, CounterfactualDataset
 from steerlab.alignment.das import DAS, BoundlessDAS
+from steerlab.alignment.dbm import DBM, MaskResult, MaskTradeoff, mask_tradeoff
 from steerlab.alignment.encoders import Encoder, PromptEncoder, VectorEncoder
+from steerlab.alignment.hypotheses import Hypothesis, HypothesisResult, PairedComparison, compare_hypotheses
 from steerlab.alignment.iia import IIA
 from steerlab.alignment.results import Curve, DASResult
 from steerlab.alignment.search import SearchResult, search
@@ -35,11 +38,20 @@ __all__ = [
     "PromptEncoder",
     "DAS",
     "BoundlessDAS",
+    "DBM",
+    "MaskResult",
+    "MaskTradeoff",
+    "mask_tradeoff",
     "IIA",
     "Curve",
     "DASResult",
     "search",
     "SearchResult",
+    "Hypothesis",
+    "HypothesisResult",
+    "PairedComparison",
+    "compare_hypotheses",
+    "random_init",
     "random_init_lab",
     "reinitialise",
     "localist_alignment",

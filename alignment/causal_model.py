@@ -213,6 +213,25 @@ class CausalModel:
                 todo.extend(self.children[c])
         return tuple(v for v in self.variables if v in seen)
 
+    def ancestors(self, variable: str) -> tuple[str, ...]:
+        """Variables upstream of ``variable`` (not including it)."""
+        self._check_variables([variable], "variable")
+        seen: set[str] = set()
+        todo = list(self.parents[variable])
+        while todo:
+            p = todo.pop()
+            if p not in seen:
+                seen.add(p)
+                todo.extend(self.parents[p])
+        return tuple(v for v in self.variables if v in seen)
+
+    def side_variables(self, variable: str) -> tuple[str, ...]:
+        """Variables neither upstream nor downstream of ``variable`` (nor it): what a
+        representation may carry beside it without being computed from it or into it
+        (for hierarchical equality's ``WX``: ``Y``, ``Z`` and ``YZ``)."""
+        linked = {variable, *self.ancestors(variable), *self.descendants(variable)}
+        return tuple(v for v in self.variables if v not in linked)
+
     # -- sampling ------------------------------------------------------------------------
     def sample_input(self, rng: random.Random) -> Setting:
         """One input setting: ``input_sampler(rng)`` if given, else each input uniformly."""

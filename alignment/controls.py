@@ -10,56 +10,148 @@
   disjoint assignment is tried when there are at most ``limit`` of them,
   otherwise ``samples`` random ones; the best on a selection split of the
   training data is reported on the test data, and the result says which
-  method chose it.
+  method chose it (and a sampled search says so in its table column).
+* **The full-vector interchange** (:func:`full_vector_bound`): swapping the
+  whole vector at the site and positions. It moves *everything* the site
+  carries, so it bounds a subspace interchange of ``V`` only on counterfactuals
+  where moving the variables the site may carry beside ``V`` (its side
+  variables, :meth:`CausalModel.side_variables`) from the same source asks for
+  the same output as moving ``V`` alone: there, a subspace edit that beats the
+  whole vector suggests an interpretability illusion. The bound is computed on
+  those examples only, and the DAS IIA beside it on the same examples.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+import fnmatch
 import itertools
 import math
 import random
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Bool
 from torch import Tensor, nn
 
 from steerlab.alignment._activations import Runner
+from steerlab.alignment.counterfactuals import CounterfactualDataset
 from steerlab.alignment.iia import IIA, evaluate_iia
 from steerlab.interventions.errors import ConfigError
 from steerlab.interventions.lab import Lab, wrap
 from steerlab.interventions.ops import Interchange
 
-__all__ = ["random_init_lab", "reinitialise", "localist_alignment", "LocalistAlignment", "count_assignments"]
+__all__ = [
+    "random_init",
+    "RandomInit",
+    "random_init_lab",
+    "reinitialise",
+    "localist_alignment",
+    "LocalistAlignment",
+    "count_assignments",
+    "bound_rows",
+    "full_vector_bound",
+]
 
 
-def reinitialise(model: nn.Module, *, seed: int = 0) -> nn.Module:
+def reinitialise(model: nn.Module, *, seed: int = 0, modules: Sequence[str] | None = None) -> nn.Module:
     """Re-initialise ``model``'s weights in place, as at construction (Hugging Face
     models through their own ``_init_weights``; other modules through each
-    submodule's ``reset_parameters``). The global RNG is left as it was."""
-    before = [p.detach().clone() for p in model.parameters()]
+    submodule's ``reset_parameters``). The global RNG is left as it was.
+
+    ``modules``: dotted paths of the submodules to re-initialise, each with
+    everything inside it (``fnmatch`` patterns allowed, ``""`` is the model
+    itself); default: the whole model. Raises :class:`ConfigError` when a path
+    matches no submodule or when no parameter changed.
+    """
+    chosen = _matching_modules(model, modules)
+    inside = {id(m) for path in chosen for m in model.get_submodule(path).modules()}
+    params = [p for m in model.modules() if id(m) in inside for p in m.parameters(recurse=False)]
+    before = [p.detach().clone() for p in params]
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         init = getattr(model, "_init_weights", None)
         for m in model.modules():
+            if id(m) not in inside:
+                continue
             if callable(init):
                 init(m)
-            elif m is not model and hasattr(m, "reset_parameters"):
+            elif hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-        if not callable(init) and hasattr(model, "reset_parameters"):
-            model.reset_parameters()
-    changed = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    changed = any(not torch.equal(a, p) for a, p in zip(before, params))
     if not changed:
-        raise ConfigError(f"could not re-initialise {type(model).__name__}: none of its modules has reset_parameters()")
+        raise ConfigError(f"could not re-initialise {type(model).__name__}{_where(modules)}: none of the modules there has "
+                          "reset_parameters() (or an _init_weights that changes it)")
     return model
 
 
-def random_init_lab(lab: Lab, *, seed: int = 0) -> Lab:
-    """A :class:`Lab` over a re-initialised copy of ``lab``'s model (the original is untouched)."""
-    model = reinitialise(copy.deepcopy(lab.model), seed=seed)
-    return wrap(model, lab.tokenizer, example_input=lab.example_input)
+def _where(modules) -> str:
+    return "" if modules is None else f" (modules {list(modules)})"
+
+
+def _matching_modules(model: nn.Module, modules: Sequence[str] | None) -> list[str]:
+    """Module paths for ``modules`` (outermost only: a path inside another chosen one is dropped)."""
+    if modules is None:
+        return [""]
+    if isinstance(modules, str):
+        modules = [modules]
+    names = [n for n, _ in model.named_modules()]
+    out: list[str] = []
+    for pat in modules:
+        hit = [n for n in names if n == pat or (pat and fnmatch.fnmatchcase(n, pat))]
+        if not hit:
+            close = difflib.get_close_matches(pat, names, n=3)
+            raise ConfigError(f"random-init scope: no submodule matches {pat!r}" + (f"; did you mean {close}?" if close else ""))
+        out += [n for n in hit if n not in out]
+    return [n for n in out if not any(o != n and (o == "" or n.startswith(o + ".")) for o in out)]
+
+
+@dataclass
+class RandomInit:
+    """A re-initialised copy of a lab's model, and what was re-initialised."""
+
+    lab: Lab
+    scope: str | list[str]
+    modules: list[str]
+    description: str
+
+
+def random_init(lab: Lab, *, seed: int = 0, scope: str | Sequence[str] = "all") -> RandomInit:
+    """A :class:`Lab` over a copy of ``lab``'s model with part of it re-initialised (the original is untouched).
+
+    ``scope``: ``"all"`` (every module), ``"trained"`` (the modules holding
+    parameters that were trainable in the model as given to ``wrap``: a model
+    with frozen parts keeps them), or a list of module paths / ``fnmatch``
+    patterns (e.g. ``["layers.0", "layers.1"]``, ``["model.layers.1[0-5]"]``).
+    The result's ``description`` is what a report prints beside the control.
+    """
+    model = lab.model
+    if scope == "all":
+        paths, what = None, "all modules"
+    elif scope == "trained":
+        owners = sorted({n.rpartition(".")[0] for n in lab.trained_parameters()})
+        if not owners:
+            raise ConfigError("random-init scope 'trained': no parameter of the model was trainable when it was wrapped")
+        paths, what = owners, f"the {len(owners)} modules with trained parameters"
+    elif isinstance(scope, str) or not all(isinstance(x, str) for x in scope):
+        raise ConfigError(f"random-init scope {scope!r}: expected 'all', 'trained' or a list of module paths")
+    else:
+        paths = list(scope)
+        what = f"modules {', '.join(paths)}"
+    chosen = _matching_modules(model, paths)
+    copy_ = reinitialise(copy.deepcopy(model), seed=seed, modules=paths)
+    n_params = sum(p.numel() for path in chosen for p in copy_.get_submodule(path).parameters())
+    total = sum(p.numel() for p in copy_.parameters())
+    description = f"{what} re-initialised ({n_params:,d} of {total:,d} parameters; seed {seed})"
+    rlab = wrap(copy_, lab.tokenizer, example_input=lab.example_input)
+    return RandomInit(rlab, scope if isinstance(scope, str) else list(scope), chosen, description)
+
+
+def random_init_lab(lab: Lab, *, seed: int = 0, scope: str | Sequence[str] = "all") -> Lab:
+    """The :class:`Lab` of :func:`random_init` (the original model is untouched)."""
+    return random_init(lab, seed=seed, scope=scope).lab
 
 
 def count_assignments(width: int, sizes: Mapping[str, int]) -> int:
@@ -97,10 +189,20 @@ def _assignments(width: int, sizes: list[int], limit: int, samples: int, seed: i
 
 @dataclass
 class LocalistAlignment:
+    """The chosen neuron assignment (``dims``), its test IIA, how it was searched
+    (``method``), and every candidate tried with its accuracy on the selection rows."""
+
     dims: dict[str, list[int]]
     iia: dict[str, IIA]
     method: str
     selection_iia: float
+    candidates: list[list[tuple[int, ...]]] = field(default_factory=list)
+    scores: Tensor | None = None
+    selection_rows: Tensor | None = None
+
+    @property
+    def exhaustive(self) -> bool:
+        return self.method.startswith("exhaustive")
 
 
 def localist_alignment(
@@ -142,7 +244,7 @@ def localist_alignment(
         return test.run(r, ivs, [test.source_slice(r, j)[..., dims[v]] for j, v in enumerate(variables)])
 
     iia = evaluate_iia(predict, t.labels, t.intervened, t.variables)
-    return LocalistAlignment(dims, iia, method, float(score[best]))
+    return LocalistAlignment(dims, iia, method, float(score[best]), cands, score, rows)
 
 
 def _score(runner: Runner, rows: Tensor, masks: Bool[Tensor, "c vars d"], max_rows: int) -> Tensor:
@@ -168,4 +270,46 @@ def _score(runner: Runner, rows: Tensor, masks: Bool[Tensor, "c vars d"], max_ro
             scores = runner.run(rows, [iv], [mixed.reshape(c * b, *base.shape[1:])], repeat=c)
             correct = scores.argmax(-1).cpu().view(c, b) == labels.unsqueeze(0)
             out[a : a + c] = correct.float().mean(1)
+    return out
+
+
+def bound_rows(dataset: CounterfactualDataset, variable: str) -> Tensor:
+    """Examples of ``dataset`` on which the full-vector interchange bounds ``variable``'s.
+
+    The examples that intervene ``variable`` alone and whose counterfactual label
+    does not change when every side variable of ``variable`` (the variables
+    neither upstream nor downstream of it, which the site may carry beside it)
+    is taken from the same source too. On the others the whole vector asks the
+    network for another answer than ``variable`` does, so it bounds nothing.
+    """
+    cm, out = dataset.causal_model, dataset.output
+    side = cm.side_variables(variable)
+    keep = []
+    for i, ex in enumerate(dataset.examples):
+        if tuple(ex.sources) != (variable,):
+            continue
+        src = ex.sources[variable]
+        joint = cm.interchange(ex.base, {u: src for u in (variable, *side)})[out] if side else ex.label
+        if joint == ex.label:
+            keep.append(i)
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def full_vector_bound(runner: Runner, dataset: CounterfactualDataset, *, batch_size: int = 256) -> dict[str, tuple[IIA, Tensor]]:
+    """Per variable: the full-vector interchange's IIA on its :func:`bound_rows`, and those rows.
+
+    A variable none of whose examples qualifies is left out (nothing bounds it there).
+    """
+    t = runner.table
+    iv = Interchange(runner.site)
+    out: dict[str, tuple[IIA, Tensor]] = {}
+    for j, v in enumerate(t.variables):
+        rows = bound_rows(dataset, v)
+        if rows.numel() == 0:
+            continue
+        res = evaluate_iia(
+            lambda r, j=j: runner.run(r, [iv], [runner.source_slice(r, j)]),
+            t.labels, t.intervened, t.variables, rows=rows, batch_size=batch_size,
+        )
+        out[v] = (res["all"], rows)
     return out

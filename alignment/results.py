@@ -21,12 +21,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steerlab.alignment.iia import IIA
+from steerlab.alignment.selection import Selection
 from steerlab.interventions import fileformat
 from steerlab.interventions.errors import FileFormatError
 from steerlab.interventions.fileformat import TensorSpec, field_of
 from steerlab.interventions.subspace import Subspace
 
-__all__ = ["Curve", "DASResult", "Projection", "format_table"]
+__all__ = ["Curve", "DASResult", "Projection", "format_table", "localist_search", "labelled_localist"]
 
 
 @dataclass
@@ -65,6 +66,27 @@ def _check_iias(rec: dict, key: str, optional: bool, where: str) -> None:
             raise FileFormatError(f"{where}: {key}[{k!r}] is {v!r:.80}; expected {{value: 0..1, n: count, chance: 0..1}}")
 
 
+#: the DAS result record's own version: 2 added ``bounded``, ``random_init_scope`` and ``selection``
+RECORD_VERSION = 2
+_LATER_FIELDS = ("bounded", "random_init_scope", "selection")
+
+
+def _check_later_fields(rec: dict, where: str) -> None:
+    """Fields a record of version 2 must have, and an older (unversioned) one must not."""
+    version = rec.get("record")
+    if version is None:
+        extra = [k for k in _LATER_FIELDS if k in rec]
+        if extra:
+            raise FileFormatError(f"{where}: fields {extra} without the record version that introduced them ('record': 2)")
+        return
+    if not isinstance(version, int) or isinstance(version, bool) or not 2 <= version <= RECORD_VERSION:
+        raise FileFormatError(f"{where}: record version {version!r}; this steerlab reads DAS result records up to {RECORD_VERSION}")
+    _check_iias(rec, "bounded", True, where)
+    field_of(rec, "random_init_scope", (str, type(None)), where)
+    if field_of(rec, "selection", (dict, type(None)), where) is not None:
+        Selection.check_record(rec["selection"], f"{where}: selection")
+
+
 def _check_curve(d: Any, where: str) -> None:
     if d is None and where.endswith("random_init_curve"):
         return
@@ -90,9 +112,12 @@ class DASResult:
     """The outcome of :meth:`DAS.fit` (see the module docstring).
 
     ``iia`` is keyed by intervened set (``"WX"``, ``"WX+YZ"``) and ``"all"``;
-    ``full_vector`` by variable (examples intervening that variable alone);
-    ``random_init`` like ``iia``; ``localist`` like ``iia``, reached by
-    ``localist_dims`` chosen as ``localist_method`` says.
+    ``full_vector`` by variable: the whole-vector interchange on the examples
+    where it bounds that variable (see
+    :func:`~steerlab.alignment.controls.full_vector_bound`), and ``bounded`` the
+    DAS IIA on the same examples; ``random_init`` like ``iia``, on a copy
+    re-initialised as ``random_init_scope`` says; ``localist`` like ``iia``,
+    reached by ``localist_dims`` chosen as ``localist_method`` says.
     """
 
     site: str
@@ -109,6 +134,9 @@ class DASResult:
     localist: dict[str, IIA] | None = None
     localist_method: str | None = None
     localist_dims: dict[str, list[int]] | None = None
+    bounded: dict[str, IIA] | None = None
+    random_init_scope: str | None = None
+    selection: Selection | None = None
     config: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     fingerprint: dict[str, Any] | None = None
@@ -123,13 +151,19 @@ class DASResult:
 
     # -- tabular view --------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
-        """One row per intervened set: DAS IIA beside its controls and the full-vector interchange;
-        ``above_full_vector`` flags a DAS IIA more than two standard errors above the full-vector one
-        (only where one variable is aligned at the site: the whole vector carries every variable there)."""
+        """One row per intervened set: DAS IIA beside its controls and the full-vector interchange.
+
+        ``full_vector`` (single variables only) is the whole-vector interchange on the
+        ``full_vector_n`` examples where it bounds the variable; ``above_full_vector``
+        flags a DAS IIA on those same examples more than two standard errors above it.
+        ``localist_search`` says whether the localist control was exhaustive or sampled.
+        """
         out = []
         for key, v in self.iia.items():
             if key == "all" and len(self.iia) == 2:
                 continue  # a single set: "all" repeats it
+            fv = self.full_vector.get(key)
+            on_rows = None if self.bounded is None else self.bounded.get(key)
             row = {
                 "site": self.site,
                 "positions": self.positions,
@@ -140,15 +174,18 @@ class DASResult:
                 "n": v.n,
                 "random_init": None if self.random_init is None else _get(self.random_init, key),
                 "localist": None if self.localist is None else _get(self.localist, key),
-                "full_vector": _get(self.full_vector, key),
+                "localist_search": localist_search(self.localist_method),
+                "full_vector": None if fv is None else fv.value,
+                "full_vector_n": None if fv is None else fv.n,
                 "chance": v.chance,
             }
-            full = row["full_vector"]
-            # a subspace edit should not beat swapping the whole vector; when it does, it moves the output
-            # by a route the site does not use on real inputs (an "interpretability illusion"). With several
-            # variables at one site the whole vector carries them all, so it bounds no single one: no flag.
-            bounded = full is not None and len(self.variables) == 1
-            row["above_full_vector"] = bounded and v.value > full + 2 * max(v.se, (v.chance * (1 - v.chance) / max(v.n, 1)) ** 0.5)
+            # a subspace edit should not beat swapping the whole vector where the whole vector asks for the same
+            # answer; when it does, it moves the output by a route the site does not use on real inputs (an
+            # "interpretability illusion"). Compared on the same examples (those where the whole vector bounds it).
+            row["above_full_vector"] = (
+                fv is not None and on_rows is not None
+                and on_rows.value > fv.value + 2 * max(on_rows.se, fv.se, on_rows.chance_se)
+            )
             out.append(row)
         return out
 
@@ -161,11 +198,15 @@ class DASResult:
 
     def __str__(self) -> str:
         head = f"{self.method} at {self.site!r}, positions {self.positions!r}, sizes {self.sizes}"
-        body = format_table(self.rows(), ["variable", "size", "iia", "se", "n", "random_init", "localist", "full_vector", "chance"])
-        tail = f"localist: {self.localist_method}" if self.localist_method else ""
-        above = [r["variable"] for r in self.rows() if r["above_full_vector"]]
+        rows = self.rows()
+        body = format_table(labelled_localist(rows), ["variable", "size", "iia", "se", "n", "random_init", "localist", "full_vector",
+                                                      "full_vector_n", "chance"])
+        tail = [f"localist: {self.localist_method}" if self.localist_method else "",
+                f"random-init: {self.random_init_scope}" if self.random_init_scope else "",
+                f"trained: {self.selection.describe()}" if self.selection is not None else ""]
+        above = [r["variable"] for r in rows if r["above_full_vector"]]
         warn = f"above the full-vector interchange (suspect an illusion): {above}" if above else ""
-        return "\n".join(x for x in (head, body, tail, warn) if x)
+        return "\n".join(x for x in (head, body, *tail, warn) if x)
 
     def _repr_html_(self) -> str:  # notebooks show the table
         return "<pre>" + str(self).replace("&", "&amp;").replace("<", "&lt;") + "</pre>"
@@ -224,6 +265,10 @@ class DASResult:
             "localist": _iias(self.localist),
             "localist_method": self.localist_method,
             "localist_dims": self.localist_dims,
+            "bounded": _iias(self.bounded),
+            "record": RECORD_VERSION,
+            "random_init_scope": self.random_init_scope,
+            "selection": None if self.selection is None else self.selection.to_json(),
             "config": self.config,
             "timings": self.timings,
         }
@@ -250,6 +295,7 @@ class DASResult:
                 raise FileFormatError(f"{where}: variable {k!r} has size {sizes[k]!r} but its subspace is {r['size']} at {r['site']!r}")
         for key, optional in (("iia", False), ("full_vector", False), ("random_init", True), ("localist", True)):
             _check_iias(rec, key, optional, where)
+        _check_later_fields(rec, where)
         for key in ("curve", "random_init_curve"):
             field_of(rec, key, (dict, type(None)), where)
             _check_curve(rec[key], f"{where}: {key}")
@@ -283,6 +329,9 @@ class DASResult:
             localist=_from_iias(rec.get("localist")),
             localist_method=rec.get("localist_method"),
             localist_dims=rec.get("localist_dims"),
+            bounded=_from_iias(rec.get("bounded")),
+            random_init_scope=rec.get("random_init_scope"),
+            selection=Selection.from_json(rec.get("selection")),
             config=dict(rec.get("config") or {}),
             timings=dict(rec.get("timings") or {}),
         )
@@ -309,6 +358,29 @@ class DASResult:
     def __repr__(self) -> str:
         iia = ", ".join(f"{k}={v.value:.3f}" for k, v in self.iia.items())
         return f"DASResult({self.method}, site={self.site!r}, sizes={self.sizes}, iia: {iia})"
+
+
+def localist_search(method: str | None) -> str | None:
+    """``"exhaustive"`` or ``"sampled: best of N"`` from a localist control's method text."""
+    if not method:
+        return None
+    if method.startswith("exhaustive"):
+        return "exhaustive"
+    n = method.split("best of ", 1)[-1].split(" ", 1)[0]
+    return f"sampled: best of {n}"
+
+
+def labelled_localist(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for printing, with the localist cell saying how it was searched: a sampled
+    search is a lower bound on the best localist alignment, not the best one."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        how = r.get("localist_search")
+        if r.get("localist") is not None and how:
+            r["localist"] = f"{r['localist']:.3f} ({'exhaustive' if how == 'exhaustive' else how.split(': ')[1] + ' sampled'})"
+        out.append(r)
+    return out
 
 
 def _get(d: dict[str, IIA], key: str) -> float | None:

@@ -20,20 +20,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from steerlab.alignment._activations import Runner, site_layer
-from steerlab.alignment.controls import localist_alignment, random_init_lab
+from steerlab.alignment.controls import full_vector_bound, localist_alignment, random_init
 from steerlab.alignment.counterfactuals import CounterfactualDataset
 from steerlab.alignment.das import (
     TrainConfig,
-    build_subspace_interventions,
+    bounded_iia,
     evaluate,
-    full_vector_iia,
     resolve_sizes,
     store_for,
     subspaces_of,
+    train_selected,
 )
-from steerlab.alignment.das import train as train_das
-from steerlab.alignment.results import DASResult, format_table
+from steerlab.alignment.objectives import objective as make_objective
+from steerlab.alignment.results import DASResult, format_table, labelled_localist
+from steerlab.alignment.selection import SELECT_RULES
 from steerlab.interventions import fileformat
 from steerlab.interventions.errors import ConfigError, DataError, FileFormatError
 from steerlab.interventions.fileformat import field_of
@@ -98,7 +101,9 @@ class SearchResult:
         above = list(dict.fromkeys(f"{r['site']} {r['positions']!r} size {r['size']}" for r in rows if r["above_full_vector"]))
         note = ("\nDAS above the full-vector interchange (more than 2 SE; a subspace edit that beats swapping the whole "
                 f"vector suggests an interpretability illusion): {'; '.join(above)}") if above else ""
-        return format_table(rows, cols) + note
+        scope = next((r.random_init_scope for r in self.results if r.random_init_scope), None)
+        scope = f"\nrandom-init: {scope}" if scope else ""
+        return format_table(labelled_localist(rows), cols) + scope + note
 
     def plot(self, **kwargs):
         """IIA over sites × sizes, with the controls and the full-vector interchange beside it."""
@@ -163,6 +168,7 @@ def search(
     positions: Any = (None,),
     sizes: Sequence[int] = (1, 4, 16),
     controls: bool = True,
+    random_init_scope: str | Sequence[str] = "all",
     epochs: int = 5,
     batch_size: int = 64,
     lr: float = 1e-2,
@@ -173,6 +179,11 @@ def search(
     localist_samples: int = 32,
     selection_size: int = 256,
     eval_size: int | None = 256,
+    objective=None,
+    init: str = "random",
+    restarts: int = 0,
+    select: str = "train_iia",
+    checks_per_epoch: int = 1,
     progress: bool | None = None,
 ) -> SearchResult:
     """DAS at every (site, positions, size) with controls (see the module docstring).
@@ -185,10 +196,15 @@ def search(
         positions: position specs to try (names the encoder knows, ints, ``None``).
         sizes: subspace sizes to try (each variable gets its own subspace of that size).
         controls: train on a re-initialised copy and search localist alignments too.
+        random_init_scope: what that copy re-initialises (``"all"``, ``"trained"``, module paths).
+        objective, init, restarts, select, checks_per_epoch: how each candidate trains and which state
+            it reports, as :class:`~steerlab.alignment.DAS` takes them (``init``: ``"random"`` or
+            ``"localist"``, the candidate's own localist control).
         progress: a bar over the candidates, each candidate's training bar inside it, and each
             candidate's row printed above the bar as it finishes; default: when the output is a
             terminal or a notebook (:mod:`steerlab.interventions.progress`).
     """
+    obj = _training_options(objective, init, restarts, select)
     train, test = _datasets(lab, train, test, n_train, n_test, seed)
     variables = list(train.variables)
     names = _sites(lab, sites)
@@ -199,18 +215,22 @@ def search(
     timings: dict[str, float] = {}
     n_candidates = len(names) * len(specs) * len(sizes)
     with bar(total=n_candidates, desc="DAS search", unit="candidate", progress=progress) as b:
-        store, rstore = _stores(lab, train, test, names, controls, seed, b, timings)
+        store, rstore, scope = _stores(lab, train, test, names, controls, seed, random_init_scope, b, timings)
         results = []
         t_all = time.perf_counter()
         localist = dict(limit=localist_limit, samples=localist_samples, selection_size=selection_size, seed=seed)
         for s in names:
             for p in specs:
-                results += _candidates(store, rstore, train, test, s, p, sizes, widths[s], cfg, controls, localist, b, progress)
+                results += _candidates(store, rstore, train, test, s, p, sizes, widths[s], cfg, controls, localist,
+                                       dict(objective=obj, select=select, selection_size=selection_size, checks_per_epoch=checks_per_epoch),
+                                       (init, restarts), b, progress)
     timings["candidates"] = time.perf_counter() - t_all
     for r in results:
         r.fingerprint = lab.fingerprint()
+        r.random_init_scope = scope
     config = {**cfg.to_json(), "sites": names, "positions": specs, "sizes": sizes, "controls": controls,
-              "n_train": len(train), "n_test": len(test)}
+              "n_train": len(train), "n_test": len(test), "objective": obj.describe(), "init": init, "restarts": restarts,
+              "select": select}
     return SearchResult(results, tuple(variables), config, timings, {s: site_layer(lab, s) for s in names}, lab.fingerprint())
 
 
@@ -224,19 +244,32 @@ def _datasets(lab: Lab, train, test, n_train: int, n_test: int, seed: int) -> tu
     return train, test if test is not None else train
 
 
-def _stores(lab: Lab, train, test, names: list[str], controls: bool, seed: int, b: Bar, timings: dict[str, float]):
-    """The activation stores of the model and (with controls) of its re-initialised copy, timed."""
+def _stores(lab: Lab, train, test, names: list[str], controls: bool, seed: int, scope, b: Bar, timings: dict[str, float]):
+    """The activation stores of the model and (with controls) of its re-initialised copy, timed,
+    and what the copy re-initialised."""
     b.set_postfix(phase="caching activations")
     t0 = time.perf_counter()
     store = store_for(lab, [train, test], names)
     timings["cache"] = time.perf_counter() - t0
     if not controls:
-        return store, None
+        return store, None, None
     b.set_postfix(phase="caching random-init activations")
     t0 = time.perf_counter()
-    rstore = store_for(random_init_lab(lab, seed=seed), [train, test], names)
+    ri = random_init(lab, seed=seed, scope=scope)
+    rstore = store_for(ri.lab, [train, test], names)
     timings["random_init_cache"] = time.perf_counter() - t0
-    return store, rstore
+    return store, rstore, ri.description
+
+
+def _training_options(objective, init, restarts, select):
+    """The objective, after checking the start, restarts and selection rule."""
+    if init not in ("random", "localist"):
+        raise ConfigError(f"init={init!r}: search starts each candidate at 'random' or 'localist'")
+    if select not in SELECT_RULES:
+        raise ConfigError(f"select={select!r}: expected one of {list(SELECT_RULES)}")
+    if not isinstance(restarts, int) or restarts < 0:
+        raise ConfigError(f"restarts={restarts!r}: expected a non-negative int")
+    return make_objective(objective)
 
 
 def _validate(lab: Lab, train: CounterfactualDataset, names: list[str], specs: list, sizes: list[int]) -> dict[str, int]:
@@ -254,35 +287,48 @@ def _validate(lab: Lab, train: CounterfactualDataset, names: list[str], specs: l
     return widths
 
 
-def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, controls, localist, b: Bar, progress) -> list[DASResult]:
+def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, controls, localist, how, start, b: Bar,
+                progress) -> list[DASResult]:
     """Every size at one (site, positions): the full-vector IIA is computed once for all sizes."""
     t0 = time.perf_counter()
     r_train, r_test = Runner(store, train, site, spec), Runner(store, test, site, spec)
-    full = full_vector_iia(r_test, batch_size=cfg.eval_batch_size)
+    bound = full_vector_bound(r_test, test, batch_size=cfg.eval_batch_size)
+    full = {v: b[0] for v, b in bound.items()}
     t_full = time.perf_counter() - t0
     rr = (Runner(rstore, train, site, spec), Runner(rstore, test, site, spec)) if rstore is not None else None
     out = []
     variables = list(train.variables)
+    init, restarts = start
+    randoms = [(f"random (seed {cfg.seed + r})", None, cfg.seed + r) for r in range(restarts + 1)]
     for k in sizes:
         b.set_postfix(site=site, positions=spec, size=k)
         sizes_k = resolve_sizes(k, variables, site, width)
         timings = {"full_vector": t_full / len(sizes)}
+        loc = None
+        if controls or init == "localist":
+            t0 = time.perf_counter()
+            loc = localist_alignment(r_train, r_test, sizes_k, width, **localist)
+            timings["localist"] = time.perf_counter() - t0
+        starts = randoms
+        if init == "localist":
+            dims = [d for v in variables for d in loc.dims[v]]
+            starts = [("localist", torch.eye(width)[dims], cfg.seed)] + randoms[1:]
         t0 = time.perf_counter()
-        ivs = build_subspace_interventions(site, sizes_k, width, cfg.seed)
-        curve = train_das(r_train, ivs, cfg, evaluator=r_test, progress=progress, desc=f"DAS {site} size {k}")
+        ivs, curve, selection = train_selected(r_train, r_test, site, sizes_k, width, cfg, starts, **how, progress=progress,
+                                               desc=f"DAS {site} size {k}")
         iia = evaluate(r_test, ivs, batch_size=cfg.eval_batch_size)
         timings["train"] = time.perf_counter() - t0
         res = DASResult(site=site, positions=spec, variables=tuple(variables), sizes=sizes_k,
                         subspaces=subspaces_of(ivs, variables, site, spec, "DAS", iia, train.encoder), iia=iia, full_vector=full,
-                        curve=curve, config={**cfg.to_json(), "n_train": len(train), "n_test": len(test)}, timings=timings)
+                        bounded=bounded_iia(r_test, ivs, bound, batch_size=cfg.eval_batch_size), selection=selection,
+                        curve=curve, config={**cfg.to_json(), "n_train": len(train), "n_test": len(test),
+                                             "objective": how["objective"].describe(), "init": init, "restarts": restarts,
+                                             "select": how["select"]}, timings=timings)
         if controls:
-            t0 = time.perf_counter()
-            loc = localist_alignment(r_train, r_test, sizes_k, width, **localist)
             res.localist, res.localist_method, res.localist_dims = loc.iia, loc.method, loc.dims
-            timings["localist"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            r_ivs = build_subspace_interventions(site, sizes_k, width, cfg.seed)
-            res.random_init_curve = train_das(rr[0], r_ivs, cfg, evaluator=rr[1], progress=progress, desc=f"random-init {site} size {k}")
+            r_ivs, res.random_init_curve, _ = train_selected(rr[0], rr[1], site, sizes_k, width, cfg, randoms, **how, progress=progress,
+                                                             desc=f"random-init {site} size {k}")
             res.random_init = evaluate(rr[1], r_ivs, batch_size=cfg.eval_batch_size)
             timings["random_init"] = time.perf_counter() - t0
         row = res.rows()[-1]

@@ -32,6 +32,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "CausalModelError",
+    "NotFitted",
 ]
 
 
@@ -121,3 +122,7 @@ class DataError(SteerlabError, ValueError):
 
 class CausalModelError(SteerlabError, ValueError):
     """A causal model that is cyclic, incomplete or inconsistent."""
+
+
+class NotFitted(SteerlabError, AttributeError):
+    """A fitted attribute (``DAS.result``, ``.subspaces``, ...) read before ``fit``."""

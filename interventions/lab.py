@@ -128,6 +128,12 @@ class Lab:
     def has_trainable_base(self) -> bool:
         return any(p.requires_grad for p in self.model.parameters())
 
+    def trained_parameters(self) -> list[str]:
+        """Names of the parameters that required gradients in the model as given (``wrap``
+        freezes them; this reads the flags it recorded), else as they are now."""
+        flags = self._grad_flags
+        return [n for n, p in self.model.named_parameters() if (flags.get(p, False) if flags is not None else p.requires_grad)]
+
     def fingerprint(self) -> dict:
         """What a saved file records about the model it was made for."""
         d = self.map.dims

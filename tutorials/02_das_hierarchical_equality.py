@@ -19,6 +19,13 @@
 # re-initialised network (it should stay at chance, 0.5), and the best *neuron-aligned*
 # (localist) alignment of the same size, searched exhaustively.
 #
+# steerlab's DAS differs from the paper's in two measured ways (section 4): after a cross-entropy
+# start it minimises a smooth 0-1 loss on the label margin (which counts errors, as IIA does), and
+# it reports the state with the best IIA on *training* counterfactuals, its start included. Then
+# come two more questions the same tools answer: which causal variable does a found subspace
+# carry (hypothesis testing, section 7), and which *neurons* carry it (desiderata-based
+# masking, section 8).
+#
 # With `STEERLAB_FAST=1` (the test suite sets it) DAS trains on fewer counterfactuals and tries
 # one subspace size; the conclusions and the checks are the same.
 
@@ -108,31 +115,26 @@ res.plot(variable="all")
 # **Result.** With 8 dimensions per relation, DAS at layer 1 makes the network follow the
 # causal model on held-out counterfactuals almost always; by layer 3 the relations have been
 # merged into the answer and no subspace of the layer holds them separately. The random-init
-# control stays at chance everywhere. (The full run also tries 2 and 4 dimensions per relation:
-# at layer 1 DAS still reaches about 0.94 there, while the best localist split of 2 + 2 or
-# 4 + 4 neurons falls to about 0.65.)
-#
-# Layer 2 is a caveat, not a finding: there DAS stays at (or a little below) chance while the
-# exhaustive localist search reaches about 0.6–0.7, so some of each relation is still readable
-# at layer 2 and our short DAS training (4–5 epochs, learning rate 0.01, one seed) does not find
-# it. A DAS number is a lower bound on what a layer holds; where a control beats it, the
-# optimisation, not the network, is what failed. "DAS ≥ localist" is checked where DAS converged,
-# at layer 1.
+# control stays at chance everywhere. At every layer DAS is at least as good as the best
+# neuron-aligned split (a localist subspace is one DAS can reach, so anything else would be an
+# optimisation failure; section 4 shows the one cross-entropy had).
 
 # %%
 layer = {L: res.get(task.site(L), None, 8) for L in (1, 2, 3)}
 r = layer[1]
 print(r)
 assert res.best().site == task.site(1)  # the relations are found at layer 1 ...
-assert r.iia["all"].value >= 0.95 and all(r.iia[k].value >= 0.93 for k in ("WX", "YZ", "WX+YZ"))
+assert r.iia["all"].value >= 0.97 and all(r.iia[k].value >= 0.95 for k in ("WX", "YZ", "WX+YZ"))
 assert layer[3].iia["all"].value < r.iia["all"].value - 0.1  # ... and no longer separately at layer 3
 for L, x in layer.items():  # the re-initialised network: within two standard errors of chance
     assert x.random_init["all"].near_chance, (L, str(x))
     assert abs(x.random_init["all"].value - 0.5) <= 2 * x.random_init["all"].chance_se
+    # a neuron-aligned subspace is one DAS could have found: DAS is at least as good, within one standard
+    # error of the difference (at layer 3 both sit at chance and differ by noise alone)
+    loc, das = x.localist["all"], x.iia["all"]
+    assert das.value >= loc.value - (loc.se**2 + das.se**2) ** 0.5, (L, str(x))
 assert r.iia["all"].value > r.random_init["all"].value + 0.4
-# a neuron-aligned subspace is one DAS could have found: the distributed one is at least as good
 assert r.localist_method == "exhaustive: all 12870 disjoint neuron assignments (sizes 8, 8 of 16)"
-assert r.iia["all"].value >= r.localist["all"].value
 
 # %% [markdown]
 # The training curve of the layer-1 alignment, with the control's curve and the levels of
@@ -142,14 +144,15 @@ assert r.iia["all"].value >= r.localist["all"].value
 r.plot()
 
 # %% [markdown]
-# **About the "full vector" line.** For a language task the interchange of the whole vector at a
-# site is the upper bound of any subspace interchange there. Here it is not: layer 1 holds *both*
-# relations, so swapping the whole vector for a `WX`-only counterfactual also brings the source's
-# `YZ` along, and the network then answers what the source input answers. That is right only
-# when the source's `YZ` happens to equal the base's, about half of the time. So where several
-# variables are aligned at one site, the result does not raise its "above the full-vector
-# interchange" flag (it would be a false alarm). The check: the full-vector interchange predicts
-# exactly the source's own output, its IIA is near 0.5, and no row is flagged.
+# **About the "full vector" line.** For a single variable the interchange of the whole vector at a
+# site bounds any subspace interchange there. Here layer 1 holds *both* relations, so swapping the
+# whole vector for a `WX`-only counterfactual also brings the source's `YZ` along, and the network
+# then answers what the source input answers — which is the `WX` counterfactual's label only when
+# the source's `YZ` equals the base's. So the bound is computed on exactly those examples (the
+# result asks the causal model which variables sit beside `WX`: `Y`, `Z`, `YZ`), and the DAS IIA
+# beside it on the same examples; the "above the full-vector interchange" flag compares the two.
+# The check: the whole-vector swap answers what the source answers, the bound rows are the
+# examples whose source agrees with the base on `YZ`, and there the whole vector is right.
 
 # %%
 rows = [i for i, e in enumerate(test) if e.intervened == ("WX",)][:300]
@@ -158,11 +161,45 @@ swapped = lab.run(batch.base, [sl.Interchange(task.site(1), source=batch.sources
 with torch.no_grad():
     source_answer = mlp(batch.sources["WX"]).argmax(-1)
 assert torch.equal(swapped, source_answer)
-assert abs(r.full_vector["WX"].value - 0.5) < 0.1 and abs(r.full_vector["YZ"].value - 0.5) < 0.1
-assert not any(row["above_full_vector"] for row in r.rows())
+same_yz = [i for i, e in enumerate(test) if e.intervened == ("WX",)
+           and (e.sources["WX"]["Y"] == e.sources["WX"]["Z"]) == (e.base["Y"] == e.base["Z"])]
+assert r.full_vector["WX"].n == len(same_yz) == r.bounded["WX"].n
+assert r.full_vector["WX"].value >= 0.97 and not any(row["above_full_vector"] for row in r.rows())
 
 # %% [markdown]
-# ## 4. The interchange by hand
+# ## 4. Why the objective matters: cross-entropy against IIA
+#
+# The DAS paper trains with cross-entropy. At layer 2 that fails: the neuron-aligned subspace is
+# wrong on about 30% of counterfactuals but *confidently*, and cross-entropy prefers a rotation
+# that is wrong on more of them but mildly — so minimising it lowers IIA, below the localist
+# control and below chance. steerlab's default starts with cross-entropy (which moves a random
+# start fast) and hands over, by half-way, to `sigmoid(−margin / τ)`, a smooth count of errors
+# (the label margin is the correct label's score minus the other's; `τ` falls from 3 to 0.1);
+# and it reports the state with the best IIA on training counterfactuals, its start included. Here at layer 2, from the same random start, on the same data: the paper's recipe,
+# the default, the default started at the localist subspace, and the localist control. The full
+# table over three seeds and three layers, beside pyvene's DAS, is in `benchmarks/README.md`
+# (`benchmarks/das_hierarchical_equality.py`).
+
+# %%
+from steerlab.alignment import DAS
+
+kw = dict(site=task.site(2), size=8, epochs=4 if FAST else 5, batch_size=64, lr=0.01, seed=0, controls=False)
+paper_recipe = DAS(lab, objective="cross_entropy", select="final", **kw).fit(train, test)
+default = DAS(lab, **kw).fit(train, test)
+from_localist = DAS(lab, init="localist", **kw).fit(train, test)
+loc2 = layer[2].localist["all"]
+print(f"layer 2: cross-entropy, last step {paper_recipe.iia['all']}\n"
+      f"         default (smooth 0-1, selected on training data) {default.iia['all']}\n"
+      f"         default from the localist start {from_localist.iia['all']}\n"
+      f"         localist control {loc2}")
+print(default.selection.describe())
+assert paper_recipe.iia["all"].value < loc2.value - 0.1  # cross-entropy loses to the neurons ...
+assert default.iia["all"].value >= loc2.value - (loc2.se**2 + default.iia["all"].se ** 2) ** 0.5  # ... the default does not
+assert from_localist.selection.iia >= from_localist.selection.start_iia[0]  # never below its start on training data
+assert default.config["objective"].startswith("cross-entropy handing over to a smooth 0-1 loss")
+
+# %% [markdown]
+# ## 5. The interchange by hand
 #
 # An independent check of the reported IIA, in plain PyTorch on the MLP's own modules: compute the
 # layer-1 activations of the base and of each source, replace each relation's coordinates
@@ -190,7 +227,7 @@ W, Y = r.subspaces["WX"].basis, r.subspaces["YZ"].basis
 assert torch.allclose(W @ W.T, torch.eye(8), atol=1e-5) and torch.allclose(W @ Y.T, torch.zeros(8, 8), atol=1e-5)
 
 # %% [markdown]
-# ## 5. In which subspace? The representations projected onto it
+# ## 6. In which subspace? The representations projected onto it
 #
 # The held-out base inputs at layer 1, projected onto the first two of the 8 coordinates of the
 # `WX` subspace and coloured by `WX`; then the same points coloured by `YZ`. A linear probe on
@@ -224,12 +261,61 @@ assert probe["WX", "WX"] > 0.8 and probe["YZ", "YZ"] > 0.8
 assert probe["WX", "WX"] > probe["WX", "YZ"] + 0.15 and probe["YZ", "YZ"] > probe["YZ", "WX"] + 0.15
 
 # %% [markdown]
-# ## 6. Against the paper
+# ## 7. Which variable does the subspace carry? Competing hypotheses
+#
+# The `WX` subspace was trained to carry `WX`. A sharper question: of several hypotheses about
+# what interchanging it does — it moves `WX`, it moves `YZ`, it moves the output `O`, it does
+# nothing — which one does the network follow, on the *same* counterfactual inputs?
+# `compare_hypotheses` runs the intervention once per example and scores every hypothesis's
+# predicted label against the network's answer, with a paired comparison (McNemar's exact test)
+# between each pair; only the examples where two hypotheses disagree can separate them.
+
+# %%
+from steerlab.alignment import Hypothesis, compare_hypotheses
+
+hyps = [Hypothesis(f"moves {v}", cm, v) for v in ("WX", "YZ", "O")]
+ht = compare_hypotheses(lab, hyps, task.encoder, site=task.site(1), subspace=r.subspaces["WX"], n=600 if FAST else 2000,
+                        seed=5, sampler=task.sampler("test"))
+print(ht)
+ht.plot()
+
+# %%
+assert ht.best() == "moves WX" and ht.iia["moves WX"].value >= 0.95
+for other in ("moves YZ", "moves O", "no effect (base answer)"):
+    p = ht.pair("moves WX", other)
+    assert p.diff > 0.2 and p.p_value < 1e-6, (other, p)
+
+# %% [markdown]
+# ## 8. Which neurons? Desiderata-based masking
+#
+# DAS finds a rotated subspace; desiderata-based masking (DBM) asks which of the 16 *neurons* of
+# layer 1 to interchange, learning a sigmoid mask per neuron with a penalty on how many stay
+# open. Sweeping the penalty gives the trade-off between sparsity and IIA; a random mask of as
+# many neurons is the control. (A neuron mask is a localist alignment that needs no search, so
+# it sits at or below the exhaustive localist control of the same size.)
+
+# %%
+from steerlab.alignment import mask_tradeoff
+
+masks = mask_tradeoff(lab, train, test, site=task.site(1), sparsities=[0.0, 0.3, 1.0, 3.0], epochs=3 if FAST else 5, seed=0)
+print(masks)
+masks.plot()
+
+# %%
+rows = masks.rows()
+assert rows[0]["units"] >= rows[-1]["units"]  # more pressure, fewer neurons
+kept = [x for x in masks.results if 0 < sum(x.sizes.values()) < 32]
+assert kept, "some penalty keeps part of the layer"
+for x in kept:  # the learned mask beats a random mask of the same size
+    assert x.iia["all"].value > x.random_mask["all"].value + 0.05, str(x)
+
+# %% [markdown]
+# ## 9. Against the paper
 #
 # | | paper (Geiger et al. 2023) | `benchmarks/das_hierarchical_equality.py` (3 seeds) | this notebook |
 # |---|---|---|---|
-# | DAS, layer 1, 8 + 8 dims | 1.00 | 0.978 ± 0.020 | printed below |
-# | best localist alignment | 0.60 (brute force) / 0.73 (closest) | 0.926 | printed below |
+# | DAS, layer 1, 8 + 8 dims | 1.00 | see `benchmarks/README.md` | printed below |
+# | best localist alignment | 0.60 (brute force) / 0.73 (closest) | see `benchmarks/README.md` | printed below |
 # | random-init network | near 0.5 | near 0.5 | printed below |
 #
 # DAS reproduces: at layer 1 a distributed 8 + 8-dimensional alignment makes the network follow
@@ -238,18 +324,18 @@ assert probe["WX", "WX"] > probe["WX", "YZ"] + 0.15 and probe["YZ", "YZ"] > prob
 # exhaustive neuron-aligned search reaches well above 0.60 / 0.73 on our networks. The training
 # recipe is the likely reason (see `HierarchicalEquality.train_model`): with weight decay 0.3 most
 # first-layer units serve one pair of entities, so a split of the neurons into two halves already
-# separates the relations fairly well. DAS still beats it, as it must (a localist alignment is
-# one of the subspaces DAS can reach).
+# separates the relations well. DAS is still at least as good, as it must be.
 
 # %%
 print(f"paper: DAS {PAPER['das_layer1_size8']:.2f}, localist {PAPER['localist_brute_force']:.2f} (brute force) / "
       f"{PAPER['localist_closest']:.2f} (closest), random init {PAPER['random_init']:.2f}")
 print(f"here:  DAS {r.iia['all']}, localist {r.localist['all']}, random init {r.random_init['all']}")
-assert r.iia["all"].value >= PAPER["das_layer1_size8"] - 0.05
+assert r.iia["all"].value >= PAPER["das_layer1_size8"] - 0.03
 assert r.localist["all"].value > PAPER["localist_closest"]  # the honest difference from the paper, stated above
 
 # %% [markdown]
 # **Answer.** The MLP computes the two equality relations at its first hidden layer, each in an
 # 8-dimensional subspace of the 16 units, disjoint from the other's; interchanging those subspaces
-# makes it follow the causal model on about 98% of held-out counterfactuals, a randomly
-# initialised network gives chance, and the best split of the neurons themselves comes second.
+# makes it follow the causal model on nearly every held-out counterfactual, the subspace moves
+# `WX` and not `YZ` or the output, a randomly initialised network gives chance, and the best
+# split of the neurons themselves comes close but not above.

@@ -20,6 +20,8 @@ from steerlab.viz.attribution import (
 )
 from steerlab.viz.export import Pre, Section, check_png, find_browser, report, save, save_html, save_png
 from steerlab.viz.graph import run_graph
+from steerlab.viz.hypotheses import hypothesis_comparison
+from steerlab.viz.masks import mask_tradeoff_curve, mask_units
 from steerlab.viz.patching import patching_heatmap
 from steerlab.viz.reft import reft_training_curve, token_effects
 from steerlab.viz.tracing import causal_trace
@@ -31,6 +33,9 @@ __all__ = [
     "iia_heatmap",
     "das_training_curve",
     "subspace_projection",
+    "hypothesis_comparison",
+    "mask_units",
+    "mask_tradeoff_curve",
     "patching_heatmap",
     "causal_trace",
     "path_patching_heatmap",

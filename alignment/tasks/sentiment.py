@@ -1,7 +1,15 @@
 """Adjective polarity on a templated review, for language models.
 
 Prompt: ``"Review: The {noun} was {adjective}.\\nSentiment:"``; labels: the
-next tokens ``" positive"`` / ``" negative"``. The causal model has two
+next-token logits of ``" positive"`` / ``" negative"`` compared. SmolLM2's own
+greedy answer is capitalised (``" Positive"``, and for most negative reviews
+``" Negative"``), but the capitalised pair is a biased classifier: measured on
+all 528 task prompts, comparing ``" Positive"`` with ``" Negative"`` labels 93%
+correctly (every positive, 86% of the negatives, with margins near 0), the
+log-sum-exp of both spellings 99.6%, the lower-case pair 100% (smallest margin
+0.84). Scored with a pair the model separates poorly, IIA would partly
+measure that bias, so the lower-case pair is the default (``label_tokens=``
+chooses others). The causal model has two
 inputs, ``NOUN`` (irrelevant) and ``ADJECTIVE``, and one computed variable,
 ``POLARITY``, the adjective's sentiment — which appears nowhere in the
 prompt as a token: the model must compute it from the adjective and carry it
@@ -46,6 +54,8 @@ class Sentiment:
     Args:
         test_adjectives: adjectives of each polarity held out for testing.
         seed: draws the split.
+        label_tokens: ``{"positive": token, "negative": token}`` read as the answer
+            (default ``" positive"`` / ``" negative"``: see the module docstring).
     """
 
     template = "Review: The {noun} was {adjective}.\nSentiment:"
@@ -53,7 +63,12 @@ class Sentiment:
     positions = {"last": -1, "adjective": "{adjective}"}
     variables = ("POLARITY",)
 
-    def __init__(self, *, test_adjectives: int = 6, seed: int = 0, nouns=NOUNS, positive=POSITIVE, negative=NEGATIVE):
+    def __init__(self, *, test_adjectives: int = 6, seed: int = 0, nouns=NOUNS, positive=POSITIVE, negative=NEGATIVE,
+                 label_tokens: dict[str, str] | None = None):
+        if label_tokens is not None:
+            if set(label_tokens) != {"positive", "negative"}:
+                raise ConfigError(f"label_tokens={label_tokens!r}: expected the keys 'positive' and 'negative'")
+            self.label_tokens = dict(label_tokens)
         if not 0 < test_adjectives < min(len(positive), len(negative)):
             raise ConfigError(f"test_adjectives={test_adjectives}: expected 1 .. {min(len(positive), len(negative)) - 1}")
         rng = random.Random(seed)

@@ -23,7 +23,7 @@ _one_thread = one_thread_fixture()
 def setup():
     torch.set_num_threads(1)
     task = tasks.hierarchical_equality()
-    mlp, acc = task.train_model(seed=0, n_train=200_000)
+    mlp, acc = task.train_model(seed=0, n_train=200_000, epochs=3)  # half the recipe: enough for seed 0, half the time
     lab = sl.wrap(mlp, example_input=task.example_input())
     train, test = task.datasets(n_train=8000, n_test=2000, seed=0)
     before = snapshot(mlp)
@@ -157,15 +157,14 @@ def test_table_and_plot(setup):
     assert all(set(row) >= {"iia", "se", "random_init", "localist", "full_vector", "chance"} for row in rows)
     text = str(r)
     assert "random_init" in text and "localist: exhaustive" in text
-    # the whole layer-1 vector carries both relations, so for a WX-only counterfactual it also swaps YZ
-    # (IIA near 0.5, far below DAS): it bounds neither variable, and no row is flagged as an illusion
-    assert r.full_vector["WX"].value < r.iia["WX"].value - 0.3
+    # the whole layer-1 vector carries both relations: for a WX-only counterfactual it also swaps YZ, so it
+    # bounds WX only where the source's YZ equals the base's (then it asks the same answer): scored there only
+    test = setup[5]
+    want = [i for i, ex in enumerate(test) if ex.intervened == ("WX",)
+            and (ex.sources["WX"]["Y"] == ex.sources["WX"]["Z"]) == (ex.base["Y"] == ex.base["Z"])]
+    assert r.full_vector["WX"].n == len(want) == r.bounded["WX"].n and 0 < len(want) < r.iia["WX"].n
+    assert r.full_vector["WX"].value >= 0.97  # there the whole vector is right, as the network is
     assert not any(row["above_full_vector"] for row in rows) and "illusion" not in text
-    from dataclasses import replace
-
-    one = replace(r, variables=("WX",), sizes={"WX": 8}, iia={"WX": r.iia["WX"], "all": r.iia["WX"]})
-    assert [row["above_full_vector"] for row in one.rows()] == [True]  # one variable: the whole vector bounds it
-    assert "suspect an illusion" in str(one)
     fig = r.plot()
     assert fig.layout.title.text.startswith("DAS at module:layers.0:output")
     names = {t.name for t in fig.data}
@@ -265,3 +264,30 @@ def test_search_over_layers_and_sizes(setup, tmp_path):
     assert back.rows() == rows and back.layers == res.layers
     for a, b in zip(back.results, res.results):
         assert torch.equal(a.subspaces["WX"].basis, b.subspaces["WX"].basis)
+
+
+def test_das_is_at_least_the_best_localist_alignment_at_every_layer(setup):
+    """The guarantee's fast form (benchmarks/das_hierarchical_equality.py has the full table): from a
+    random start, the default DAS is at least the exhaustive localist alignment of the same size at
+    every layer (within a standard error), and >= 0.97 at layer 1; cross-entropy, the paper's
+    objective, loses to it at layer 2."""
+    from steerlab.alignment._activations import Runner
+    from steerlab.alignment.controls import localist_alignment
+    from steerlab.alignment.das import store_for
+
+    task, _, _, lab, train, test, _, _ = setup
+    store = store_for(lab, [train, test], [task.site(L) for L in (1, 2, 3)])
+    for layer in (1, 2, 3):
+        site = task.site(layer)
+        r = DAS(lab, site=site, size=8, epochs=4, batch_size=64, lr=0.01, seed=0, controls=False).fit(train, test)
+        assert r.selection.starts == ["random (seed 0)"] and r.config["init"] == "random"
+        loc = localist_alignment(Runner(store, train, site, None), Runner(store, test, site, None), {"WX": 8, "YZ": 8}, 16,
+                                 selection_size=512).iia["all"]
+        das = r.iia["all"]
+        assert das.value >= loc.value - (loc.se**2 + das.se**2) ** 0.5, (layer, str(r), loc)  # one s.e. of the difference
+        if layer == 1:
+            assert das.value >= 0.97, str(r)
+        if layer == 2:
+            ce = DAS(lab, site=site, size=8, epochs=4, batch_size=64, lr=0.01, seed=0, controls=False,
+                     objective="cross_entropy", select="final").fit(train, test)
+            assert ce.iia["all"].value < loc.value - 0.1, (str(ce), loc)

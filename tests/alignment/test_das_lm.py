@@ -78,9 +78,14 @@ def test_smollm_labels_every_task_prompt(smol):
     settings = [s for s in task.prompts("train") + task.prompts("test") if s["NOUN"] in task.nouns[:4]]
     assert len(settings) == 4 * 44
     with torch.no_grad():
-        scores = enc.scores(lab.model(**enc.encode(settings), logits_to_keep=1))
+        out = lab.model(**enc.encode(settings), logits_to_keep=1)
+    scores = enc.scores(out)
     want = torch.tensor([enc.label_index(task.polarity[s["ADJECTIVE"]]) for s in settings])
     assert (scores.argmax(-1) == want).float().mean().item() == 1.0
+    # why the task compares the lower-case tokens though SmolLM2 answers capitalised: that pair is biased
+    capital = sl.alignment.tasks.sentiment(label_tokens={"positive": " Positive", "negative": " Negative"}).encoder(lab.tokenizer)
+    assert capital.labels == enc.labels and capital.scores(out).shape == scores.shape
+    assert (capital.scores(out).argmax(-1) == want).float().mean().item() < 0.97
 
 
 def test_smollm_search_two_layers(smol):
