@@ -100,7 +100,7 @@ def parse(table: dict, ctx: Context) -> SteerEvalConfig:
         raise ConfigError(f"{where}.seeds = {table.get('seeds')!r}: expected a list of non-negative integers, e.g. [0, 1, 2]")
     das_concept = table.get("das_concept")
     if any(m in DAS_METHODS for m in methods):
-        if "das" not in ctx.experiment.tables:
+        if "das" not in ctx.experiment.configs:
             raise ConfigError(f"{where}: methods {[m for m in methods if m in DAS_METHODS]} steer with the subspace of the file's "
                               "[das] step; add a [das] table (or drop those methods)")
         if das_concept is None and len(concepts) == 1:
