@@ -8,7 +8,7 @@
 ``--config FILE.toml`` reads the same settings from the file's ``[steer_eval]``
 table (keys as the flags, with underscores: ``concepts``, ``methods``,
 ``layer``, ``factors``, ``seeds``, ``positions``, ``n_train``,
-``max_new_tokens``, ``n_val_instructions``, ``n_test_instructions``,
+``n_test_examples``, ``max_new_tokens``, ``n_val_instructions``, ``n_test_instructions``,
 ``epochs``) and the model from ``[model] name``; flags given on the command
 line win. Writes the table to stdout, the result (``--out``, the one file
 format) and an HTML report (``--report``: the table, the factor sweeps, the
@@ -26,7 +26,8 @@ from steerlab.interventions.errors import ConfigError
 
 __all__ = ["add_parser", "run"]
 
-_RECIPE_KEYS = ("layer", "factors", "positions", "n_train", "max_new_tokens", "n_val_instructions", "n_test_instructions", "epochs", "batch_size")
+_RECIPE_KEYS = ("layer", "factors", "positions", "n_train", "n_test_examples", "max_new_tokens", "n_val_instructions", "n_test_instructions",
+                "epochs", "batch_size")
 _KEYS = {"concepts", "methods", "seeds", *_RECIPE_KEYS}
 
 
@@ -58,6 +59,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seeds", help="comma list of seeds for the trained methods and PCA (default 0)")
     p.add_argument("--positions", choices=("prompt", "decode", "both"), help="where the edits act while generating (default both)")
     p.add_argument("--n-train", type=int, help="training examples per class (default 32)")
+    p.add_argument("--n-test-examples", type=int, help="held-out examples per class for the detection AUROC (default 64)")
     p.add_argument("--max-new-tokens", type=int, help="tokens generated per response (default 32)")
     p.add_argument("--n-val-instructions", type=int, help="instructions for choosing the factor (default 6)")
     p.add_argument("--n-test-instructions", type=int, help="instructions the table reports on (default 12)")
@@ -89,7 +91,8 @@ def _settings(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     flags = {
         "concepts": _list(args.concepts, "concepts"), "methods": _list(args.methods, "methods"),
         "seeds": _list(args.seeds, "seeds", int), "factors": _list(args.factors, "factors", float),
-        "layer": args.layer, "positions": args.positions, "n_train": args.n_train, "max_new_tokens": args.max_new_tokens,
+        "layer": args.layer, "positions": args.positions, "n_train": args.n_train, "n_test_examples": args.n_test_examples,
+        "max_new_tokens": args.max_new_tokens,
         "n_val_instructions": args.n_val_instructions, "n_test_instructions": args.n_test_instructions, "epochs": args.epochs,
     }
     cfg.update({k: v for k, v in flags.items() if v is not None})
