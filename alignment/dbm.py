@@ -211,7 +211,10 @@ class DBM:
         sparsity: ``λ``, the weight of the mean mask in the loss.
         temperature: ``(start, end)`` of the sigmoid's temperature, annealed geometrically.
         init: the initial logit of every unit (0.5: open, σ(0.5) ≈ 0.62).
-        epochs, batch_size, lr, seed: training (Adam, linear decay to 0). The mask hardens as the
+        epochs: training epochs.
+        batch_size: counterfactuals per step.
+        seed: the shuffle's and initialisation's seed.
+        lr: Adam's learning rate (linear decay to 0). The mask hardens as the
             temperature falls, after which the sparsity penalty no longer moves it, so a short run
             needs a large learning rate: on SmolLM2 polarity (64 counterfactuals, 20 steps) a position
             mask at layer 8 kept every position at ``lr=0.1, init=1.0`` and exactly the adjective's at

@@ -250,10 +250,12 @@ def compare_hypotheses(
     Args:
         hypotheses: :class:`Hypothesis` objects sharing their input variables.
         encoder: turns inputs into model inputs and outputs into label scores.
-        site, positions: where the intervention acts (``positions`` as the encoder names them).
+        site: where the intervention acts.
+        positions: where at the site (as the encoder names them).
         subspace: interchange only this :class:`Subspace` (e.g. a DAS result's); default the whole vector.
-        bases, sources: the inputs (aligned lists); default ``n`` pairs drawn from the first
-            hypothesis's input distribution (or ``sampler(rng)``) with ``seed``.
+        bases: the base inputs (a list aligned with ``sources``); default ``n`` pairs drawn from the
+            first hypothesis's input distribution (or ``sampler(rng)``) with ``seed``.
+        sources: the source inputs, aligned with ``bases``.
         null: also score "no effect" (the base's own answer under the first hypothesis).
     """
     hypotheses = list(hypotheses)
