@@ -59,7 +59,7 @@ def reinitialise(model: nn.Module, *, seed: int = 0) -> nn.Module:
 def random_init_lab(lab: Lab, *, seed: int = 0) -> Lab:
     """A :class:`Lab` over a re-initialised copy of ``lab``'s model (the original is untouched)."""
     model = reinitialise(copy.deepcopy(lab.model), seed=seed)
-    return wrap(model, lab.tokenizer, example_input=lab.example_input)
+    return wrap(model, lab.tokenizer, example_input=lab.facts.example_input)
 
 
 def count_assignments(width: int, sizes: Mapping[str, int]) -> int:

@@ -10,11 +10,15 @@ from steerlab.interventions import metrics
 from steerlab.interventions.activation_cache import ActivationCache
 from steerlab.interventions.adapters import Architecture, register_architecture
 from steerlab.interventions.attachment import Attachment
+from steerlab.interventions.engine import HookEngine, PreparedRun
 from steerlab.interventions.errors import *  # noqa: F403 - the error hierarchy is public
 from steerlab.interventions.errors import __all__ as _errors
+from steerlab.interventions.facts import ModelFacts
+from steerlab.interventions.generation import Generation
 from steerlab.interventions.graph import Graph, GraphResult, Run, RunResult, SourceValue
-from steerlab.interventions.lab import Generation, Lab, wrap
+from steerlab.interventions.lab import Lab, wrap
 from steerlab.interventions.nnsight_engine import NNsightEngine
+from steerlab.interventions.plan import Engine, Plan
 from steerlab.interventions.ops import (
     Add,
     BoundlessSubspaceInterchange,
@@ -42,6 +46,11 @@ __all__ = [
     "wrap",
     "Lab",
     "Generation",
+    "ModelFacts",
+    "Plan",
+    "Engine",
+    "HookEngine",
+    "PreparedRun",
     "NNsightEngine",
     "Architecture",
     "register_architecture",

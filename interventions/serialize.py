@@ -19,11 +19,10 @@ from torch import Tensor
 from steerlab.interventions import fileformat
 from steerlab.interventions.errors import FileFormatError, NotSerialisable
 from steerlab.interventions.graph import Graph, Run, SourceValue
-from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.ops import Intervention, Lambda, intervention_class
 
 if TYPE_CHECKING:
-    from steerlab.interventions.lab import Lab
+    from steerlab.interventions.facts import ModelFacts
 
 __all__ = [
     "intervention_record",
@@ -93,8 +92,6 @@ def _assign(module: torch.nn.Module, name: str, value: Tensor) -> None:
         current.data = value
     else:
         owner._buffers[leaf] = value
-    if hasattr(owner, "_cached"):
-        owner._cached = None
 
 
 def save_interventions(
@@ -127,11 +124,11 @@ def load_interventions(
     return ivs, meta
 
 
-def save_graph(directory: str | Path, graph: Graph, lab: Lab) -> Path:
+def save_graph(directory: str | Path, graph: Graph, lab: ModelFacts) -> Path:
     """Save a run graph: each run's inputs (as tensors), interventions and edges."""
     records, tensors = [], {}
     for run in graph.order():
-        inp = Inputs.of(run.inputs, tokenizer=lab.tokenizer, is_lm=lab.is_lm)
+        inp = lab.inputs(run.inputs, device=False)
         if inp.args:
             raise NotSerialisable("runs with positional (non-keyword) inputs cannot be saved; pass a dict of tensors")
         in_names = []
@@ -178,7 +175,7 @@ def _run_records(directory, meta: dict, tensors: dict) -> list[dict]:
     return sorted(runs, key=lambda r: r["index"])
 
 
-def load_graph(directory: str | Path, lab: Lab) -> Graph:
+def load_graph(directory: str | Path, lab: ModelFacts) -> Graph:
     meta, tensors = fileformat.load(directory, kind="graph", fingerprint=lab.fingerprint(), device=lab.device)
     runs = _run_records(directory, meta, tensors)
     g = Graph()

@@ -32,7 +32,6 @@ there and its per-example value is NaN (means skip it).
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -81,7 +80,7 @@ class _RowPatch(Intervention):
         self.mask = mask  # [rows, 1, head, 1] bool, or None: every head
 
     def forward(self, base: Tensor, source: Tensor | None = None) -> Tensor:
-        assert source is not None
+        source = self.require_source(source)
         src = source.to(base.dtype)
         return src if self.mask is None else torch.where(self.mask, src, base)
 
@@ -117,9 +116,9 @@ def _sites(lab, sites) -> list[ResolvedSite]:
         raise ConfigError(f"sites={sites!r}: expected a site name or pattern ('blocks.*.resid_post') or a list of them")
     out: dict[str, ResolvedSite] = {}
     for p in patterns:
-        for name in lab.expand(p):
+        for name in lab.facts.expand(p):
             site = lab.resolve(name)
-            if not lab.has_positions(site):
+            if not lab.facts.has_positions(site):
                 raise UnitError(
                     f"site {site.name!r} has no position axis (its value is [batch, width]); "
                     "a patching sweep needs [batch, pos, ...]"
@@ -213,8 +212,8 @@ def _chunks(plan: _Plan, lab) -> list[list[tuple[int, int, int]]]:
     tokens = plan.base_info.batch * plan.base_info.seq
     cap = max(1, AUTO_TOKENS.get(dev, AUTO_TOKENS_ACCELERATOR) // tokens)
     overhead = OVERHEAD.get(dev, OVERHEAD_ACCELERATOR) / (lab.d_model or 512) ** 2
-    L = lab.n_layers if lab.map.layers_path is not None else 1
-    start = (lambda c: plan.starts[c[0]]) if lab.map.layers_path is not None else (lambda c: 0)
+    L = lab.n_layers if lab.facts.has_layers else 1
+    start = (lambda c: plan.starts[c[0]]) if lab.facts.has_layers else (lambda c: 0)
     order = sorted(configs, key=start)  # stable: site-major within a start layer
     depth = [L - start(c) for c in order]
     best = [0.0] + [math.inf] * len(order)
@@ -235,8 +234,8 @@ def _plan(lab, base, source, sites, positions, heads, metric, configs_per_forwar
     m = as_metric(metric)
     if m.tokenizer is None:
         m = m.bind(lab)  # resolves token strings now, before any compute
-    b = Inputs.of(base, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
-    s = Inputs.of(source, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
+    b = lab.facts.inputs(base)
+    s = lab.facts.inputs(source)
     if s.batch not in (1, b.batch):
         raise BatchMismatch(
             f"the source has batch {s.batch} but the base has {b.batch}; expected equal batches (or a source of 1, broadcast)"
@@ -300,18 +299,14 @@ def _check_metric(v, rows: int, name: str) -> Tensor:
 
 
 def _model_kwargs(lab) -> dict:
-    return lab.no_cache
+    return lab.facts.no_cache
 
 
 def _logit_window(lab, plan: _Plan, metric: Metric) -> int | None:
     """How many final padded positions hold every logit ``metric`` reads, when the model
     can compute only those (``logits_to_keep``); None: all. The LM head is a large part of
     a small model's forward (SmolLM2: a 49k-word vocabulary, ~7 blocks' worth per token)."""
-    try:
-        takes = "logits_to_keep" in inspect.signature(lab.model.forward).parameters
-    except (TypeError, ValueError):
-        takes = False
-    if metric.tail is None or not takes:
+    if metric.tail is None or not lab.facts.takes("logits_to_keep"):
         return None
     info = plan.base_info
     first = int((info.starts + info.lengths - metric.tail).min())  # the earliest padded index read
@@ -335,8 +330,7 @@ def _base_and_source(lab, plan: _Plan, starts: set[int]):
     base_metric = _check_metric(metric(b.output, plan.base), plan.base_info.batch, metric.name)
     s = lab.run(plan.source, [Collect(site.name) for site in plan.sites], **kw)
     source_metric = _check_metric(metric(s.output, plan.source), plan.base_info.batch, metric.name)
-    lab._probe([])  # sets the block output layout a Prefix needs
-    prefixes = {L: Prefix(L, b.cache[f"pre{L}"], lab._tuple_len or 0) for L in starts if L > 0}
+    prefixes = {L: Prefix(L, b.cache[f"pre{L}"], lab.facts.tuple_len) for L in starts if L > 0}
     return metric, base_metric, source_metric, {site.name: s.cache[site.name] for site in plan.sites}, prefixes
 
 
@@ -371,7 +365,7 @@ def sweep(
         positions = "all" if heads is None else None
     plan = _plan(lab, base, source, sites, positions, heads, metric, configs_per_forward)
     chunks = _chunks(plan, lab)
-    starts = {min(plan.starts[c[0]] for c in ch) for ch in chunks} if lab.map.layers_path is not None else set()
+    starts = {min(plan.starts[c[0]] for c in ch) for ch in chunks} if lab.facts.has_layers else set()
     with torch.no_grad():
         metric, base_metric, source_metric, values, prefixes = _base_and_source(lab, plan, starts)
         grid = _run_chunks(lab, plan, chunks, metric, values, prefixes, progress)

@@ -30,8 +30,12 @@ def test_interchange_and_gradient_equal_pyvene():
     R = torch.linalg.qr(torch.randn(D, K, generator=torch.Generator().manual_seed(3)))[0].T.contiguous()
     das = sl.SubspaceInterchange(f"blocks.{LAYER}.resid_post", size=K, width=D, init=R, source=source)
     probe = torch.randn(2, 7, 96, generator=torch.Generator().manual_seed(4))
+    used = []  # the R this forward materialised (a forward hook on the map sees each R it hands out)
+    handle = das.rotation.register_forward_hook(lambda m, a, r: used.append(r))
     out = lab.run(base, [das], positions=torch.tensor(BASE_POS), source_positions=torch.tensor(SOURCE_POS)).logits
-    r_used = das.rotation._cached[1]  # the R this forward materialised
+    handle.remove()
+    assert len({id(r) for r in used}) == 1  # one R for the whole forward
+    r_used = used[0]
     r_used.retain_grad()
     (out * probe).sum().backward()
 

@@ -246,7 +246,7 @@ def test_bad_input_is_refused_before_compute(case, tmp_path):
             case.call(sc, tmp_path) if case.tmp else case.call(sc)
     finally:
         handle.remove()
-        for att in list(sc.lab._attachments):
+        for att in list(sc.lab.attachments):
             att.detach()
     assert isinstance(info.value, sl.SteerlabError)
     for phrase in case.phrases:

@@ -64,8 +64,12 @@ def test_gradients_equal_pyreft():
     emb_o = rm.model.get_input_embeddings()(inputs["input_ids"]).detach().requires_grad_(True)
     emb_t = emb_o.detach().clone().requires_grad_(True)
     iv = rm.interventions[0]
+    used = []  # the R materialised for this forward (a forward hook on the map sees each R it hands out)
+    handle = iv.rotation.register_forward_hook(lambda m, a, r: used.append(r))
     out = rm(inputs_embeds=emb_o, attention_mask=inputs["attention_mask"], intervention_positions=torch.tensor(POS)).logits
-    R_used = iv.rotation._cached[1]  # the R materialised for this forward
+    handle.remove()
+    assert len({id(r) for r in used}) == 1  # one R for the whole forward
+    R_used = used[0]
     R_used.retain_grad()
     (out * probe).sum().backward()
     theirs = prm({"inputs_embeds": emb_t, "attention_mask": inputs["attention_mask"]},
