@@ -85,7 +85,7 @@ class Attachment:
         self._replays: list[tuple[nn.Module, _Replay]] = []
         self._bindings = Bindings(positions=self._positions)
         edits = [self._edit(iv, (sources or {}).get(iv)) for iv in self.interventions]
-        self._hooks = HookSet(lab.model, edits, validate=True)
+        self._hooks = HookSet(lab.model, edits, validate=True, maps=[m for iv in self.interventions for m in lab.facts.maps(iv)])
 
     def _edit(self, iv: Intervention, bound: SourceValue | None) -> Edit:
         facts = self.lab.facts

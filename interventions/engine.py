@@ -73,7 +73,8 @@ def _hooks(facts: ModelFacts, step: Forward, continuing: bool) -> HookSet:
     cached = None if node is None or node.hooks is None else node.hooks
     if cached is not None and cached.continuation == continuing:
         return cached
-    hs = HookSet(facts.model, [*step.edits, *step.reads.values()], per_call=True, continuation=continuing)
+    maps = [m for e in step.edits for m in facts.maps(e.iv)]
+    hs = HookSet(facts.model, [*step.edits, *step.reads.values()], per_call=True, continuation=continuing, maps=maps)
     if node is not None:
         node.hooks = hs  # a plan run again (a prepared run) reuses its compiled hooks
     return hs

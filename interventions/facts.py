@@ -19,7 +19,9 @@ from __future__ import annotations
 import inspect
 import re
 import threading
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,18 +32,30 @@ from steerlab.interventions.errors import NotAnIntervention, ShapeMismatch, Site
 from steerlab.interventions.handlers import input_tensor, output_tensor
 from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.ops import Intervention
+from steerlab.interventions.orthonormal import Orthonormal
 from steerlab.interventions.sites import ResolvedSite, SiteCatalog, SiteResolver, canonical_names
 
 __all__ = ["ModelFacts", "execution_device", "check_intervention"]
 
-_BUILD_LOCK = threading.Lock()  # two threads building one intervention at once would make two sets of parameters
+_BUILD_LOCK = threading.Lock()
+
+
+@dataclass(eq=False)
+class _Placement:
+    """An intervention placed at its site: what was checked, and the tensors it was put on ``device`` with."""
+
+    key: tuple
+    site: ResolvedSite
+    device: torch.device
+    tensors: list
+    maps: list  # two threads building one intervention at once would make two sets of parameters
 
 
 def check_intervention(iv: Any, where: str = "interventions") -> Intervention:
     """``iv`` if it is an :class:`Intervention`, else :class:`NotAnIntervention` naming what it is."""
     if not isinstance(iv, Intervention):
         raise NotAnIntervention(
-            f"{where} take Intervention objects (sl.Add, sl.Interchange, a ReFT intervention, ...); got {type(iv).__name__} {iv!r:.60}"
+            f"{where} must be Intervention objects; got {type(iv).__name__} {iv!r:.60} (expected sl.Add, sl.Interchange, a ReFT intervention, ...)"
         )
     return iv
 
@@ -87,6 +101,9 @@ class ModelFacts:
         self._shapes: dict[str, tuple | None] = {}
         self._tuple_len: int | None = None
         self._params, self._var_kw = _forward_parameters(model)  # read once: a forward's keywords never change
+        self._first = next(model.parameters(), None)  # its device is the model's (moved with it)
+        self._placed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # intervention -> _Placement
+        self._site_devices: dict[tuple, torch.device] = {}
 
     # -- the model ------------------------------------------------------------
     @property
@@ -269,8 +286,43 @@ class ModelFacts:
 
     # -- interventions ---------------------------------------------------------------
     def place(self, iv: Intervention) -> ResolvedSite:
-        """Resolve ``iv``'s site, check its units, build it for the site's width and device."""
+        """Resolve ``iv``'s site, check its units, build it for the site's width and device.
+
+        Done in full the first time; afterwards, while the intervention's placement (site, units,
+        width) and the device of its tensors and of the model are unchanged, the checks that passed
+        are not repeated (a call with one intervention per layer would otherwise spend a good part of
+        a small model's forward re-checking them)."""
         check_intervention(iv)
+        hit = self._placed.get(iv)
+        key = (iv.site, iv.positions, iv.heads, iv.dims, iv.width, self._model_device())
+        if hit is not None and hit.key == key and all(t.device == hit.device for t in hit.tensors):
+            return hit.site
+        site = self._place(iv)
+        device = self._site_device(site)
+        tensors = [*iv.parameters(), *iv.buffers()]
+        maps = [m for m in iv.modules() if isinstance(m, Orthonormal)]
+        self._placed[iv] = _Placement((iv.site, iv.positions, iv.heads, iv.dims, iv.width, self._model_device()), site, device, tensors, maps)
+        return site
+
+    def maps(self, iv: Intervention) -> list[Orthonormal]:
+        """The orthonormal maps ``iv`` uses (known once it is placed)."""
+        hit = self._placed.get(iv)
+        return hit.maps if hit is not None else [m for m in iv.modules() if isinstance(m, Orthonormal)]
+
+    def _model_device(self) -> torch.device:
+        first = self._first
+        if first is None or first.device.type == "meta":
+            return self.device
+        return first.device
+
+    def _site_device(self, site: ResolvedSite) -> torch.device:
+        key = (site.name, self._model_device())
+        dev = self._site_devices.get(key)
+        if dev is None:
+            dev = self._site_devices[key] = execution_device(site.module, self.device)
+        return dev
+
+    def _place(self, iv: Intervention) -> ResolvedSite:
         site = self.resolve(iv.site)
         shape = self.site_shape(site)
         _check_heads(iv, site)
@@ -285,7 +337,7 @@ class ModelFacts:
                 iv.build(width)
         if iv.width != width:
             raise ShapeMismatch(f"{type(iv).__name__} was built for width {iv.width} but its slice of {site.name!r} has width {width}")
-        device = execution_device(site.module, self.device)
+        device = self._site_device(site)
         if any(t.device != device for t in [*iv.parameters(), *iv.buffers()]):
             iv.to(device)  # each intervention lives on its site's device (models split with device_map)
         if not self.has_positions(site):

@@ -66,12 +66,7 @@ _NESTED = object()
 # once (no mask bookkeeping, no materialised R), so steering costs nothing per generated token
 _DECODE_SKIP = object()
 
-_tls = threading.local()  # .running: how many steerlab handlers run on this thread (a forward they start is nested)
 _CALL_IMPL = nn.Module._call_impl.__code__
-
-
-def _running() -> int:
-    return getattr(_tls, "running", 0)
 
 
 def _root_calls_on_stack(root: nn.Module) -> int:
@@ -85,9 +80,10 @@ def _root_calls_on_stack(root: nn.Module) -> int:
 
 
 def _nested(root: nn.Module) -> bool:
-    """Whether the forward of ``root`` starting now runs inside another forward of it: started by
-    a handler (an intervention calling the model), or anywhere below a running call of ``root``."""
-    return _running() > 0 or _root_calls_on_stack(root) > 1
+    """Whether the forward of ``root`` starting now runs inside another forward of it (started by a
+    handler, an intervention calling the model, or by any code below a running call of ``root``).
+    Asked only when this thread has contexts open: a nested forward, or leftovers of an interrupt."""
+    return _root_calls_on_stack(root) > 1
 
 
 class HookSet:
@@ -101,14 +97,25 @@ class HookSet:
     positions (``Prefix.past``): its tokens are prompt positions, not decode steps.
     """
 
-    def __init__(self, root: nn.Module, handlers: Iterable[Handler], *, validate: bool = False, per_call: bool = False, continuation: bool = False):
+    def __init__(
+        self,
+        root: nn.Module,
+        handlers: Iterable[Handler],
+        *,
+        validate: bool = False,
+        per_call: bool = False,
+        continuation: bool = False,
+        maps: Iterable[Orthonormal] | None = None,
+    ):
         self.root = root
         self.handlers = list(handlers)
         self.groups = group_handlers(self.handlers)
         self.validate = validate
         self.per_call = per_call
         self.continuation = continuation
-        self.maps = list(dict.fromkeys(m for h in self.handlers if isinstance(h, Edit) for m in h.iv.modules() if isinstance(m, Orthonormal)))
+        if maps is None:  # the orthonormal maps the edits use (given by the caller when it knows them already)
+            maps = (m for h in self.handlers if isinstance(h, Edit) for m in h.iv.modules() if isinstance(m, Orthonormal))
+        self.maps = list(dict.fromkeys(maps))
         self.prompt_only = all(isinstance(h, Edit) and not h.decode for h in self.handlers)
 
     def install(self, bindings: Bindings, *, thread: int | None) -> Installation:
@@ -283,37 +290,60 @@ class Installation:
         """Context manager: run a checkpointed layer's replay with the context of the forward that ran it."""
         return _Replaying(self, ctx)
 
+    def _site(self, x_of, args, kwargs_or_out):
+        """The context a site hook acts in on this thread, or ``None`` to pass through."""
+        ident = threading.get_ident()
+        if self.owner is not None and ident != self.owner:
+            return None
+        st = self._threads.get(ident)
+        if st is not None and st.frames:
+            ctx = st.frames[-1]
+            return None if ctx is _NESTED or ctx is _DECODE_SKIP else ctx
+        return self.context(x_of(args, kwargs_or_out))
+
     def _make_pre(self, handlers: list, inplace: bool):
+        site = self._site
+
         def hook(module, args, kwargs=None):
-            st = self._thread()
-            if st is None or kwargs is None or (st.frames and (st.frames[-1] is _NESTED or st.frames[-1] is _DECODE_SKIP)):
+            if kwargs is None:
+                return None  # met half-registered (another thread's forward): see _root_pre
+            ctx = site(_input_of, args, kwargs)
+            if ctx is None:
                 return None
-            ctx = self.context(input_tensor(args, kwargs)[0])
-            _tls.running = _running() + 1
-            previous = use_table(ctx.table)  # type: ignore[union-attr]
+            if ctx.table is None:
+                return run_on_inputs(handlers, args, kwargs, ctx, inplace)
+            previous = use_table(ctx.table)  # the forward's materialised maps, current while its handlers run
             try:
-                return run_on_inputs(handlers, args, kwargs, ctx, inplace)  # type: ignore[arg-type]
+                return run_on_inputs(handlers, args, kwargs, ctx, inplace)
             finally:
                 use_table(previous)
-                _tls.running -= 1
 
         return hook
 
     def _make_post(self, handlers: list):
+        site = self._site
+
         def hook(module, args, out):
-            st = self._thread()
-            if st is None or (st.frames and (st.frames[-1] is _NESTED or st.frames[-1] is _DECODE_SKIP)):
+            ctx = site(_output_of, args, out)
+            if ctx is None:
                 return None
-            ctx = self.context(output_tensor(out))
-            _tls.running = _running() + 1
-            previous = use_table(ctx.table)  # type: ignore[union-attr]
+            if ctx.table is None:
+                return run_on_output(handlers, out, ctx)
+            previous = use_table(ctx.table)  # the forward's materialised maps, current while its handlers run
             try:
-                return run_on_output(handlers, out, ctx)  # type: ignore[arg-type]
+                return run_on_output(handlers, out, ctx)
             finally:
                 use_table(previous)
-                _tls.running -= 1
 
         return hook
+
+
+def _input_of(args, kwargs):
+    return input_tensor(args, kwargs)[0]
+
+
+def _output_of(args, out):
+    return output_tensor(out)
 
 
 class _Replaying:

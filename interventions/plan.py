@@ -130,6 +130,7 @@ class Plan:
         self.source_of: dict[Edit, PlanNode | SourceValue] = {}
         self.valid: dict[Edit, Tensor] = {}  # which source slots hold a token, by edit
         self.edit_positions: dict[Intervention, Positions] = {}  # per-intervention overrides of this call
+        self._trainable_base: bool | None = None  # read at most once per plan, and only for a source run
         self._implicit: dict[int, PlanNode] = {}
 
     @classmethod
@@ -243,7 +244,9 @@ class Plan:
         upstream = (self.source_of.get(e) for e in node.edits)
         if any(self.needs_grad(s) for s in upstream if isinstance(s, PlanNode)):
             return True
-        return self.facts.trainable_base()  # a scan of the base's flags: last, and only for source runs
+        if self._trainable_base is None:
+            self._trainable_base = self.facts.trainable_base()  # a scan of the base's flags: last, once
+        return self._trainable_base
 
     def refuse_checkpointed_backward(self) -> None:
         refuse_checkpointed_backward(self.facts, [e for n in self.nodes for e in n.edits])

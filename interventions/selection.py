@@ -28,20 +28,6 @@ __all__ = ["Selection"]
 
 
 @dataclass(eq=False)
-class _Cut:
-    """One application's intermediate values (what writing back needs)."""
-
-    full: Tensor  # the value with a position axis
-    v: Tensor  # channels taken, heads split: [batch, seq, (head,) d]
-    idx: Tensor | None  # padded position indices [batch, k] (None: every position)
-    index: Tensor | None  # idx broadcast for gather/scatter
-    filled: bool
-    guard: bool
-    p0: Tensor  # positions taken
-    p1: Tensor  # heads taken
-
-
-@dataclass(eq=False)
 class Selection:
     """The units of one site an edit or a read touches (``positions=None``: every position)."""
 
@@ -67,19 +53,33 @@ class Selection:
 
         ``read``: ``fn`` only records its argument, whose empty slots are zeros (never another token's value).
         """
+        # one tuple of intermediate values, not an object: this runs at every hooked site of every forward
         cut = self._cut(x, ctx, decode, inplace)
-        part = cut.p1 if self.dims is None else cut.p1.index_select(-1, self._tensor("dims", self.dims, x.device))
-        if cut.idx is None and inplace and self.site.channels is None:
+        full, v, idx, index, filled, guard, p0, p1 = cut
+        part = p1 if self.dims is None else p1.index_select(-1, self._tensor("dims", self.dims, x.device))
+        if idx is None and inplace and self.site.channels is None:
             part = part.clone()  # fn may save its input for backward; we overwrite x below
-        if read and cut.guard:
-            part = part * (cut.idx >= 0).view(*cut.idx.shape, *([1] * (part.dim() - 2))).to(part.dtype)  # type: ignore[operator]
+        if read and guard:
+            part = part * (idx >= 0).view(*idx.shape, *([1] * (part.dim() - 2))).to(part.dtype)  # type: ignore[union-attr]
         new = fn(part)
         if new is None:
             return x
-        self._check(new, part)
-        return self._write(x, cut, new.to(x.dtype), inplace)
+        if not isinstance(new, Tensor) or new.shape != part.shape:
+            self._check(new, part)
+        return self._write(x, cut, new if new.dtype == x.dtype else new.to(x.dtype), inplace)
 
-    def _cut(self, x: Tensor, ctx: ForwardContext, decode: bool, inplace: bool) -> _Cut:
+    def _spec(self, ctx: ForwardContext) -> Positions | None:
+        if self.override == "positions":
+            forced = ctx.call.edit_positions.get(self.owner) if ctx.call.edit_positions else None
+            forced = forced if forced is not None else ctx.positions
+        else:
+            forced = ctx.call.source_positions
+        return forced if forced is not None else self.positions
+
+    def _cut(self, x: Tensor, ctx: ForwardContext, decode: bool, inplace: bool) -> tuple:
+        """``(full, v, idx, index, filled, guard, p0, p1)``: the value with a position axis; with channels
+        taken and heads split; the position indices and their gather index; whether every slot is filled;
+        whether scatter must guard empty slots; the positions taken; the heads taken."""
         site = self.site
         full = x.unsqueeze(1) if x.dim() == 2 else x
         v = full
@@ -87,7 +87,7 @@ class Selection:
             v = v.index_select(-1, self._tensor("ch", site.channels, x.device))
         if site.n_heads:
             v = rearrange(v, "b t (h d) -> b t h d", h=site.n_heads)
-        spec = ctx.spec(self.override, self.positions, self.owner)
+        spec = self._spec(ctx)
         if spec is None or (decode and ctx.info.past > 0):  # at a decode step the new token(s) are the positions
             idx, filled, guard, index = None, True, False, None
         else:
@@ -104,7 +104,7 @@ class Selection:
         else:
             p0 = gather_positions(v, idx, index=index)
         p1 = p0 if self.heads is None else p0.index_select(2, self._tensor("heads", self.heads, x.device))
-        return _Cut(full, v, idx, index, filled, guard, p0, p1)
+        return full, v, idx, index, filled, guard, p0, p1
 
     def _check(self, new, part: Tensor) -> None:
         if not isinstance(new, Tensor):
@@ -116,28 +116,28 @@ class Selection:
                 f"an intervention at {self.site.name!r} returned shape {tuple(new.shape)}; expected {tuple(part.shape)} (the shape it was given)"
             )
 
-    def _write(self, x: Tensor, cut: _Cut, new: Tensor, inplace: bool) -> Tensor:
+    def _write(self, x: Tensor, cut: tuple, new: Tensor, inplace: bool) -> Tensor:
+        full, v, idx, index, filled, guard, p0, p1 = cut
         site = self.site
         if self.dims is not None:
-            new = cut.p1.index_copy(-1, self._tensor("dims", self.dims, x.device), new)
+            new = p1.index_copy(-1, self._tensor("dims", self.dims, x.device), new)
         if self.heads is not None:
-            new = cut.p0.index_copy(2, self._tensor("heads", self.heads, x.device), new)
+            new = p0.index_copy(2, self._tensor("heads", self.heads, x.device), new)
         direct = inplace and site.channels is None and not site.n_heads
         two_d = x.dim() == 2
-        if cut.idx is None:
+        if idx is None:
             nv = new
             if direct:
-                return cut.full.copy_(nv).squeeze(1) if two_d else cut.full.copy_(nv)
+                return full.copy_(nv).squeeze(1) if two_d else full.copy_(nv)
         else:
-            index = cut.index if cut.filled else None
-            nv = scatter_positions(cut.v, cut.idx, new, may_be_empty=cut.guard, inplace=direct, original=cut.p0, index=index)
+            nv = scatter_positions(v, idx, new, may_be_empty=guard, inplace=direct, original=p0, index=index if filled else None)
             if direct:
                 return x
         if site.n_heads:
             nv = rearrange(nv, "b t h d -> b t (h d)")
         if site.channels is not None:
-            nv = cut.full.index_copy(-1, self._tensor("ch", site.channels, x.device), nv)
+            nv = full.index_copy(-1, self._tensor("ch", site.channels, x.device), nv)
         if inplace:
-            cut.full.copy_(nv)
+            full.copy_(nv)
             return x
         return nv.squeeze(1) if two_d else nv

@@ -120,7 +120,7 @@ class MaskInfo:
 class Positions:
     """A parsed position spec; :meth:`resolve` turns it into padded indices."""
 
-    __slots__ = ("kind", "static", "first", "last", "tensor", "_on_device")
+    __slots__ = ("kind", "static", "first", "last", "tensor", "_on_device", "_hash")
 
     def __init__(self, spec):
         self.kind: str
@@ -210,7 +210,12 @@ class Positions:
         return (self.static, self.first, self.last) == (other.static, other.first, other.last)
 
     def __hash__(self) -> int:
-        return hash((self.kind, self.static, self.first, self.last, id(self.tensor) if self.kind == "tensor" else 0))
+        # looked up several times per hooked site of every forward: computed once (a spec never changes)
+        try:
+            return self._hash
+        except AttributeError:
+            self._hash = hash((self.kind, self.static, self.first, self.last, id(self.tensor) if self.kind == "tensor" else 0))
+            return self._hash
 
     # -- validation and resolution --------------------------------------
     def validate(self, info: MaskInfo, what: str = "positions") -> None:
@@ -341,9 +346,10 @@ def scatter_positions(
         idx = torch.where(valid, idx, tgt)
     if index is None or may_be_empty:
         index = position_index(idx, tuple(x.shape[2:]), clamp=False)
+    values = values if values.dtype == x.dtype else values.to(x.dtype)
     if inplace:
-        return x.scatter_(1, index, values.to(x.dtype))
-    return x.scatter(1, index, values.to(x.dtype))
+        return x.scatter_(1, index, values)
+    return x.scatter(1, index, values)
 
 
 def parse_heads(heads) -> tuple[int, ...] | None:

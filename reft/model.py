@@ -41,6 +41,7 @@ from steerlab.interventions import Attachment, Lab, Prefix, wrap
 from steerlab.interventions import fileformat
 from steerlab.interventions.prefix import resume_from
 from steerlab.interventions.errors import ConfigError, FileFormatError, LifetimeError, NotWrapped, UnitError, Unsupported
+from steerlab.interventions.facts import check_intervention
 from steerlab.interventions.serialize import build_intervention, intervention_record
 from steerlab.reft._base import ReftIntervention
 from steerlab.reft.config import ReftConfig
@@ -89,6 +90,7 @@ class ReftModel(nn.Module):
         if not ivs:
             raise ConfigError("a ReftModel needs at least one intervention")
         for iv in ivs:
+            check_intervention(iv, "a ReftModel's interventions")
             if not isinstance(iv, ReftIntervention):
                 raise ConfigError(f"ReftModel takes ReFT interventions (LoReFT, DiReFT, ...); got {type(iv).__name__}")
         groups = [list(range(len(ivs)))] if groups is None else [list(g) for g in groups]
