@@ -6,11 +6,12 @@ search (:class:`DAS`, :class:`BoundlessDAS`) scored by interchange-intervention
 accuracy (:class:`IIA`), the controls every result needs beside it
 (a re-initialised model and a localist alignment of the same size), search
 over sites × positions × sizes (:func:`search`), and shipped tasks
-(:mod:`steerlab.alignment.tasks`). A result exports each variable's
+(:mod:`steerlab.alignment.tasks`), and direction finders for steering
+(:mod:`steerlab.alignment.directions`: DiffMean, PCA, probe, CAA, ActAdd). A result exports each variable's
 :class:`~steerlab.Subspace` for steering.
 """
 
-from steerlab.alignment import tasks
+from steerlab.alignment import directions, tasks
 from steerlab.alignment.causal_model import CausalModel
 from steerlab.alignment.controls import localist_alignment, random_init_lab, reinitialise
 from steerlab.alignment.counterfactuals import Counterfactual, CounterfactualBatch, CounterfactualDataset
@@ -39,4 +40,5 @@ __all__ = [
     "reinitialise",
     "localist_alignment",
     "tasks",
+    "directions",
 ]

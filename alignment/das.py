@@ -23,7 +23,6 @@ computed once per dataset (see :mod:`steerlab.alignment._activations`).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -40,7 +39,9 @@ from steerlab.interventions.errors import ConfigError, DataError, SubspaceSizeEr
 from steerlab.interventions.lab import Lab
 from steerlab.interventions.ops import BoundlessSubspaceInterchange, Interchange, Intervention, SubspaceInterchange
 from steerlab.interventions.orthonormal import Orthonormal, orthonormal_rows
+from steerlab.interventions.progress import Bar, bar
 from steerlab.interventions.subspace import Subspace
+from steerlab.interventions.training import LoopSettings, run_loop
 
 __all__ = ["DAS", "BoundlessDAS", "TrainConfig"]
 
@@ -69,6 +70,8 @@ class TrainConfig:
         seed: int = 0,
         eval_size: int | None = 512,
         eval_batch_size: int = 256,
+        warmup_ratio: float = 0.0,
+        gradient_accumulation_steps: int = 1,
     ):
         if not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"epochs={epochs!r}: expected a positive int")
@@ -78,6 +81,13 @@ class TrainConfig:
             raise ConfigError(f"lr={lr!r}: expected a positive learning rate")
         self.epochs, self.batch_size, self.lr, self.seed = epochs, batch_size, float(lr), seed
         self.eval_size, self.eval_batch_size = eval_size, eval_batch_size
+        self.warmup_ratio, self.gradient_accumulation_steps = warmup_ratio, gradient_accumulation_steps
+        self.loop()  # checks the loop's settings now
+
+    def loop(self) -> LoopSettings:
+        """The settings of the one training loop (the same order and schedule as ReFT's for the same seed)."""
+        return LoopSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed, shuffle=True,
+                            warmup_ratio=self.warmup_ratio, gradient_accumulation_steps=self.gradient_accumulation_steps)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -121,6 +131,13 @@ def _eval_rows(n: int, size: int | None, seed: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:size].sort().values
 
 
+def objective(runner: Runner, rows: Tensor, ivs: Sequence[Intervention]) -> Tensor:
+    """The DAS loss of a minibatch: cross-entropy of the intervened label scores against the
+    causal model's counterfactual labels (the one place the objective is defined)."""
+    scores = runner.run(rows, ivs)
+    return F.cross_entropy(scores.float(), runner.labels(rows).to(scores.device))
+
+
 def train(
     runner: Runner,
     ivs: Sequence[Intervention],
@@ -131,51 +148,43 @@ def train(
     on_step=None,
     on_epoch=None,
     groups: list[dict] | None = None,
+    progress: bool | None = None,
+    desc: str = "DAS",
 ) -> Curve:
-    """Train ``ivs`` (one per variable, in the runner's variable order) by
-    cross-entropy of the intervened label scores; returns the curve.
+    """Train ``ivs`` (one per variable, in the runner's variable order) on :func:`objective`
+    with Adam on the one training loop (:func:`steerlab.interventions.training.run_loop`:
+    the seeded order, linear decay to 0, losses read per logging interval); returns the curve.
 
     ``evaluator`` (default: ``runner``) gives the IIA after each epoch on up to
     ``cfg.eval_size`` of its examples. ``extra_loss()`` is added to the loss,
     ``on_step(step, total)`` runs before each step (temperature schedules),
-    ``on_epoch(curve)`` after each epoch.
+    ``on_epoch(curve)`` after each epoch. ``progress``: a bar (see
+    :mod:`steerlab.interventions.progress`).
     """
-    for iv in ivs:
-        iv.train()
     opt = torch.optim.Adam(groups or _parameters(ivs), lr=cfg.lr)
-    n = len(runner)
-    per_epoch = math.ceil(n / cfg.batch_size)
-    total = per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total, 1))
-    g = torch.Generator().manual_seed(cfg.seed)
     curve = Curve()
     ev = evaluator or runner
     ev_rows = _eval_rows(len(ev), cfg.eval_size, cfg.seed)
-    step = 0
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(n, generator=g)
-        losses = []
-        for a in range(0, n, cfg.batch_size):
-            rows = perm[a : a + cfg.batch_size]
-            if on_step is not None:
-                on_step(step, total)
-            scores = runner.run(rows, ivs)
-            loss = F.cross_entropy(scores.float(), runner.labels(rows).to(scores.device))
-            if extra_loss is not None:
-                loss = loss + extra_loss()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.detach())
-            step += 1
-        curve.loss += torch.stack(losses).cpu().tolist()  # one host sync per epoch
+
+    def loss_of(rows: Tensor) -> Tensor:
+        loss = objective(runner, rows, ivs)
+        return loss if extra_loss is None else loss + extra_loss()
+
+    def epoch_done(epoch: int, step: int) -> None:
         curve.epoch_step.append(step)
         curve.epoch_iia.append(evaluate(ev, ivs, rows=ev_rows, batch_size=cfg.eval_batch_size)["all"].value)
         if on_epoch is not None:
             on_epoch(curve)
+
     for iv in ivs:
-        iv.eval()
+        iv.train()
+    try:
+        run = run_loop(len(runner), lambda rows: rows, loss_of, opt, cfg.loop(), on_step=on_step, on_epoch=epoch_done,
+                       progress=progress, desc=desc)
+    finally:
+        for iv in ivs:
+            iv.eval()
+    curve.loss = run.losses
     return curve
 
 
@@ -299,36 +308,43 @@ class DAS:
         return [v for v in have]
 
     # -- fitting ------------------------------------------------------------------------------
-    def fit(self, train: CounterfactualDataset, test: CounterfactualDataset | None = None) -> DASResult:
-        """Train on ``train``; report IIA and controls on ``test`` (default: ``train``)."""
+    def fit(self, train: CounterfactualDataset, test: CounterfactualDataset | None = None, *, progress: bool | None = None) -> DASResult:
+        """Train on ``train``; report IIA and controls on ``test`` (default: ``train``).
+
+        ``progress``: a bar over the fit's phases (caching, training, evaluation,
+        controls) with each training's own bar inside it; default: when the output
+        is a terminal or a notebook (:mod:`steerlab.interventions.progress`)."""
         variables = self._variables(train)
         sizes = self.resolve_sizes(variables)
         test = test if test is not None else train
         _check_same_task(train, test)
         timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        store = store_for(self.lab, [train, test], [self.site])
-        run_train, run_test = Runner(store, train, self.site, self.positions), Runner(store, test, self.site, self.positions)
-        timings["cache"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ivs, curve = self._train(run_train, run_test, sizes)
-        timings["train"] = time.perf_counter() - t0
-        iia = evaluate(run_test, ivs, batch_size=self.cfg.eval_batch_size)
-        result = DASResult(
-            site=self.site, positions=self.positions, variables=tuple(variables), sizes=self._final_sizes(ivs, sizes),
-            subspaces=subspaces_of(ivs, variables, self.site, self.positions, self.method, iia, train.encoder), iia=iia,
-            full_vector=full_vector_iia(run_test, batch_size=self.cfg.eval_batch_size), curve=curve, method=self.method,
-            config=self._config(train, test), timings=timings, fingerprint=self.lab.fingerprint(),
-        )
-        if self.controls:
+        phases = 3 + (3 if self.controls else 0)
+        with bar(total=phases, desc=f"{self.method} {self.site}", unit="phase", progress=progress) as b:
             t0 = time.perf_counter()
-            self._controls(result, run_train, run_test, train, test, sizes)
-            timings["controls"] = time.perf_counter() - t0
+            store = _phase(b, "caching activations", lambda: store_for(self.lab, [train, test], [self.site]))
+            run_train, run_test = Runner(store, train, self.site, self.positions), Runner(store, test, self.site, self.positions)
+            timings["cache"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ivs, curve = _phase(b, "training", lambda: self._train(run_train, run_test, sizes, progress=progress))
+            timings["train"] = time.perf_counter() - t0
+            iia = _phase(b, "evaluating", lambda: evaluate(run_test, ivs, batch_size=self.cfg.eval_batch_size))
+            result = DASResult(
+                site=self.site, positions=self.positions, variables=tuple(variables), sizes=self._final_sizes(ivs, sizes),
+                subspaces=subspaces_of(ivs, variables, self.site, self.positions, self.method, iia, train.encoder), iia=iia,
+                full_vector=full_vector_iia(run_test, batch_size=self.cfg.eval_batch_size), curve=curve, method=self.method,
+                config=self._config(train, test), timings=timings, fingerprint=self.lab.fingerprint(),
+            )
+            if self.controls:
+                t0 = time.perf_counter()
+                self._controls(result, run_train, run_test, train, test, sizes, b, progress)
+                timings["controls"] = time.perf_counter() - t0
         return result
 
-    def _train(self, run_train: Runner, run_test: Runner, sizes: dict[str, int]) -> tuple[list[Intervention], Curve]:
+    def _train(self, run_train: Runner, run_test: Runner, sizes: dict[str, int], *, progress: bool | None = None,
+               desc: str | None = None) -> tuple[list[Intervention], Curve]:
         ivs = build_subspace_interventions(self.site, sizes, self.width(), self.cfg.seed)
-        curve = train(run_train, ivs, self.cfg, evaluator=run_test)
+        curve = train(run_train, ivs, self.cfg, evaluator=run_test, progress=progress, desc=desc or self.method)
         return ivs, curve
 
     def _final_sizes(self, ivs, sizes: dict[str, int]) -> dict[str, int]:
@@ -337,20 +353,29 @@ class DAS:
     def _config(self, train, test) -> dict[str, Any]:
         return {**self.cfg.to_json(), "n_train": len(train), "n_test": len(test), "method": self.method}
 
-    def _controls(self, result: DASResult, run_train: Runner, run_test: Runner, train, test, sizes) -> None:
+    def _controls(self, result: DASResult, run_train: Runner, run_test: Runner, train, test, sizes, b: Bar, progress) -> None:
         from steerlab.alignment.controls import localist_alignment, random_init_lab
 
-        loc = localist_alignment(
+        loc = _phase(b, "localist control", lambda: localist_alignment(
             run_train, run_test, result.sizes, self.width(), limit=self.localist_limit, samples=self.localist_samples,
             selection_size=self.selection_size, seed=self.cfg.seed,
-        )
+        ))
         result.localist, result.localist_method, result.localist_dims = loc.iia, loc.method, loc.dims
         rlab = random_init_lab(self.lab, seed=self.cfg.seed)
-        rstore = store_for(rlab, [train, test], [self.site])
+        rstore = _phase(b, "random-init activations", lambda: store_for(rlab, [train, test], [self.site]))
         r_train, r_test = Runner(rstore, train, self.site, self.positions), Runner(rstore, test, self.site, self.positions)
-        r_ivs, r_curve = self._train(r_train, r_test, sizes)
+        r_ivs, r_curve = _phase(b, "random-init training", lambda: self._train(r_train, r_test, sizes, progress=progress,
+                                                                               desc=f"{self.method} (random init)"))
         result.random_init = evaluate(r_test, r_ivs, batch_size=self.cfg.eval_batch_size)
         result.random_init_curve = r_curve
+
+
+def _phase(b: Bar, name: str, work):
+    """Run one phase of a fit under the fit's bar: its name shown while it runs, the bar advanced after."""
+    b.set_postfix(phase=name)
+    out = work()
+    b.update(1)
+    return out
 
 
 class BoundlessDAS(DAS):
@@ -390,7 +415,8 @@ class BoundlessDAS(DAS):
             raise ConfigError(f"Boundless DAS aligns one variable at a time; got {list(variables)}")
         return {variables[0]: self.width()}
 
-    def _train(self, run_train: Runner, run_test: Runner, sizes: dict[str, int]) -> tuple[list[Intervention], Curve]:
+    def _train(self, run_train: Runner, run_test: Runner, sizes: dict[str, int], *, progress: bool | None = None,
+               desc: str | None = None) -> tuple[list[Intervention], Curve]:
         width = self.width()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
@@ -414,7 +440,8 @@ class BoundlessDAS(DAS):
         def record(curve: Curve) -> None:
             curve.size.append(iv.size)
 
-        curve = train(run_train, [iv], self.cfg, evaluator=run_test, extra_loss=penalty, on_step=schedule, on_epoch=record, groups=groups)
+        curve = train(run_train, [iv], self.cfg, evaluator=run_test, extra_loss=penalty, on_step=schedule, on_epoch=record, groups=groups,
+                      progress=progress, desc=desc or self.method)
         curve.temperature = temps
         k = max(iv.size, 1)
         hard = SubspaceInterchange(self.site, size=k, width=width, init=iv.rotation().detach()[:k])

@@ -23,6 +23,7 @@ from torch import Tensor
 from steerlab.alignment.iia import IIA
 from steerlab.interventions import fileformat
 from steerlab.interventions.errors import FileFormatError
+from steerlab.interventions.fileformat import TensorSpec, field_of
 from steerlab.interventions.subspace import Subspace
 
 __all__ = ["Curve", "DASResult", "Projection", "format_table"]
@@ -53,6 +54,24 @@ def _iias(d: dict[str, IIA] | None) -> dict | None:
 
 def _from_iias(d: dict | None) -> dict[str, IIA] | None:
     return None if d is None else {k: IIA.from_json(v) for k, v in d.items()}
+
+
+def _check_iias(rec: dict, key: str, optional: bool, where: str) -> None:
+    d = field_of(rec, key, (dict, type(None)) if optional else dict, where)
+    for k, v in (d or {}).items():
+        ok = isinstance(v, dict) and all(isinstance(v.get(f), (int, float)) and not isinstance(v.get(f), bool) for f in ("value", "n", "chance")) \
+            and isinstance(v["n"], int) and 0 <= v["value"] <= 1 and 0 <= v["chance"] <= 1 and v["n"] >= 0
+        if not ok:
+            raise FileFormatError(f"{where}: {key}[{k!r}] is {v!r:.80}; expected {{value: 0..1, n: count, chance: 0..1}}")
+
+
+def _check_curve(d: Any, where: str) -> None:
+    if d is None and where.endswith("random_init_curve"):
+        return
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    if not isinstance(d, dict) or set(d) != set(Curve.__dataclass_fields__) or \
+            not all(isinstance(v, list) and all(number(x) for x in v) for v in d.values()):
+        raise FileFormatError(f"{where} is {d!r:.80}; expected lists of numbers: {', '.join(Curve.__dataclass_fields__)}")
 
 
 @dataclass
@@ -209,44 +228,82 @@ class DASResult:
             "timings": self.timings,
         }
 
+    @staticmethod
+    def check_record(rec: Any, specs: dict[str, TensorSpec], prefix: str, where: str) -> set[str]:
+        """Every field of a saved result, of the right type and consistent (sizes, subspaces and
+        their bases as the weights header declares them), before anything is built; returns the
+        names of the tensors it owns."""
+        field_of(rec, "site", str, where)
+        pos = field_of(rec, "positions", (int, str, list, type(None)), where)  # a base-layer spec or an encoder's position names
+        if isinstance(pos, list) and not all(isinstance(p, (int, str)) and not isinstance(p, bool) for p in pos):
+            raise FileFormatError(f"{where}: positions {pos!r:.80}; expected positions or position names")
+        variables = field_of(rec, "variables", list, where)
+        sizes = field_of(rec, "sizes", dict, where)
+        subs = field_of(rec, "subspaces", dict, where)
+        if not variables or not all(isinstance(v, str) for v in variables) or len(set(variables)) != len(variables):
+            raise FileFormatError(f"{where}: variables {variables!r:.80}; expected distinct names")
+        if set(sizes) != set(subs) or not set(subs) <= set(variables):
+            raise FileFormatError(f"{where}: sizes for {sorted(sizes)} and subspaces for {sorted(subs)}; expected the same variables, among {variables}")
+        for k, r in subs.items():
+            Subspace.check_record(r, specs.get(f"{prefix}subspace.{k}"), f"{where}: subspace {k!r}")
+            if sizes[k] != r["size"] or r["site"] != rec["site"]:
+                raise FileFormatError(f"{where}: variable {k!r} has size {sizes[k]!r} but its subspace is {r['size']} at {r['site']!r}")
+        for key, optional in (("iia", False), ("full_vector", False), ("random_init", True), ("localist", True)):
+            _check_iias(rec, key, optional, where)
+        for key in ("curve", "random_init_curve"):
+            field_of(rec, key, (dict, type(None)), where)
+            _check_curve(rec[key], f"{where}: {key}")
+        field_of(rec, "method", str, where)
+        for key, types in (("localist_method", (str, type(None))), ("localist_dims", (dict, type(None))),
+                           ("config", dict), ("timings", dict)):
+            field_of(rec, key, types, where)
+        dims = rec["localist_dims"] or {}
+        if not all(isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v) for v in dims.values()):
+            raise FileFormatError(f"{where}: localist_dims {dims!r:.80}; expected lists of dimension indices")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rec["timings"].values()):
+            raise FileFormatError(f"{where}: timings {rec['timings']!r:.80}; expected seconds")
+        return {f"{prefix}subspace.{k}" for k in subs}
+
     @classmethod
     def from_record(cls, rec: dict[str, Any], tensors: dict, prefix: str = "") -> DASResult:
-        try:
-            subspaces = {k: Subspace.from_record(r, tensors[f"{prefix}subspace.{k}"]) for k, r in rec["subspaces"].items()}
-            return cls(
-                site=rec["site"],
-                positions=rec["positions"],
-                variables=tuple(rec["variables"]),
-                sizes={k: int(v) for k, v in rec["sizes"].items()},
-                subspaces=subspaces,
-                iia=_from_iias(rec["iia"]) or {},
-                full_vector=_from_iias(rec["full_vector"]) or {},
-                curve=Curve.from_json(rec.get("curve")),
-                method=rec.get("method", "DAS"),
-                random_init=_from_iias(rec.get("random_init")),
-                random_init_curve=None if rec.get("random_init_curve") is None else Curve.from_json(rec["random_init_curve"]),
-                localist=_from_iias(rec.get("localist")),
-                localist_method=rec.get("localist_method"),
-                localist_dims=rec.get("localist_dims"),
-                config=dict(rec.get("config") or {}),
-                timings=dict(rec.get("timings") or {}),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise FileFormatError(f"a DAS result record is incomplete or malformed: {type(e).__name__}: {e}") from None
+        """The result a record :meth:`check_record` accepted describes."""
+        subspaces = {k: Subspace.from_record(r, tensors[f"{prefix}subspace.{k}"]) for k, r in rec["subspaces"].items()}
+        return cls(
+            site=rec["site"],
+            positions=rec["positions"],
+            variables=tuple(rec["variables"]),
+            sizes={k: int(v) for k, v in rec["sizes"].items()},
+            subspaces=subspaces,
+            iia=_from_iias(rec["iia"]) or {},
+            full_vector=_from_iias(rec["full_vector"]) or {},
+            curve=Curve.from_json(rec.get("curve")),
+            method=rec.get("method", "DAS"),
+            random_init=_from_iias(rec.get("random_init")),
+            random_init_curve=None if rec.get("random_init_curve") is None else Curve.from_json(rec["random_init_curve"]),
+            localist=_from_iias(rec.get("localist")),
+            localist_method=rec.get("localist_method"),
+            localist_dims=rec.get("localist_dims"),
+            config=dict(rec.get("config") or {}),
+            timings=dict(rec.get("timings") or {}),
+        )
 
     def tensors(self, prefix: str = "") -> dict:
         return {f"{prefix}subspace.{k}": s.basis for k, s in self.subspaces.items()}
 
     def save(self, directory: str | Path) -> Path:
-        """Save (``steerlab.json`` + ``weights.safetensors``, atomically)."""
+        """Save in the one file format, atomically (see :mod:`~steerlab.interventions.fileformat`
+        for the files a save owns in ``directory``)."""
         return fileformat.save(directory, kind="das_result", config=self.to_record(), tensors=self.tensors(), fingerprint=self.fingerprint)
 
     @classmethod
     def load(cls, directory: str | Path, *, fingerprint: dict | None = None) -> DASResult:
         """Load a saved result; ``fingerprint`` (``lab.fingerprint()``) checks it was made for that model."""
-        meta, tensors = fileformat.load(directory, kind="das_result", fingerprint=fingerprint)
-        res = cls.from_record(meta["config"], tensors)
-        res.fingerprint = meta.get("fingerprint")
+        saved = fileformat.read(directory, kind="das_result", fingerprint=fingerprint)
+        owned = cls.check_record(saved.config, saved.specs, "", f"{directory}")
+        if set(saved.specs) != owned:
+            raise FileFormatError(f"{directory} holds tensors {sorted(set(saved.specs) - owned)[:5]} that no subspace of the result owns")
+        res = cls.from_record(saved.config, saved.tensors())
+        res.fingerprint = saved.fingerprint
         return res
 
     def __repr__(self) -> str:

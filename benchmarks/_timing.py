@@ -14,16 +14,22 @@ mostly do not.
 from __future__ import annotations
 
 import gc
+import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-__all__ = ["Bench", "Row", "print_table", "import_time", "sync", "count_ops"]
+__all__ = ["Bench", "Row", "print_table", "import_time", "sync", "count_ops", "record", "JSON_ENV"]
+
+#: when set, every printed table is also appended to this JSON-lines file (``gpu.sh`` collects them)
+JSON_ENV = "STEERLAB_BENCH_JSON"
 
 
 def sync(device: torch.device | str) -> None:
@@ -104,8 +110,20 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:9.3f}"
 
 
+def record(title: str, rows: list[dict], **meta) -> None:
+    """Append one table (``rows``: plain JSON data) to the file :data:`JSON_ENV` names, if any."""
+    path = os.environ.get(JSON_ENV)
+    if not path:
+        return
+    entry = {"script": Path(sys.argv[0]).name, "title": title, "rows": rows, **meta}
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
 def print_table(title: str, rows: list[Row]) -> None:
-    """Print ``rows`` as a fixed-width table (times in ms)."""
+    """Print ``rows`` as a fixed-width table (times in ms); also :func:`record` it."""
+    record(title, [{"measure": r.label, "ours_ms": r.ours * 1e3, "floor_ms": r.floor * 1e3, "ratio": r.ratio,
+                    "target": r.target, "note": r.note} for r in rows])
     w = max([len(r.label) for r in rows] + [10])
     print(f"\n== {title}")
     print(f"{'measure':<{w}}  {'ours ms':>9}  {'floor ms':>9}  {'ratio':>7}  {'target':>7}  note")

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _models  # noqa: E402
-from _timing import Bench, Row, count_ops, import_time, print_table  # noqa: E402
+from _timing import Bench, Row, count_ops, import_time, print_table, record  # noqa: E402
 
 import steerlab as sl  # noqa: E402
 
@@ -65,7 +65,9 @@ def deep_llama(device: torch.device, dtype: torch.dtype):
 
 
 def smollm(device: torch.device, dtype: torch.dtype):
-    model, tok = sl.load("smollm2-135m", dtype=dtype, device=device)
+    """SmolLM2-135M (``_models.smollm``: real weights, or its shape where the package cannot travel); 4 prompts."""
+    model, tok, note = _models.smollm(device, dtype)
+    print(f"SmolLM2-135M: {note}", flush=True)
     enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
     return model, tok, {k: v.to(device) for k, v in enc.items()}
 
@@ -89,7 +91,7 @@ def steering_rows(lab, model, inp, bench: Bench, engines: list[str]) -> list[tup
         for i in range(n)
     ]
     one = [sl.Add(f"blocks.{n // 2}.resid_post", torch.randn(d, generator=g).to(dev, dt), positions=-1)]
-    kw = {"use_cache": False} if lab.is_hf else {}
+    kw = {"use_cache": False} if lab.facts.is_hf else {}
 
     def plain():
         return model(**inp, **kw)
@@ -119,7 +121,7 @@ def steering_rows(lab, model, inp, bench: Bench, engines: list[str]) -> list[tup
 def interchange_rows(lab, model, inp, bench: Bench, engines: list[str]) -> list[tuple]:
     n = lab.n_layers
     src = _other(inp)
-    kw = {"use_cache": False} if lab.is_hf else {}
+    kw = {"use_cache": False} if lab.facts.is_hf else {}
 
     def two_plain():
         model(**src, **kw)
@@ -177,6 +179,7 @@ def bench_model(name: str, loader, args) -> None:
     title = f"{name} (batch {b}, seq {s}, {args.dtype}, {device.type}; {lab.n_layers} layers, d={lab.d_model})"
     print_table(title, [Row(label, t[c], t[f], tgt, _note(note, t[c], t[f], lab.n_layers)) for label, c, f, tgt, note in rows])
     n = lab.n_layers
+    record(f"{title}: ATen operators per call (load-independent)", [{"measure": k, "ops": v} for k, v in ops.items()])
     print(f"  ATen ops per call (load-independent): plain {ops['plain']}, empty run +{ops['noop'] - ops['plain']}, "
           f"Add on all layers +{ops['add_all'] - ops['plain']} ({(ops['add_all'] - ops['noop']) / n:.1f}/layer), "
           f"subspace edit on all layers +{ops['das_all'] - ops['plain']} ({(ops['das_all'] - ops['noop']) / n:.1f}/layer), "

@@ -56,13 +56,14 @@ def deep_llama(device, dtype):
 
 def smollm(device, dtype):
     """SmolLM2-135M; one prompt pair of 9 tokens (a 30 × 9 sweep)."""
-    model, tok = sl.load("smollm2-135m", dtype=dtype, device=device)
+    model, tok, note = _models.smollm(device, dtype)
+    print(f"SmolLM2-135M: {note}", flush=True)
     return sl.wrap(model, tok), BASE, SOURCE, sl.metrics.logit_diff(" Rome", " Paris")
 
 
 def bench_model(name: str, loader, args) -> None:
     lab, base, source, metric = loader(torch.device(args.device), getattr(torch, args.dtype))
-    sites = [f"blocks.{i}.resid_post" for i in range(0, lab.n_layers, 3 if args.quick else 1)]
+    sites = [f"blocks.{i}.resid_post" for i in range(0, lab.n_layers, args.every or (3 if args.quick else 1))]
     probe = sl.sweep(lab, base, source, sites=sites, metric=metric)  # warm-up, and the shape of the grid
     n_pos = len(probe.positions)
     configs = [(s, p) for s in sites for p in range(n_pos)]
@@ -104,6 +105,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--models", default="deep,smollm", help="comma-separated: deep, smollm")
     p.add_argument("--quick", action="store_true", help="every 3rd layer, fewer rounds (noisier)")
+    p.add_argument("--every", type=int, default=None, metavar="N", help="sweep every N-th layer (default: 1; 3 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default on CPU: 1, robust on a shared machine)")
     args = p.parse_args(argv)
     args.rounds = 2 if args.quick else 3

@@ -23,7 +23,10 @@
    (one forward per model for all sites) and each candidate's time beside
    the number of blocks run above its site.
 
-Run: ``python benchmarks/das_speed.py [--layers 6,15,25] [--threads 1] [--quick]``.
+Run: ``python benchmarks/das_speed.py [--layers 6,15,25] [--threads 1] [--quick]``; on a GPU
+``--device cuda --dtype bfloat16`` (SmolLM2 from ``_models.smollm``: real weights, or its shape
+with random weights where the model package cannot travel; ``--no-search`` there, the search
+needs the real model's answers).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+import _models  # noqa: E402
 from _timing import Bench, Row, print_table  # noqa: E402
 
 import steerlab as sl  # noqa: E402
@@ -46,17 +50,22 @@ from steerlab.alignment.das import build_subspace_interventions, store_for  # no
 SIZE, BATCH = 16, 8
 
 
-def step_cases(lab, model, task, layer: int, pyvene_model) -> dict:
+def _to(inputs: dict, device) -> dict:
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def step_cases(lab, model, task, layer: int, pyvene_model, n: int = BATCH) -> dict:
     import pyvene as pv
 
     tok = lab.tokenizer
-    data = task.counterfactuals(BATCH, tok, seed=layer)
+    data = task.counterfactuals(n, tok, seed=layer)
     site = f"blocks.{layer}.resid_post"
     enc = data.encoder
-    batch = data.collate(range(BATCH), positions="last")
-    labels = batch.labels
+    batch = data.collate(range(n), positions="last")
+    dev = lab.device
+    labels = batch.labels.to(dev)
     ids = enc.label_ids
-    rows = torch.arange(BATCH)
+    rows = torch.arange(n)
     store = store_for(lab, [data], [site])
     cached, cached_kv = Runner(store, data, site, "last", suffix=False), Runner(store, data, site, "last")
     assert cached_kv.start > 0
@@ -66,7 +75,7 @@ def step_cases(lab, model, task, layer: int, pyvene_model) -> dict:
         opt = torch.optim.Adam(ivs[0].parameters(), lr=1e-3)
 
         def step():
-            loss = torch.nn.functional.cross_entropy(run(ivs), labels)
+            loss = torch.nn.functional.cross_entropy(run(ivs).float(), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -75,24 +84,26 @@ def step_cases(lab, model, task, layer: int, pyvene_model) -> dict:
 
     def uncached(ivs):
         iv = ivs[0]
-        iv.source = batch.sources["POLARITY"]
-        out = lab.run(batch.base, [iv], positions=-1, source_positions=-1, logits_to_keep=1)
+        iv.source = source
+        out = lab.run(base, [iv], positions=-1, source_positions=-1, logits_to_keep=1)
         return out.logits[:, -1, ids]
 
+    base, source = _to(batch.base, dev), _to(batch.sources["POLARITY"], dev)
     cfg = pv.IntervenableConfig([{"layer": layer, "component": "block_output", "low_rank_dimension": SIZE,
                                   "intervention_type": pv.LowRankRotatedSpaceIntervention}])
     ivm = pv.IntervenableModel(cfg, pyvene_model)
+    ivm.set_device(dev)
     ivm.disable_model_gradients()
     piv = next(iter(ivm.interventions.values()))
     piv = piv[0] if isinstance(piv, tuple) else piv
     opt = torch.optim.Adam(piv.parameters(), lr=1e-3)
     seq = batch.base["input_ids"].shape[1]
     assert bool(batch.base["attention_mask"].all()) and batch.sources["POLARITY"]["input_ids"].shape[1] == seq  # no padding
-    loc = [[[seq - 1] for _ in range(BATCH)]]  # pyvene's positions: the last token of base and source
+    loc = [[[seq - 1] for _ in range(n)]]  # pyvene's positions: the last token of base and source
 
     def pyvene_step():
-        _, out = ivm(batch.base, [batch.sources["POLARITY"]], unit_locations={"sources->base": (loc, loc)})
-        loss = torch.nn.functional.cross_entropy(out.logits[:, -1, ids], labels)
+        _, out = ivm(base, [source], unit_locations={"sources->base": (loc, loc)})
+        loss = torch.nn.functional.cross_entropy(out.logits[:, -1, ids].float(), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -105,24 +116,25 @@ def step_cases(lab, model, task, layer: int, pyvene_model) -> dict:
     }
 
 
-def bench_steps(layers: list[int], quick: bool) -> None:
+def bench_steps(layers: list[int], quick: bool, device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = BATCH) -> None:
     import copy
 
-    model, tok = sl.load("smollm2-135m")
+    model, tok, note = _models.smollm(device, dtype)
     pyvene_model = copy.deepcopy(model)  # pyvene removes every hook of the model it wraps: keep ours apart
     lab = sl.wrap(model, tok)
     task = tasks.sentiment()
     rows = []
     for layer in layers:
-        cases = step_cases(lab, model, task, layer, pyvene_model)
-        bench = Bench(rounds=3 if quick else 7, warmup=1, min_round_s=0.5)
+        cases = step_cases(lab, model, task, layer, pyvene_model, n)
+        bench = Bench(device=device, rounds=3 if quick else 7, warmup=1, min_round_s=0.5)
         for name, fn in cases.items():
             bench.add(name, fn)
         t = bench.run()
         rows.append(Row(f"L{layer}: uncached ÷ pyvene", t["uncached"], t["pyvene"], 0.7))
         rows.append(Row(f"L{layer}: cached prefix + source ÷ pyvene", t["cached"], t["pyvene"], 0.4))
         rows.append(Row(f"L{layer}: cached + KV suffix ÷ pyvene", t["cached + KV"], t["pyvene"], 0.4))
-    print_table(f"DAS step on SmolLM2-135M (size {SIZE}, batch {BATCH}, last position, {torch.get_num_threads()} thread(s))", rows)
+    where = f"{device}, {str(dtype).removeprefix('torch.')}" + (f", {torch.get_num_threads()} thread(s)" if device == "cpu" else "")
+    print_table(f"DAS step on SmolLM2-135M ({note}; size {SIZE}, batch {n}, last position; {where})", rows)
 
 
 def bench_search(quick: bool) -> None:
@@ -147,12 +159,16 @@ def bench_search(quick: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", default="6,15,25")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (ignored on a GPU)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-search", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    bench_steps([int(x) for x in args.layers.split(",")], args.quick)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    bench_steps([int(x) for x in args.layers.split(",")], args.quick, args.device, getattr(torch, args.dtype), args.batch)
     if not args.no_search:
         bench_search(args.quick)
 

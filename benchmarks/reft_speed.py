@@ -1,7 +1,7 @@
 """ReFT speed: ratios measured in one process, printed as a table (CPU or GPU, no network).
 
     python benchmarks/reft_speed.py                 # CPU: narrow-deep LLaMA + SmolLM2-shaped LLaMA, fp32
-    python benchmarks/reft_speed.py --device cuda   # GPU: bf16, longer sequences
+    python benchmarks/reft_speed.py --device cuda   # GPU: bf16 (--dtype), longer sequences
 
 Every model has random weights built from a config (nothing to download). For
 each model it times, interleaved and repeated (medians):
@@ -27,14 +27,19 @@ import argparse
 import copy
 import importlib.util
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import transformers as T
 from torch.nn import functional as F
 
 from steerlab import reft
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import record  # noqa: E402
 
 MODELS = {
     # width 64, 30 layers: per-layer overhead shows on a CPU
@@ -216,7 +221,7 @@ def generation_ratio(b: Bench, rm, new_tokens: int, repeats: int, clock: str) ->
 
 def run_model(name: str, cfg: dict, args) -> list[tuple[str, str, str]]:
     cuda = args.device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = getattr(torch, args.dtype)
     b = Bench(cfg, args.device, dtype, args.batch, args.seq)
     rows: list[tuple[str, str, str]] = []
     L = b.mid
@@ -266,6 +271,7 @@ def run_model(name: str, cfg: dict, args) -> list[tuple[str, str, str]]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on a GPU, float32 on a CPU")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--repeats", type=int, default=7)
@@ -279,6 +285,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.clock = args.clock or ("wall" if cuda else "cpu")
     args.batch = args.batch or 8
     args.seq = args.seq or (256 if cuda else 64)
@@ -289,7 +296,10 @@ def main(argv=None) -> None:
             continue
         rows += run_model(name, cfg, args)
     dev = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nReFT speed on {dev}, batch {args.batch} x seq {args.seq}, {'bf16' if cuda else 'fp32'}, medians of {args.repeats} ({args.clock} time)")
+    title = f"ReFT speed on {dev}, batch {args.batch} x seq {args.seq}, {args.dtype}, medians of {args.repeats} ({args.clock} time)"
+    print(f"\n{title}")
+    for model in dict.fromkeys(r[0] for r in rows):
+        record(f"{title}: {model}", [{"measure": what, "value": value} for m, what, value in rows if m == model])
     w = max(len(r[1]) for r in rows)
     last = None
     for model, what, value in rows:

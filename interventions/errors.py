@@ -26,6 +26,7 @@ __all__ = [
     "NotSerialisable",
     "FileFormatError",
     "FingerprintMismatch",
+    "SaveError",
     "UnknownInterventionType",
     "LifetimeError",
     "AlreadyWrapped",
@@ -102,6 +103,10 @@ class FileFormatError(SteerlabError, ValueError):
 
 class FingerprintMismatch(FileFormatError):
     """A saved file made for another model (width, layer count, vocabulary, type)."""
+
+
+class SaveError(SteerlabError, OSError):
+    """A save refused or failed: a read-only target, a file where a folder is expected, a failed write."""
 
 
 class UnknownInterventionType(FileFormatError, KeyError):

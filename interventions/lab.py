@@ -237,7 +237,7 @@ class Lab:
         """Interventions saved with :meth:`save`, checked against this model, on its device."""
         from steerlab.interventions.serialize import load_interventions
 
-        return load_interventions(directory, fingerprint=self.fingerprint(), device=self.device)[0]
+        return load_interventions(directory, lab=self.facts, device=self.device)[0]
 
     def load_graph(self, directory) -> Graph:
         from steerlab.interventions.serialize import load_graph

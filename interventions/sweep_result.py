@@ -1,6 +1,8 @@
 """The result of a patching sweep: a metric grid over sites × positions (or heads).
 
-``values`` is the mean over examples (NaN-skipping) of the patched metric,
+``values`` is the mean over examples of the patched metric (over the examples a
+cell patched: ``filled``; a slot beyond an example's length is empty there, while a
+NaN the metric returns for a patched example makes the mean NaN),
 indexed as ``dims`` says: ``("layer", "position")`` for a site sweep,
 ``("layer", "head")`` for a head sweep at one position slot,
 ``("layer", "position", "head")`` for a head sweep over several slots (the
@@ -20,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from steerlab.interventions import fileformat
 from steerlab.interventions.errors import FileFormatError
+from steerlab.interventions.fileformat import field_of
 
 __all__ = ["SweepResult"]
 
@@ -48,6 +51,9 @@ class SweepResult:
     forwards: int = 0  # packed forwards the sweep took
     configs_per_forward: int = 0
     meta: dict = field(default_factory=dict)
+    #: which cells were patched, ``[site, slot, head, example]`` (``None``, from a file of format
+    #: version 1: the cells that are not NaN)
+    filled: Bool[Tensor, "site slot head batch"] | None = None
 
     # -- the grid --------------------------------------------------------
     @property
@@ -79,8 +85,11 @@ class SweepResult:
 
     @property
     def values(self) -> Float[Tensor, "*grid"]:
-        """Mean over examples of the patched metric (empty slots skipped)."""
-        return self._shape(self.per_example.nanmean(-1))
+        """Mean over the examples each cell patched (NaN where it patched none); a NaN metric
+        of a patched example is a NaN mean, never dropped."""
+        filled = self.filled if self.filled is not None else ~self.per_example.isnan()
+        total = torch.where(filled, self.per_example, torch.zeros((), dtype=self.per_example.dtype)).sum(-1)
+        return self._shape(total / filled.sum(-1))
 
     @property
     def base_value(self) -> float:
@@ -183,7 +192,8 @@ class SweepResult:
 
     # -- saving ------------------------------------------------------------
     def save(self, directory: str | Path, *, fingerprint: dict | None = None) -> Path:
-        """Write the result in the one file format (``steerlab.json`` + ``weights.safetensors``)."""
+        """Write the result in the one file format, atomically (see
+        :mod:`~steerlab.interventions.fileformat` for the files a save owns in ``directory``)."""
         config = {
             "sites": self.sites,
             "layers": self.layers,
@@ -196,41 +206,51 @@ class SweepResult:
             "meta": self.meta,
         }
         tensors = {"per_example": self.per_example, "base_metric": self.base_metric, "source_metric": self.source_metric}
-        return fileformat.save(directory, kind=KIND, config=config, tensors=tensors, fingerprint=fingerprint)
+        if self.filled is not None:
+            tensors["filled"] = self.filled
+        return fileformat.save(directory, kind=KIND, config=config, tensors=tensors, fingerprint=fingerprint, nonfinite=_DATA)
 
     @classmethod
     def load(cls, directory: str | Path, *, fingerprint: dict | None = None) -> SweepResult:
-        """Read a saved sweep (``fingerprint``: the model's, checked when given)."""
-        meta, t = fileformat.load(directory, kind=KIND, fingerprint=fingerprint)
-        c = meta["config"]
-        try:
-            res = cls(
-                per_example=t["per_example"],
-                base_metric=t["base_metric"],
-                source_metric=t["source_metric"],
-                sites=list(c["sites"]),
-                layers=list(c["layers"]),
-                positions=[None if p is None else list(p) for p in c["positions"]],
-                tokens=list(c["tokens"]),
-                heads=None if c["heads"] is None else list(c["heads"]),
-                metric=str(c["metric"]),
-                forwards=int(c["forwards"]),
-                configs_per_forward=int(c["configs_per_forward"]),
-                meta=dict(c.get("meta") or {}),
-            )
-        except (KeyError, TypeError) as e:
-            raise FileFormatError(f"{directory} holds a patching sweep whose configuration lacks {e}") from None
-        want = (len(res.sites), len(res.positions), len(res.heads) if res.heads is not None else 1)
-        b = res.per_example.shape[-1] if res.per_example.dim() == 4 else -1
-        if tuple(res.per_example.shape[:3]) != want or res.base_metric.shape != (b,) or res.source_metric.shape != (b,):
-            raise FileFormatError(
-                f"{directory}: per_example has shape {tuple(res.per_example.shape)} and the metrics "
-                f"{tuple(res.base_metric.shape)}, {tuple(res.source_metric.shape)}; the configuration says "
-                f"[{', '.join(map(str, want))}, batch] and [batch]"
-            )
-        if len(res.tokens) != len(res.positions) or len(res.layers) != len(res.sites):
-            raise FileFormatError(
-                f"{directory}: {len(res.tokens)} token labels for {len(res.positions)} positions, "
-                f"or {len(res.layers)} layers for {len(res.sites)} sites"
-            )
-        return res
+        """Read a saved sweep (``fingerprint``: the model's, checked when given); every field
+        and tensor shape is checked before the result is built."""
+        saved = fileformat.read(directory, kind=KIND, fingerprint=fingerprint)
+        c, where = saved.config, f"{directory}"
+        sites, layers = field_of(c, "sites", list, where), field_of(c, "layers", list, where)
+        positions, tokens = field_of(c, "positions", list, where), field_of(c, "tokens", list, where)
+        heads = field_of(c, "heads", (list, type(None)), where)
+        field_of(c, "metric", str, where)
+        for key in ("forwards", "configs_per_forward"):
+            field_of(c, key, int, where)
+        field_of(c, "meta", dict, where)
+        ints = lambda xs: all(isinstance(x, int) and not isinstance(x, bool) for x in xs)  # noqa: E731
+        ok = all(isinstance(x, str) for x in sites + tokens) and all(x is None or (isinstance(x, int) and not isinstance(x, bool)) for x in layers) \
+            and all(p is None or (isinstance(p, list) and ints(p)) for p in positions) and (heads is None or ints(heads))
+        if not ok or len(tokens) != len(positions) or len(layers) != len(sites):
+            raise FileFormatError(f"{where}: the sweep's axes are malformed ({len(sites)} sites, {len(layers)} layers, "
+                                  f"{len(positions)} position slots, {len(tokens)} token labels); expected matching lists")
+        _check_sweep_tensors(saved.specs, (len(sites), len(positions), len(heads) if heads is not None else 1), where)
+        t = saved.tensors(nonfinite=_DATA)
+        return cls(
+            per_example=t["per_example"], base_metric=t["base_metric"], source_metric=t["source_metric"],
+            sites=list(sites), layers=list(layers), positions=[None if p is None else list(p) for p in positions],
+            tokens=list(tokens), heads=None if heads is None else list(heads), metric=c["metric"], forwards=c["forwards"],
+            configs_per_forward=c["configs_per_forward"], meta=dict(c["meta"]), filled=t.get("filled"),
+        )
+
+
+_DATA = ("per_example", "base_metric", "source_metric")  # metrics: NaN is a value here
+
+
+def _check_sweep_tensors(specs: dict, grid: tuple[int, int, int], where: str) -> None:
+    names = set(specs)
+    if names not in ({*_DATA}, {*_DATA, "filled"}):
+        raise FileFormatError(f"{where}: a sweep holds per_example, base_metric, source_metric (and filled); the file holds {sorted(names)}")
+    pe = specs["per_example"]
+    b = pe.shape[-1] if len(pe.shape) == 4 else -1
+    want = {"per_example": (*grid, b), "base_metric": (b,), "source_metric": (b,), "filled": (*grid, b)}
+    for k in [n for n in (*_DATA, "filled") if n in specs]:
+        spec = specs[k]
+        if spec.shape != want[k] or (spec.dtype == torch.bool) != (k == "filled") or (k != "filled" and not spec.dtype.is_floating_point):
+            raise FileFormatError(f"{where}: {k} is {spec}; the configuration says shape {list(want[k])} "
+                                  f"({'bool' if k == 'filled' else 'floating'}, batch {b})")

@@ -27,7 +27,8 @@ computed with far fewer forwards:
 Positions count real tokens (``0`` first, ``-1`` last) on each side
 separately, whatever the padding side. A slot beyond an example's length
 (``positions="all"`` over examples of different lengths) patches nothing
-there and its per-example value is NaN (means skip it).
+there: its per-example value is NaN and ``SweepResult.filled`` is ``False`` (means skip
+it; a NaN the metric itself returns in a patched cell stays a NaN in the mean).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.metrics import Metric, as_metric
 from steerlab.interventions.ops import Collect, Intervention
 from steerlab.interventions.prefix import Prefix
+from steerlab.interventions.progress import track
 from steerlab.interventions.sites import ResolvedSite
 from steerlab.interventions.sweep_result import SweepResult
 from steerlab.interventions.units import MaskInfo, Positions
@@ -344,7 +346,7 @@ def sweep(
     positions=_DEFAULT,
     heads=None,
     configs_per_forward: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> SweepResult:
     """Patch ``source`` into ``base`` at each configuration; the metric of each patched run.
 
@@ -360,6 +362,8 @@ def sweep(
     where each row's real tokens are; a packed batch repeats the examples).
     ``configs_per_forward``: configurations packed into one forward (default:
     chosen by cost, at most ``AUTO_TOKENS`` tokens per forward; see :func:`_chunks`).
+    ``progress``: a bar over the packed forwards (default: when the output is a
+    terminal or a notebook; see :mod:`steerlab.interventions.progress`).
     """
     if positions is _DEFAULT:
         positions = "all" if heads is None else None
@@ -368,9 +372,10 @@ def sweep(
     starts = {min(plan.starts[c[0]] for c in ch) for ch in chunks} if lab.facts.has_layers else set()
     with torch.no_grad():
         metric, base_metric, source_metric, values, prefixes = _base_and_source(lab, plan, starts)
-        grid = _run_chunks(lab, plan, chunks, metric, values, prefixes, progress)
+        grid, filled = _run_chunks(lab, plan, chunks, metric, values, prefixes, progress)
     return SweepResult(
         per_example=grid,
+        filled=filled,
         base_metric=base_metric.cpu(),
         source_metric=source_metric.cpu(),
         sites=[s.name for s in plan.sites],
@@ -384,20 +389,18 @@ def sweep(
     )
 
 
-def _run_chunks(lab, plan: _Plan, chunks, metric: Metric, values: dict, prefixes: dict, progress: bool) -> Tensor:
-    """The packed forwards; the per-example metric grid ``[site, slot, head, example]``."""
+def _run_chunks(lab, plan: _Plan, chunks, metric: Metric, values: dict, prefixes: dict, progress: bool | None) -> tuple[Tensor, Tensor]:
+    """The packed forwards; the per-example metric grid ``[site, slot, head, example]`` and which
+    of its cells were patched (``False``: the slot lies beyond that example's length)."""
     configs = plan.configs
     index = {c: i for i, c in enumerate(configs)}
     table = _slot_table(plan, lab.device)
     B = plan.base_info.batch
     out = torch.full((len(configs), B), math.nan)  # in the order of plan.configs
+    filled = torch.zeros(len(configs), B, dtype=torch.bool)  # a cell beyond an example's length stays empty
     window = _logit_window(lab, plan, metric)
     kwargs = {**_model_kwargs(lab), **({"logits_to_keep": window} if window else {})}
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="patching sweep", unit="forward")
-    for chunk in chunks:
+    for chunk in track(chunks, desc="patching sweep", unit="forward", progress=progress):
         ivs, empty = _chunk_interventions(plan, chunk, table, values)
         start = min(plan.starts[c[0]] for c in chunk)
         prefix = prefixes[start].repeat(len(chunk)) if start in prefixes else None
@@ -405,9 +408,12 @@ def _run_chunks(lab, plan: _Plan, chunks, metric: Metric, values: dict, prefixes
         res = lab.run(packed, ivs, prefix=prefix, **kwargs)
         seen = _tail(packed, window) if window else packed
         v = _check_metric(metric(res.output, seen), len(chunk) * B, metric.name).view(len(chunk), B).cpu()
-        out[[index[c] for c in chunk]] = v.masked_fill(empty.cpu(), math.nan)
+        rows = [index[c] for c in chunk]
+        out[rows] = v.masked_fill(empty.cpu(), math.nan)
+        filled[rows] = ~empty.cpu()
     n_heads = len(plan.heads) if plan.heads is not None else 1
-    return out.view(len(plan.sites), len(plan.slots), n_heads, B)
+    shape = (len(plan.sites), len(plan.slots), n_heads, B)
+    return out.view(shape), filled.view(shape)
 
 
 def _labels(lab, plan: _Plan) -> list[str]:

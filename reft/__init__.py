@@ -24,8 +24,15 @@ from steerlab.reft.data import (
 )
 from steerlab.reft.interventions import ConsReFT, DiReFT, LobiReFT, LoReFT, NoReFT
 from steerlab.reft.model import ReftModel, get_reft_model
+from steerlab.reft.from_pyreft import import_pyreft
 from steerlab.reft.positions import prompt_positions
-from steerlab.reft.loop import TrainResult, train
+from steerlab.reft.loop import Checkpoints, TrainResult, train
+from steerlab.reft.reft_r1 import ReFTr1
+from steerlab.reft import concepts, judges, steer_metrics
+from steerlab.reft.concepts import Concept, ConceptSplit
+from steerlab.reft.judges import JUDGE_FLOOR, Judge, JudgeCheck
+from steerlab.reft.steer_eval import Contender, GenerationSettings, evaluate, steering_add
+from steerlab.reft.steer_result import SteerEvalResult
 
 __all__ = [
     "LoReFT",
@@ -39,6 +46,7 @@ __all__ = [
     "ReftModel",
     "get_reft_model",
     "from_pretrained",
+    "import_pyreft",
     "InstructionDataset",
     "ClassificationDataset",
     "ReftDataCollator",
@@ -51,8 +59,23 @@ __all__ = [
     "ReftTrainerForSequenceClassification",
     "train",
     "TrainResult",
+    "Checkpoints",
     "SteeringEffect",
     "steering_effect",
+    "ReFTr1",
+    "concepts",
+    "judges",
+    "steer_metrics",
+    "Concept",
+    "ConceptSplit",
+    "Judge",
+    "JudgeCheck",
+    "JUDGE_FLOOR",
+    "Contender",
+    "GenerationSettings",
+    "evaluate",
+    "steering_add",
+    "SteerEvalResult",
 ]
 
 from_pretrained = ReftModel.from_pretrained

@@ -8,8 +8,9 @@ from steerlab.reft.direft import DiReFT
 from steerlab.reft.lobireft import LobiReFT
 from steerlab.reft.loreft import LoReFT
 from steerlab.reft.noreft import NoReFT
+from steerlab.reft.reft_r1 import ReFTr1
 
-__all__ = ["INTERVENTION_TYPES", "ReftIntervention", "LoReFT", "DiReFT", "NoReFT", "ConsReFT", "LobiReFT"]
+__all__ = ["INTERVENTION_TYPES", "ReftIntervention", "LoReFT", "DiReFT", "NoReFT", "ConsReFT", "LobiReFT", "ReFTr1"]
 
 #: config name -> class (each is also registered with the base layer under the same name)
 INTERVENTION_TYPES: dict[str, type[ReftIntervention]] = {
@@ -18,4 +19,5 @@ INTERVENTION_TYPES: dict[str, type[ReftIntervention]] = {
     "noreft": NoReFT,
     "consreft": ConsReFT,
     "lobireft": LobiReFT,
+    "reft_r1": ReFTr1,
 }

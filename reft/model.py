@@ -38,19 +38,15 @@ from jaxtyping import Int
 from torch import Tensor, nn
 
 from steerlab.interventions import Attachment, Lab, Prefix, wrap
-from steerlab.interventions import fileformat
 from steerlab.interventions.prefix import resume_from
-from steerlab.interventions.errors import ConfigError, FileFormatError, LifetimeError, NotWrapped, UnitError, Unsupported
+from steerlab.interventions.errors import ConfigError, LifetimeError, NotWrapped, UnitError, Unsupported
 from steerlab.interventions.facts import check_intervention
-from steerlab.interventions.serialize import build_intervention, intervention_record
 from steerlab.reft._base import ReftIntervention
 from steerlab.reft.config import ReftConfig
 from steerlab.reft.interventions import INTERVENTION_TYPES
+from steerlab.reft.serialize import KIND, load_reft_model, load_weights, save_reft_model
 
 __all__ = ["ReftModel", "get_reft_model", "KIND"]
-
-#: the ``kind`` of a saved ReFT model in the one file format
-KIND = "reft"
 
 
 class ReftModel(nn.Module):
@@ -356,47 +352,26 @@ class ReftModel(nn.Module):
 
         return generate(self, inputs, decode=decode, positions=positions, chat_template=chat_template, **generate_kwargs)
 
-    # -- saving -----------------------------------------------------------------------------
-    def _records(self, state_dict: dict[str, Tensor] | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        records, tensors = [], {}
-        for i, iv in enumerate(self.interventions):
-            rec, ts = intervention_record(iv, f"{i}.")
-            records.append(rec)
-            tensors.update(ts)
-        for name in self.modules_to_save:
-            for k, v in self._base_module(name).state_dict().items():
-                tensors[f"modules.{name}.{k}"] = v
-        if state_dict is not None:  # gathered by a sharding wrapper (FSDP / DeepSpeed full state dict)
-            full = {f"interventions.{k}": k for k in tensors if k[0].isdigit()}
-            full.update({f"model.{k.removeprefix('modules.')}": k for k in tensors if k.startswith("modules.")})
-            missing = sorted(set(full) - set(state_dict))
-            if missing:
-                raise FileFormatError(f"the gathered state dict lacks {missing[:4]}; expected the ReftModel's full state dict")
-            tensors = {ours: state_dict[theirs] for theirs, ours in full.items()}
-        config = {
-            "reft_config": None if self.reft_config is None else self.reft_config.to_dict(),
-            "groups": self.groups,
-            "interventions": records,
-            "modules_to_save": list(self.modules_to_save),
-            "extra_tensors": bool(self.modules_to_save),
-        }
-        return config, tensors
-
+    # -- saving (the file format's code lives in steerlab.reft.serialize) ---------------------
     def save_pretrained(
-        self, save_directory: str | Path, *, is_main_process: bool = True, state_dict: dict[str, Tensor] | None = None, **_ignored
+        self, save_directory: str | Path, *, is_main_process: bool = True, state_dict: dict[str, Tensor] | None = None,
+        safe_serialization: bool = True,
     ) -> Path | None:
-        """Write ``steerlab.json`` + ``weights.safetensors`` (the one file format) atomically.
+        """Write the ReFT model into ``save_directory`` (the one file format, atomically).
 
-        Holds every intervention's type, placement and constructor arguments,
-        the weight groups, the config, the trained base modules, and the base
-        model's fingerprint. Only the main process writes (``is_main_process``).
-        ``state_dict``: this model's full state dict as a sharding wrapper
-        gathered it (FSDP's ``FULL_STATE_DICT``); the tensors are taken from it.
+        The save owns ``steerlab.json`` and the ``weights-<hash>.safetensors``
+        file it names; every other file in the folder is left alone
+        (:mod:`steerlab.interventions.fileformat`). Holds every intervention's
+        type, placement and constructor arguments, the weight groups, the
+        config, the trained base modules, and the base model's fingerprint.
+        Only the main process writes (``is_main_process``). ``state_dict``:
+        this model's full state dict as a sharding wrapper gathered it (FSDP's
+        ``FULL_STATE_DICT``). Unknown keywords are an error (``TypeError``);
+        ``safe_serialization`` exists for the Trainer's sake and must be true.
         """
-        if not is_main_process:
-            return None
-        config, tensors = self._records(state_dict)
-        return fileformat.save(save_directory, kind=KIND, config=config, tensors=tensors, fingerprint=self.lab.fingerprint())
+        if safe_serialization is not True:
+            raise ConfigError(f"safe_serialization={safe_serialization!r}: steerlab saves only safetensors (never pickles)")
+        return save_reft_model(self, save_directory, is_main_process=is_main_process, state_dict=state_dict)
 
     @classmethod
     def from_pretrained(
@@ -410,58 +385,13 @@ class ReftModel(nn.Module):
     ) -> ReftModel:
         """Load a saved ReFT model onto ``model`` (on ``device``, default the model's).
 
-        Refuses, with a named error and the model left as found, a file made
-        for another model (width, layer count, vocabulary, type), a corrupt or
-        foreign file, or one whose tensors do not match its interventions.
-        ``is_trainable=False`` (as in PEFT) freezes the loaded interventions.
+        The whole file is checked against ``model`` before anything is built
+        (:mod:`steerlab.reft.serialize`); a file made for another model, a
+        corrupt, edited or foreign file, or one whose config contradicts its
+        interventions is refused with a named error and the model left as
+        found. ``is_trainable=False`` (as in PEFT) freezes the loaded interventions.
         """
-        lab = wrap(model, tokenizer)
-        try:
-            dev = torch.device(device) if device is not None else lab.device
-            meta, tensors = fileformat.load(directory, kind=KIND, fingerprint=lab.fingerprint(), device=dev)
-            cfg = meta["config"]
-            records = cfg.get("interventions")
-            if not isinstance(records, list) or not records:
-                raise FileFormatError(f"{directory} lists no interventions")
-            for rec in records:
-                if not isinstance(rec, dict) or rec.get("type") not in INTERVENTION_TYPES:
-                    raise FileFormatError(f"{directory} holds a {rec.get('type') if isinstance(rec, dict) else rec!r} intervention, which is not a ReFT type {sorted(INTERVENTION_TYPES)}")
-            ivs = [build_intervention(rec, tensors, f"{i}.", device=dev) for i, rec in enumerate(records)]
-            if not is_trainable:
-                for iv in ivs:
-                    iv.requires_grad_(False)
-            rc = cfg.get("reft_config")
-            config = ReftConfig.from_dict(rc) if rc else None
-            saved = list(cfg.get("modules_to_save") or [])
-            owned = {k for k in tensors if k.split(".", 1)[0].isdigit() and int(k.split(".", 1)[0]) < len(ivs)}
-            module_tensors = {k: v for k, v in tensors.items() if k not in owned}
-            if any(not k.startswith("modules.") for k in module_tensors):
-                raise FileFormatError(f"{directory} holds tensors no intervention owns: {sorted(module_tensors)[:5]}")
-        except BaseException:
-            lab.unwrap()
-            raise
-        rm = cls(model, ivs, tokenizer=tokenizer, config=config, groups=cfg.get("groups"), modules_to_save=saved, _lab=lab)
-        try:
-            rm._load_modules(module_tensors, strict=True)
-            if not is_trainable:
-                for name in saved:
-                    rm._base_module(name).requires_grad_(False)
-        except BaseException:
-            rm.unwrap()
-            raise
-        return rm
-
-    def _load_modules(self, tensors: dict[str, Tensor], *, strict: bool) -> None:
-        expected = {f"modules.{n}.{k}" for n in self.modules_to_save for k in self._base_module(n).state_dict()}
-        if strict and set(tensors) != expected:
-            raise FileFormatError(f"saved module tensors {sorted(tensors)[:6]} do not match modules_to_save {sorted(expected)[:6]}")
-        for name in self.modules_to_save:
-            for k, v in self._base_module(name).state_dict().items():
-                t = tensors[f"modules.{name}.{k}"]
-                if t.shape != v.shape:
-                    raise FileFormatError(f"saved {name}.{k} has shape {tuple(t.shape)}; the model's has {tuple(v.shape)}")
-                with torch.no_grad():
-                    v.copy_(t)
+        return load_reft_model(directory, model, tokenizer, is_trainable=is_trainable, device=device, factory=cls)
 
     def load_weights(self, directory: str | Path) -> None:
         """Load a checkpoint of *this* ReFT model's interventions in place (the Trainer's resume path).
@@ -469,22 +399,7 @@ class ReftModel(nn.Module):
         The parameters keep their identity (an optimiser holding them stays
         valid), device and dtype; the file must hold the same interventions.
         """
-        meta, tensors = fileformat.load(directory, kind=KIND, fingerprint=self.lab.fingerprint(), device="cpu")
-        config, current = self._records()
-        saved = meta["config"].get("interventions")
-        strip = lambda recs: [{k: r.get(k) for k in ("type", "site", "positions", "arguments", "width")} for r in recs]  # noqa: E731
-        if not isinstance(saved, list) or strip(saved) != strip(config["interventions"]):
-            raise FileFormatError(f"{directory} holds other interventions than this ReftModel (types, sites, arguments or widths differ)")
-        if set(tensors) != set(current):
-            raise FileFormatError(f"{directory} holds tensors {sorted(set(tensors) ^ set(current))[:5]} this ReftModel does not (or lacks them)")
-        with torch.no_grad():
-            for i, iv in enumerate(self.interventions):
-                for k, v in iv.state_dict(keep_vars=True).items():
-                    t = tensors[f"{i}.{k}"]
-                    if t.dtype != v.dtype:
-                        raise FileFormatError(f"{directory}: tensor {i}.{k} is {t.dtype}; the live parameter is {v.dtype}")
-                    v.copy_(t)
-        self._load_modules({k: v for k, v in tensors.items() if k.startswith("modules.")}, strict=True)
+        load_weights(self, directory)
 
     def __repr__(self) -> str:
         types = sorted({type(iv).__name__ for iv in self.interventions})

@@ -4,7 +4,9 @@
 holds the safetensors copy of each embedded model (converted once) and
 fetched dataset archives. Every write goes to a temporary name in the same
 directory and is renamed into place, so two processes filling the cache at
-once each see either nothing or a whole file or directory.
+once each see either nothing or a whole file or directory. (Saves of steerlab
+objects are not cache writes: they go into the user's folder, owning only
+their own files there; see ``steerlab.interventions.fileformat``.)
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["cache_dir", "atomic_dir", "fill_once"]
+__all__ = ["cache_dir", "fill_once"]
 
 
 def cache_dir(*parts: str) -> Path:
@@ -24,28 +25,6 @@ def cache_dir(*parts: str) -> Path:
     path = root.joinpath(*parts)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
-
-
-@contextmanager
-def atomic_dir(target: Path):
-    """Yield a fresh temporary directory next to ``target``; on success it
-    replaces ``target`` in one rename (an existing ``target`` is moved aside
-    first and removed after)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old.{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def fill_once(target: Path, fill: Callable[[Path], None], *, marker: str = ".complete") -> Path:

@@ -11,14 +11,21 @@ directory, or a hub id where the network allows. Errors print one line on
 stderr, ``steerlab: error: ...``, and exit with 1 (2 for a malformed command
 line, as argparse does); ``--debug`` shows the traceback instead.
 
+Every command takes ``--threads N`` (torch's CPU threads; default
+:func:`steerlab.threads.default_threads`: ``OMP_NUM_THREADS`` if set, else
+min(physical cores, 4, cores not busy with other work)) and
+``--no-progress`` (no progress bars; by default they show when stderr is a
+terminal). Both are restored when the command returns.
+
 A subcommand is a pair of functions: ``_add_<name>(subparsers)`` declares its
 arguments and sets ``func`` to ``_cmd_<name>(args) -> int``; list the adder
-in ``_COMMANDS``.
+in ``_COMMANDS``; :func:`build_parser` adds the shared options to each.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import os
@@ -185,8 +192,7 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     lab = _load_lab(args)
     kwargs = {} if args.positions is None else {"positions": _positions(args.positions)}
     sites = args.sites or ["blocks.*.resid_post"]
-    result = sweep(lab, args.base, args.source, metric=metric, sites=sites, heads=_heads(args.heads),
-                   progress=sys.stderr.isatty(), **kwargs)
+    result = sweep(lab, args.base, args.source, metric=metric, sites=sites, heads=_heads(args.heads), **kwargs)
     print(result.table(normalised=args.normalised))
     if args.save_dir:
         print(f"saved the sweep to {result.save(args.save_dir, fingerprint=lab.fingerprint())}")
@@ -416,7 +422,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
               f"{len(train)} training / {len(test)} held-out counterfactuals")
         res = search(lab, train, test, sites=[site(L) for L in layers], positions=positions, sizes=sizes,
                      controls=not args.no_controls, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                     localist_samples=args.localist_samples, progress=True)
+                     localist_samples=args.localist_samples)
         print(res)
         best = res.best()
         print(f"best: {best.site} positions {best.positions!r} sizes {best.sizes}: IIA {best.iia['all'].value:.3f} "
@@ -473,7 +479,6 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in the output directory")
     p.add_argument("--output-dir", metavar="DIR", help="override output_dir (relative to the current directory)")
     p.add_argument("--max-steps", type=int, metavar="N", help="stop after N steps of this invocation (a checkpoint is written; --resume continues)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar when stderr is a terminal)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -481,7 +486,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from steerlab.training import RunConfig, train_from_config
 
     cfg = RunConfig.from_toml(args.config, output_dir=args.output_dir)
-    run = train_from_config(cfg, resume=args.resume, max_steps=args.max_steps, progress=False if args.no_progress else None)
+    run = train_from_config(cfg, resume=args.resume, max_steps=args.max_steps)
     done = run.steps - (run.resumed_from or 0)
     loss = f"loss {run.losses[0]:.4f} -> {run.losses[-1]:.4f}" if run.losses else "no steps"
     print(f"trained {done} steps in {run.seconds:.1f} s (step {run.steps} of {run.total_steps}; {loss})")
@@ -520,9 +525,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- steer-eval (its body: steerlab/steer_eval_cli.py) ------------------------------------
+
+
+def _add_steer_eval(sub) -> None:
+    from steerlab.steer_eval_cli import add_parser
+
+    add_parser(sub)
+
+
 # -- main -----------------------------------------------------------------------------
 
-_COMMANDS: list[Callable] = [_add_sites, _add_patch, _add_generate, _add_das, _add_search, _add_train, _add_demo]
+_COMMANDS: list[Callable] = [_add_sites, _add_patch, _add_generate, _add_das, _add_search, _add_train, _add_demo, _add_steer_eval]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -536,11 +550,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="steerlab", description="Interventions on named sites of PyTorch / Hugging Face models.")
     parser.add_argument("--version", action="version", version=f"steerlab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    _shared_arguments(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for add in _COMMANDS:
         add(sub)
+    for p in sub.choices.values():
+        _shared_arguments(p)
     return parser
+
+
+def _shared_arguments(p: argparse.ArgumentParser) -> None:
+    """Options every command takes, before or after its name (SUPPRESS: a subcommand's default never
+    overwrites a value given before it)."""
+    p.add_argument("--threads", type=int, metavar="N", default=argparse.SUPPRESS,
+                   help="torch CPU threads (default: OMP_NUM_THREADS if set, else min(physical cores, 4, cores not busy "
+                        "with other work); more threads than free cores make a busy machine many times slower)")
+    p.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress bars (default: bars on stderr when it is a terminal)")
+
+
+@contextlib.contextmanager
+def _runtime(args: argparse.Namespace):
+    """The command's threads and progress setting, put back afterwards (main() may run inside a larger program)."""
+    import torch
+
+    from steerlab.interventions import progress
+    from steerlab.threads import set_threads
+
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: expected a positive number of threads")
+    before = torch.get_num_threads()
+    set_threads(threads)
+    try:
+        with progress.default(False if getattr(args, "no_progress", False) else None):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -551,7 +598,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version and usage errors
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
-        return int(args.func(args) or 0)
+        with _runtime(args):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("steerlab: interrupted", file=sys.stderr)
         return 130

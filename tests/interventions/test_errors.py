@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import steerlab as sl
+from steerlab.interventions import fileformat
 from tests.archs import tiny_model
 from tests.reliability import Scenario, assert_unchanged, one_thread_fixture, plain_logits, snapshot
 
@@ -95,7 +96,7 @@ def _other_model_file(sc, tmp):
 
 def _corrupt_file(sc, tmp):
     sc.lab.save(tmp / "c", [sl.Add(SITE, torch.ones(32))])
-    w = tmp / "c" / "weights.safetensors"
+    w = fileformat.weights_path(tmp / "c")
     w.write_bytes(w.read_bytes()[:-7])
     sc.lab.load_interventions(tmp / "c")
 
@@ -197,7 +198,7 @@ CASES = [
       ("dims=[32, 40] out of range at 'blocks.1.resid_post', whose width is 32 (0..31)",)),
     # files
     C("file_for_another_model", _other_model_file, sl.FingerprintMismatch, ("model_type: file 'mistral' vs model 'llama'",), tmp=True),
-    C("corrupt_file", _corrupt_file, sl.FileFormatError, ("corrupt or truncated",), tmp=True),
+    C("corrupt_file", _corrupt_file, sl.FileFormatError, ("is truncated or was replaced",), tmp=True),
     # sources
     C("sourced_without_source_run", lambda sc: sc.lab.run(sc.base, [sl.Interchange(SITE, positions=[-1])]), sl.SourceError,
       ("Interchange at 'blocks.1.resid_post' in base needs a source",)),

@@ -11,8 +11,10 @@ unpickle anything would fail differently. A static check finds no
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
 import json
+import os
 import pickle
 import shutil
 import struct
@@ -110,11 +112,23 @@ def _edit_meta(fn: Callable[[dict], None]) -> Callable[[Path], None]:
 
 
 def _weights(d: Path) -> bytes:
-    return (d / "weights.safetensors").read_bytes()
+    return fileformat.weights_path(d).read_bytes()
 
 
-def _set_weights(d: Path, data: bytes) -> None:
-    (d / "weights.safetensors").write_bytes(data)
+def _set_weights(d: Path, data: bytes, *, reseal: bool = True) -> None:
+    """Replace the weights with ``data``; ``reseal`` also records their new name, size and SHA-256
+    in steerlab.json (a hand-crafted file whose checksum agrees, so the deeper checks are reached)."""
+    path = fileformat.weights_path(d)
+    if not reseal:
+        path.write_bytes(data)
+        return
+    path.unlink()
+    sha = hashlib.sha256(data).hexdigest()
+    name = f"weights-{sha[:16]}.safetensors"
+    (d / name).write_bytes(data)
+    m = _meta(d)
+    m["weights"] = {"file": name, "sha256": sha, "bytes": len(data)}
+    _set_meta(d, m)
 
 
 def _header(d: Path) -> tuple[dict, bytes]:
@@ -129,10 +143,10 @@ def _with_header(d: Path, header: dict, body: bytes) -> None:
 
 
 def _rewrite_weights(d: Path, fn: Callable[[dict], dict]) -> None:
-    """Re-save the weights file with ``fn(tensors)`` (a valid safetensors file)."""
-    from safetensors.torch import load_file
+    """Re-save the weights file with ``fn(tensors)`` (a valid safetensors file, resealed)."""
+    from safetensors.torch import load, save
 
-    save_file(fn(load_file(str(d / "weights.safetensors"))), str(d / "weights.safetensors"), metadata={"format": "steerlab"})
+    _set_weights(d, save(fn(load(_weights(d))), metadata={"format": "steerlab"}))
 
 
 def _record(i: int, fn: Callable[[dict], None]):
@@ -193,7 +207,7 @@ CASES = [
     ("manifest_shape_wrong", _edit_meta(lambda m: m["tensors"]["0.vector"].update(shape=[33])), sl.FileFormatError, "tensor '0.vector'"),
     ("weights_dtype_wrong", lambda d: _rewrite_weights(d, lambda t: {**t, "0.vector": t["0.vector"].double()}), sl.FileFormatError, "float64[32]"),
     ("shape_vs_intervention", lambda d: (_rewrite_weights(d, lambda t: {**t, "0.vector": torch.zeros(33)}),
-                                         _edit_meta(lambda m: m["tensors"]["0.vector"].update(shape=[33]))(d)), sl.FileFormatError, "expects (32,)"),
+                                         _edit_meta(lambda m: m["tensors"]["0.vector"].update(shape=[33]))(d)), sl.FileFormatError, "at width 32 has [32]"),
     ("missing_tensor", lambda d: _rewrite_weights(d, lambda t: {k: v for k, v in t.items() if k != "0.vector"}), sl.FileFormatError, "missing tensors ['0.vector']"),
     ("extra_tensor_in_file", lambda d: _rewrite_weights(d, lambda t: {**t, "evil": torch.zeros(1)}), sl.FileFormatError, "extra tensors ['evil']"),
     ("extra_tensor_everywhere", lambda d: (_rewrite_weights(d, lambda t: {**t, "7.w": torch.zeros(1)}),
@@ -211,23 +225,44 @@ CASES = [
     ("no_config_section", _edit_meta(lambda m: m.pop("config")), sl.FileFormatError, 'lacks its "config"'),
     ("non_json_config", lambda d: (d / "steerlab.json").write_bytes(b"\x80\x04\x95 not json"), sl.FileFormatError, "is not valid JSON"),
     ("json_with_nan", lambda d: _set_meta(d, json.dumps(_meta(d)).replace('"alpha": 1.0', '"alpha": NaN')), sl.FileFormatError, "NaN"),
-    ("json_with_infinity", lambda d: _set_meta(d, json.dumps(_meta(d)).replace('"version": 1', '"version": Infinity')), sl.FileFormatError, "Infinity"),
+    ("json_with_infinity", lambda d: _set_meta(d, json.dumps(_meta(d)).replace('"version": 2', '"version": Infinity')), sl.FileFormatError, "Infinity"),
     ("deeply_nested_json", _deep_json, sl.FileFormatError, "is not valid JSON"),
     ("no_steerlab_json", lambda d: (d / "steerlab.json").unlink(), sl.FileFormatError, "has no steerlab.json"),
     ("steerlab_json_is_a_dir", lambda d: ((d / "steerlab.json").unlink(), (d / "steerlab.json").mkdir()), sl.FileFormatError, "has no steerlab.json"),
-    ("no_weights", lambda d: (d / "weights.safetensors").unlink(), sl.FileFormatError, "has no weights.safetensors"),
+    ("no_weights", lambda d: fileformat.weights_path(d).unlink(), sl.FileFormatError, "the weights file its steerlab.json names"),
     ("unknown_type", _record(0, lambda r: r.update(type="loreft_v9")), sl.UnknownInterventionType, "unknown intervention type 'loreft_v9'"),
     ("python_path_as_type", _record(0, lambda r: r.update(type="os.system")), sl.UnknownInterventionType, "unknown intervention type 'os.system'"),
     ("remote_code", _record(0, lambda r: r.update(type="transformers.AutoModel", trust_remote_code=True,
                                                   auto_map={"AutoModel": "evil.Model"})), sl.UnknownInterventionType, "'transformers.AutoModel'"),
-    ("record_without_site", _record(0, lambda r: r.pop("site")), sl.FileFormatError, "lacks its type or site"),
-    ("record_not_a_dict", _edit_meta(lambda m: m["config"]["interventions"].__setitem__(0, "add")), sl.FileFormatError, "lacks its type or site"),
+    ("record_without_site", _record(0, lambda r: r.pop("site")), sl.FileFormatError, "intervention 0 lacks the field 'site'"),
+    ("record_not_a_dict", _edit_meta(lambda m: m["config"]["interventions"].__setitem__(0, "add")), sl.FileFormatError, "intervention 0 is 'add'; expected an object"),
     ("interventions_not_a_list", _edit_meta(lambda m: m["config"].update(interventions={"0": 1})), sl.FileFormatError, "lists no interventions"),
     ("argument_of_wrong_type", _record(0, lambda r: r["arguments"].update(alpha="strong")), sl.FileFormatError, "cannot rebuild 'add'"),
     ("unknown_argument", _record(0, lambda r: r["arguments"].update(exec="rm -rf /")), sl.FileFormatError, "cannot rebuild 'add'"),
-    ("width_not_a_number", _record(1, lambda r: r.update(width="wide")), sl.FileFormatError, "cannot rebuild 'subspace_interchange'"),
+    ("width_not_a_number", _record(1, lambda r: r.update(width="wide")), sl.FileFormatError, "'width' is 'wide'; expected an integer or null"),
     ("size_beyond_width", _record(1, lambda r: r["arguments"].update(size=40)), sl.FileFormatError, "cannot rebuild 'subspace_interchange'"),
     ("bad_positions", _record(0, lambda r: r.update(positions="f7+zz")), sl.FileFormatError, "cannot rebuild 'add'"),
+    # checks added with format version 2
+    ("fingerprint_null", _edit_meta(lambda m: m.update(fingerprint=None)), sl.FingerprintMismatch, "records no model fingerprint"),
+    ("fingerprint_key_missing", _edit_meta(lambda m: m["fingerprint"].pop("width")), sl.FingerprintMismatch, "the fingerprint lacks ['width']"),
+    ("nan_in_weights", lambda d: _rewrite_weights(d, lambda t: {**t, "0.vector": t["0.vector"].index_fill(0, torch.tensor([3]), float("nan"))}),
+     sl.FileFormatError, "holds 1 NaN or infinite value(s) of 32"),
+    ("flipped_byte", lambda d: _set_weights(d, _weights(d)[:-5] + bytes([_weights(d)[-5] ^ 4]) + _weights(d)[-4:], reseal=False),
+     sl.FileFormatError, "its bytes changed after it was saved"),
+    ("weights_symlinked", lambda d: (shutil.copy(fileformat.weights_path(d), d.parent / "copy"), fileformat.weights_path(d).unlink(),
+                                     fileformat.weights_path(d).symlink_to(d.parent / "copy")), sl.FileFormatError, "is a symbolic link"),
+    ("weights_a_pipe", lambda d: (fileformat.weights_path(d).unlink(), os.mkfifo(fileformat.weights_path(d))), sl.FileFormatError,
+     "is not a regular file"),
+    ("record_dtypes_lie", _record(0, lambda r: r.update(dtypes={"vector": "float16"})), sl.FileFormatError, "the record's dtypes"),
+    ("argument_retyped", _record(0, lambda r: r["arguments"].update(trainable="false")), sl.FileFormatError,
+     "'arguments' is {'alpha': 1.0, 'trainable': 'false'}, which 'add' reads as"),
+    ("heads_on_a_site_without_heads", _record(1, lambda r: r.update(heads=[0])), sl.FileFormatError, "which is not a per-head site"),
+    ("huge_width", _record(1, lambda r: r.update(width=250_000_000)), sl.FileFormatError, "width 250000000, but its slice of 'blocks.0.resid_post'"),
+    ("unknown_site", _record(0, lambda r: r.update(site="blocks.9.resid_post")), sl.FileFormatError, "unknown site 'blocks.9.resid_post'"),
+    ("foreign_header_metadata", lambda d: _with_header(d, {**_header(d)[0], "__metadata__": {"format": "pt"}}, _header(d)[1]),
+     sl.FileFormatError, "a foreign or edited file"),
+    ("integer_beyond_64_bits", _edit_meta(lambda m: m["config"]["interventions"][1].update(width=2**70)), sl.FileFormatError,
+     "outside the 64-bit range"),
     ("path_is_a_file", lambda d: (shutil.rmtree(d), d.write_bytes(b"PK\x03\x04")), sl.FileFormatError, "is not a steerlab directory"),
     ("empty_directory", lambda d: (shutil.rmtree(d), d.mkdir()), sl.FileFormatError, "has no steerlab.json"),
     ("missing_directory", lambda d: shutil.rmtree(d), sl.FileFormatError, "is not a steerlab directory"),
@@ -241,6 +276,11 @@ def test_malformed_directory_is_refused(lab, good, name, craft, error, phrase):
     with pytest.raises(error) as info:
         lab.load_interventions(good)
     assert phrase in str(info.value), str(info.value)
+
+
+def test_a_missing_device_is_named_as_such(lab, good):
+    with pytest.raises(sl.ConfigError, match="device='cuda:99' is not available on this machine"):
+        fileformat.load(good, device="cuda:99")
 
 
 def test_at_least_twenty_crafted_files():
@@ -276,7 +316,7 @@ def test_malformed_graph_is_refused(lab, good_graph, name, craft, phrase):
 SUBSPACE_CASES = [
     ("not_orthonormal", lambda d: _rewrite_weights(d, lambda t: {"basis": t["basis"] * 2}), "not orthonormal"),
     ("record_without_site", _edit_meta(lambda m: m["config"].pop("site")), "site"),
-    ("basis_shape_vs_record", _edit_meta(lambda m: m["config"].update(size=3)), "the record says [3, 32]"),
+    ("basis_shape_vs_record", _edit_meta(lambda m: m["config"].update(size=3)), "the record says float32[3, 32]"),
     ("interventions_file_as_subspace", None, "holds a 'interventions'; expected 'subspace'"),
 ]
 
@@ -321,7 +361,8 @@ def _unpickling_calls(path: Path) -> list[str]:
             name = ast.unparse(f)
             kw = {k.arg: k.value for k in node.keywords}
             if name.endswith("torch.load"):
-                ok = "trainer" in path.name and isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                # the Trainer's own files, and the explicit peer importer (import_pyvene / import_pyreft), tensors only
+                ok = path.name in ("trainer.py", "from_pyvene.py") and isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
                 if not ok:
                     found.append(f"{name}(...) at line {node.lineno}")
             elif name.split(".")[0] in _PICKLE_MODULES or name.endswith(("Unpickler", "pickle.load", "pickle.loads")):

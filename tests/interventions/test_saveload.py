@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -284,43 +285,140 @@ def test_saving_a_lambda_raises_not_serialisable(tmp_path):
     assert sorted(os.listdir(tmp_path)) == []  # nothing half-written
 
 
-# --------------------------------------------------------------------------- atomic writes
+# --------------------------------------------------------------------------- what a save owns, atomic writes
 def _files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("exc", [OSError("injected: disk full"), KeyboardInterrupt()], ids=["oserror", "interrupt"])
-def test_a_save_that_fails_midway_leaves_the_old_directory(tmp_path, monkeypatch, exc):
+def _user_files(d: Path) -> None:
+    """A folder a researcher really saves into: notes, another checkpoint, a Trainer file, a hidden file."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "notes.md").write_text("layer 6 looks promising\n")
+    (d / "checkpoint-100").mkdir()
+    (d / "checkpoint-100" / "optimizer.pt").write_bytes(b"\x80\x04 not ours")
+    (d / "training_args.bin").write_bytes(b"\x80\x04 the Trainer's")
+    (d / "weights.safetensors.bak").write_bytes(b"a user's backup")
+    (d / ".gitignore").write_text("*.pt\n")
+
+
+def _ours(d: Path) -> list[str]:
+    return sorted(n for n in os.listdir(d) if n == "steerlab.json" or n.startswith(("weights-", ".steerlab-")) or n == "weights.safetensors")
+
+
+def test_a_save_touches_only_its_own_files(tmp_path):
     lab, x, _ = setup("llama", torch.float32)
-    first = sl.Add(SITE, torch.ones(lab.d_model), positions=[-1])
-    lab.save(tmp_path / "ivs", [first])
-    old = _files(tmp_path / "ivs")
-    real = fileformat.save_file
-
-    def failing(tensors, filename, metadata=None):
-        real(tensors, filename, metadata=metadata)  # the weights are half there ...
-        Path(filename).write_bytes(Path(filename).read_bytes()[:50])
-        raise exc  # ... when the write fails
-
-    monkeypatch.setattr(fileformat, "save_file", failing)
-    with pytest.raises(type(exc)):
-        lab.save(tmp_path / "ivs", [sl.Add(SITE, torch.full((lab.d_model,), 9.0))])
-    with pytest.raises(type(exc)):
-        lab.save(tmp_path / "new", [first])
-    assert sorted(os.listdir(tmp_path)) == ["ivs"], "a temporary directory was left behind"
-    assert _files(tmp_path / "ivs") == old
-    monkeypatch.undo()
-    (loaded,) = lab.load_interventions(tmp_path / "ivs")
-    assert torch.equal(loaded.vector, first.vector)
-
-
-def test_a_save_over_an_existing_directory_replaces_it_whole(tmp_path):
-    lab, x, _ = setup("llama", torch.float32)
-    lab.save(tmp_path / "ivs", [sl.Add(SITE, torch.ones(lab.d_model)), sl.Scale(SITE, factor=2.0)])
-    lab.save(tmp_path / "ivs", [sl.Scale(SITE, factor=3.0)])
-    (iv,) = lab.load_interventions(tmp_path / "ivs")
+    d = tmp_path / "exp"
+    _user_files(d)
+    theirs = _files(d)
+    lab.save(d, [sl.Add(SITE, torch.ones(lab.d_model)), sl.Scale(SITE, factor=2.0)])
+    first = fileformat.weights_path(d).name
+    lab.save(d, [sl.Scale(SITE, factor=3.0)])  # a second save replaces the first, and only it
+    (iv,) = lab.load_interventions(d)
     assert isinstance(iv, sl.Scale) and iv.factor == 3.0
-    assert sorted(os.listdir(tmp_path)) == ["ivs"] and sorted(os.listdir(tmp_path / "ivs")) == ["steerlab.json", "weights.safetensors"]
+    assert _ours(d) == ["steerlab.json", fileformat.weights_path(d).name] and fileformat.weights_path(d).name != first
+    assert {k: v for k, v in _files(d).items() if k in theirs} == theirs and len(_files(d)) == len(theirs) + 2
+    assert sorted(os.listdir(tmp_path)) == ["exp"]  # nothing beside the folder either
+
+
+def test_saving_into_the_working_directory_keeps_it(tmp_path, monkeypatch):
+    lab, x, _ = setup("llama", torch.float32)
+    _user_files(tmp_path / "cwd")
+    monkeypatch.chdir(tmp_path / "cwd")
+    theirs = _files(Path.cwd())
+    lab.save(os.getcwd(), [sl.Scale(SITE, factor=3.0)])
+    assert Path.cwd().is_dir() and {k: v for k, v in _files(Path.cwd()).items() if k in theirs} == theirs
+    assert lab.load_interventions(".")[0].factor == 3.0
+
+
+def test_a_save_over_a_version_1_save_removes_only_that_save(tmp_path):
+    lab, x, _ = setup("llama", torch.float32)
+    d = tmp_path / "old"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "regression" / "v1" / "interventions", d)
+    (d / "notes.md").write_text("keep me")
+    assert [iv.type_name for iv in lab.load_interventions(d)][:2] == ["interchange", "subspace_interchange"]
+    lab.save(d, [sl.Scale(SITE, factor=3.0)])
+    assert sorted(os.listdir(d)) == sorted(["notes.md", "steerlab.json", fileformat.weights_path(d).name])
+    assert json.loads((d / "steerlab.json").read_text())["version"] == fileformat.FORMAT_VERSION
+
+
+@pytest.mark.parametrize("step", ["weights_write", "weights_rename", "commit_rename"])
+@pytest.mark.parametrize("exc", [OSError(28, "injected: no space left on device"), KeyboardInterrupt()], ids=["oserror", "interrupt"])
+def test_a_save_that_fails_midway_leaves_the_old_save(tmp_path, monkeypatch, exc, step):
+    lab, x, _ = setup("llama", torch.float32)
+    d = tmp_path / "ivs"
+    _user_files(d)
+    first = sl.Add(SITE, torch.ones(lab.d_model), positions=[-1])
+    lab.save(d, [first])
+    old = _files(d)
+    calls = {"write": 0, "replace": 0}
+    real_write, real_replace = os.write, os.replace
+
+    def write(fd, data):
+        calls["write"] += 1
+        if step == "weights_write" and calls["write"] == 1:
+            real_write(fd, bytes(data)[: len(data) // 2])  # half the weights are on disk ...
+            raise exc  # ... when the write fails
+        return real_write(fd, data)
+
+    def replace(a, b):
+        calls["replace"] += 1
+        if (step, calls["replace"]) in (("weights_rename", 1), ("commit_rename", 2)):
+            raise exc
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "replace", replace)
+    want = sl.SaveError if isinstance(exc, OSError) else KeyboardInterrupt
+    with pytest.raises(want):
+        lab.save(d, [sl.Add(SITE, torch.full((lab.d_model,), 9.0))])
+    monkeypatch.undo()
+    assert _files(d) == old, "the old save or a user's file changed, or a temporary file was left behind"
+    (loaded,) = lab.load_interventions(d)
+    assert torch.equal(loaded.vector, first.vector)
+    if isinstance(exc, OSError):
+        calls.update(write=0, replace=0)
+        monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(sl.SaveError, match="the save that was there, if any, is unchanged"):
+            lab.save(tmp_path / "new", [first])  # a first save into a new folder: it stays without a save
+        monkeypatch.undo()
+        assert os.listdir(tmp_path / "new") == []
+
+
+@pytest.mark.parametrize("what", ["folder", "steerlab.json", "weights"])
+def test_a_read_only_save_is_refused_not_replaced(tmp_path, what):
+    lab, x, _ = setup("llama", torch.float32)
+    d = tmp_path / "ro"
+    lab.save(d, [sl.Scale(SITE, factor=2.0)])
+    target = {"folder": d, "steerlab.json": d / "steerlab.json", "weights": fileformat.weights_path(d)}[what]
+    mode = target.stat().st_mode
+    target.chmod(mode & ~0o222)
+    try:
+        old = _files(d)
+        with pytest.raises(sl.SaveError, match="read-only") as info:
+            lab.save(d, [sl.Scale(SITE, factor=5.0)])
+        assert isinstance(info.value, OSError) and str(target) in str(info.value)
+        assert _files(d) == old
+    finally:
+        target.chmod(mode)
+    assert lab.load_interventions(d)[0].factor == 2.0
+
+
+def test_a_file_where_the_folder_should_be_is_refused(tmp_path):
+    lab, x, _ = setup("llama", torch.float32)
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(sl.SaveError, match="is a file; a steerlab save is a folder"):
+        lab.save(tmp_path / "f", [sl.Scale(SITE, factor=2.0)])
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_weights_that_are_not_finite_are_refused_at_save(tmp_path):
+    lab, x, _ = setup("llama", torch.float32)
+    v = torch.ones(lab.d_model)
+    v[3] = float("nan")
+    with pytest.raises(sl.FileFormatError, match=r"tensor\(s\) \['0.vector'\] hold NaN or infinite values"):
+        lab.save(tmp_path / "nan", [sl.Add(SITE, v)])
+    assert not (tmp_path / "nan").exists()
 
 
 # --------------------------------------------------------------------------- Subspace
@@ -341,3 +439,35 @@ def test_subspace_round_trip(tmp_path):
     head = sl.Subspace(torch.eye(8)[:2], "blocks.1.attn.z", heads=[1, 3])
     head.save(tmp_path / "h")
     assert sl.Subspace.load(tmp_path / "h").heads == (1, 3)
+
+
+# --------------------------------------------------------------------------- loading: side effects and races
+def test_loading_leaves_the_callers_random_numbers_alone(tmp_path):
+    lab, x, _ = setup("llama", torch.float32)
+    lab.save(tmp_path / "d", [sl.SubspaceInterchange(SITE, size=3, width=lab.d_model), sl.BoundlessSubspaceInterchange(SITE, width=lab.d_model)])
+    torch.manual_seed(11)
+    want = torch.rand(4)
+    torch.manual_seed(11)
+    lab.load_interventions(tmp_path / "d")  # rebuilding draws a random R before the saved one is assigned
+    assert torch.equal(torch.rand(4), want)
+
+
+def test_a_load_racing_a_save_reads_the_save_that_won(tmp_path, monkeypatch):
+    """A save committing between the load's reading of steerlab.json and of the weights it names
+    removes those weights: the load reads steerlab.json again and returns the new save."""
+    lab, x, _ = setup("llama", torch.float32)
+    d = tmp_path / "d"
+    lab.save(d, [sl.Scale(SITE, factor=2.0)])
+    real = fileformat._read_meta
+    calls = []
+
+    def racing(directory):
+        meta = real(directory)
+        if not calls:
+            lab.save(d, [sl.Add(SITE, torch.ones(lab.d_model))])  # another process commits just now
+        calls.append(meta["config"]["interventions"][0]["type"])
+        return meta
+
+    monkeypatch.setattr(fileformat, "_read_meta", racing)
+    (iv,) = lab.load_interventions(d)
+    assert calls[:2] == ["scale", "add"] and isinstance(iv, sl.Add)

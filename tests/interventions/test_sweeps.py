@@ -241,11 +241,35 @@ def test_result_views_and_round_trip(tmp_path):
     res.positions = res.positions[:-1]
     res.tokens = res.tokens[:-1]
     res.save(tmp_path / "bad")
-    with pytest.raises(sl.FileFormatError, match=r"per_example has shape \(3, 4, 1, 2\).*the configuration says \[3, 3, 1, batch\]"):
+    with pytest.raises(sl.FileFormatError, match=r"per_example is float32\[3, 4, 1, 2\]; the configuration says shape \[3, 3, 1, 2\]"):
         sl.SweepResult.load(tmp_path / "bad")
     with pytest.raises(sl.FingerprintMismatch, match="saved for another model"):
         back.save(tmp_path / "fp", fingerprint={"model_type": "gpt2", "width": 32})
         sl.SweepResult.load(tmp_path / "fp", fingerprint={"model_type": "gpt2", "width": 64})
+
+
+def test_a_nan_metric_is_a_nan_mean_and_empty_cells_are_skipped(tmp_path):
+    """Empty cells (a slot beyond an example's length) are known from the plan (``filled``); a NaN the
+    metric returns for a patched example is a NaN mean, never dropped as nanmean would."""
+    model = model_of("llama")
+    lengths = [6, 4, 5]
+    base, source = make_inputs(lengths, 7, "left", 5), make_inputs(lengths, 7, "left", 6)
+    plain = readout("llama")
+
+    def nan_on_the_second(output, inputs):
+        v = plain(output, inputs).clone()
+        v.view(-1, len(lengths))[:, 1] = math.nan  # example 1 of every packed config: 4 tokens, so patched in slots 0..3 only
+        return v
+
+    with wrapped(model) as lab:
+        res = sl.sweep(lab, base, source, sites=["blocks.0.resid_post"], metric=nan_on_the_second)
+    assert res.filled[0, :, 0].tolist() == [[p < n for n in lengths] for p in range(6)]
+    assert res.values[0, :4].isnan().all()  # a patched example's NaN makes the mean NaN
+    torch.testing.assert_close(res.values[0, 4], res.per_example[0, 4, 0, [0, 2]].mean(), rtol=0, atol=0)  # empty for 1
+    torch.testing.assert_close(res.values[0, 5], res.per_example[0, 5, 0, 0], rtol=0, atol=0)  # only example 0 has 6 tokens
+    res.save(tmp_path / "s")
+    back = sl.SweepResult.load(tmp_path / "s")
+    assert torch.equal(back.filled, res.filled) and torch.equal(back.values.isnan(), res.values.isnan())
 
 
 # -------------------------------------------------------------------------- bad input

@@ -9,6 +9,7 @@ import torch
 import transformers as T
 
 from steerlab import reft
+from steerlab.interventions import fileformat
 from steerlab.interventions.errors import (
     ConfigError, FileFormatError, FingerprintMismatch, PositionOutOfRange, SiteNotFound, SubspaceSizeError, UnitError,
 )
@@ -245,7 +246,7 @@ def test_load_weights_in_place_keeps_parameter_identity(tmp_path):
     assert all(torch.equal(p, s) for p, s in zip(params, saved))
     # a full state dict gathered by a sharding wrapper (FSDP) saves the same tensors
     rm.save_pretrained(tmp_path / "b", state_dict={k: v.clone() for k, v in rm.state_dict().items()})
-    assert (tmp_path / "a" / "weights.safetensors").read_bytes() == (tmp_path / "b" / "weights.safetensors").read_bytes()
+    assert fileformat.weights_path(tmp_path / "a").read_bytes() == fileformat.weights_path(tmp_path / "b").read_bytes()
     with pytest.raises(FileFormatError, match="the gathered state dict lacks"):
         rm.save_pretrained(tmp_path / "c", state_dict={})
     other = reft.get_reft_model(tiny_model(LL), reft.ReftConfig(layers=[2], rank=2))
@@ -291,15 +292,15 @@ def test_corrupt_and_foreign_files_are_rejected(tmp_path):
         return edit
 
     cases = {
-        "truncated": (lambda d: (d / "weights.safetensors").write_bytes((d / "weights.safetensors").read_bytes()[:100]), "corrupt or truncated"),
+        "truncated": (lambda d: fileformat.weights_path(d).write_bytes(fileformat.weights_path(d).read_bytes()[:100]), "truncated"),
         "garbage_json": (lambda d: (d / "steerlab.json").write_text("{not json"), "is not valid JSON"),
-        "pickle_only": (lambda d: [(d / "steerlab.json").unlink(), (d / "weights.safetensors").unlink(), (d / "adapter_model.bin").write_bytes(b"\x80\x04")],
+        "pickle_only": (lambda d: [fileformat.weights_path(d).unlink(), (d / "steerlab.json").unlink(), (d / "adapter_model.bin").write_bytes(b"\x80\x04")],
                         "never loads"),
         "unknown_type": (meta_edit(lambda m: m["config"]["interventions"][0].update(type="os.system")), "not a ReFT type"),
         "other_kind": (meta_edit(lambda m: m.update(kind="graph")), "expected 'reft'"),
         "wrong_shape": (meta_edit(lambda m: m["tensors"]["0.weight"].update(shape=[3, 32])), "but steerlab.json says"),
         "missing_tensor": (meta_edit(lambda m: m["tensors"].pop("0.bias")), "extra tensors \\['0.bias'\\]"),
-        "wrong_width": (meta_edit(lambda m: m["config"]["interventions"][0].update(width=16)), "has shape"),
+        "wrong_width": (meta_edit(lambda m: m["config"]["interventions"][0].update(width=16)), "width 16, but its slice of 'blocks.0.resid_post'"),
         "newer_version": (meta_edit(lambda m: m.update(version=99)), "made by a newer steerlab"),
     }
     for name, (edit, message) in cases.items():

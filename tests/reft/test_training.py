@@ -7,6 +7,7 @@ import torch
 import transformers as T
 
 from steerlab import reft
+from steerlab.interventions import fileformat
 from steerlab.interventions.errors import ConfigError, DataError
 from steerlab.models import embedded_path
 from tests.reliability import one_thread_fixture
@@ -89,7 +90,14 @@ def test_trainer_checkpoints_reload_and_resume_to_the_same_weights(tok, tmp_path
     full = _state(rm)
     ckpt = tmp_path / "a" / "checkpoint-3"
     names = {p.name for p in ckpt.iterdir()}
-    assert {"steerlab.json", "weights.safetensors"} <= names and "model.safetensors" not in names
+    assert {"steerlab.json", fileformat.weights_path(ckpt).name} <= names and "model.safetensors" not in names
+    # the final save into the output folder keeps the checkpoints there (a save owns only its own files)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    trainer.save_model()
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    assert {k: after.get(k) for k in before if "checkpoint-" in str(k)} == {k: v for k, v in before.items() if "checkpoint-" in str(k)}
+    assert any("checkpoint-" in str(k) for k in before)
+    assert torch.equal(reft.ReftModel.from_pretrained(tmp_path / "a", _model(tok), tok).interventions[0].weight, rm.interventions[0].weight)
     # a checkpoint reloads as a ReFT model on a fresh copy of the base model
     loaded = reft.ReftModel.from_pretrained(tmp_path / "a" / "checkpoint-6", _model(tok), tok)
     for n, p in loaded.named_parameters():

@@ -5,8 +5,9 @@
 Into ``tests/regression/<version>/``: a tiny LLaMA (its own safetensors, so the fixture does not
 depend on how a future torch initialises weights), interventions of every serialisable type with
 trained-looking (non-default) weights saved by ``lab.save``, a run graph, a ``Subspace``, a
-``ReftModel`` (LoReFT + DiReFT) saved by ``save_pretrained``, and ``expected.safetensors``: the
-outputs each produced when it was saved. ``test_old_files.py`` loads every version's files with
+``ReftModel`` (LoReFT + DiReFT) saved by ``save_pretrained``, from version 2 on also a ``DASResult``,
+a ``SearchResult`` and a patching ``SweepResult``, and ``expected.safetensors``: the outputs each
+produced when it was saved (the sweep: its values). ``test_old_files.py`` loads every version's files with
 today's code and requires the same outputs.
 """
 
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 
 import steerlab as sl
 from steerlab import reft
+from steerlab.alignment import IIA, Curve, DASResult, SearchResult
 
 HERE = Path(__file__).resolve().parent
 SITE = "blocks.1.resid_post"
@@ -76,6 +78,26 @@ def reft_interventions(d: int) -> list:
     return ivs
 
 
+def sweep_source(base: dict, source: dict) -> dict:
+    """The source's tokens under the base's padding: every position aligns, and the padded row leaves cells empty."""
+    return {"input_ids": source["input_ids"], "attention_mask": base["attention_mask"]}
+
+
+def das_result(lab) -> DASResult:
+    """A DAS result as a fit reports it (two variables, controls, curves), bases from a fixed seed."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.linalg.qr(torch.randn(lab.d_model, 5, generator=g))[0].T
+    subs = {"X": sl.Subspace(q[:2], SITE, positions=[-1], metadata={"variable": "X", "iia": 0.81}),
+            "Y": sl.Subspace(q[2:], SITE, positions=[-1], metadata={"variable": "Y", "iia": 0.77})}
+    iia = lambda v: IIA(v, 200, 0.5)  # noqa: E731
+    curve = Curve(loss=[1.2, 0.7, 0.4], epoch_step=[3], epoch_iia=[0.8], temperature=[], size=[])
+    return DASResult(site=SITE, positions=[-1], variables=("X", "Y"), sizes={"X": 2, "Y": 3}, subspaces=subs,
+                     iia={"X": iia(0.81), "Y": iia(0.77), "all": iia(0.79)}, full_vector={"X": iia(0.9), "Y": iia(0.88)},
+                     curve=curve, random_init={"all": iia(0.52)}, random_init_curve=curve, localist={"all": iia(0.6)},
+                     localist_method="exhaustive", localist_dims={"X": [0, 1], "Y": [2, 3, 4]}, config={"lr": 0.01},
+                     timings={"fit": 1.5}, fingerprint=lab.fingerprint())
+
+
 def logits_with(lab, ivs, base, source) -> torch.Tensor:
     """Outputs of ``ivs`` (as saved: sourced ones without a source) with ``source`` as every source run."""
     for iv in ivs:
@@ -90,6 +112,7 @@ def logits_with(lab, ivs, base, source) -> torch.Tensor:
 
 
 def main(version: str) -> None:
+    torch.set_num_threads(1)
     out = HERE / version
     if out.exists():
         sys.exit(f"{out} exists: a released version's fixtures are never rewritten")
@@ -118,6 +141,16 @@ def main(version: str) -> None:
         expected["reft"] = rm(**base).logits
     rm.save_pretrained(out / "reft")
     rm.unwrap()
+    if version != "v1":
+        lab = sl.wrap(m)
+        res = das_result(lab)
+        res.save(out / "das_result")
+        expected["das_result"] = logits_with(lab, [res.intervention("X")], base, source)
+        SearchResult([res], res.variables, {"sizes": [2, 3]}, {"total": 2.5}, {SITE: 1}, lab.fingerprint()).save(out / "das_search")
+        sweep = sl.sweep(lab, base, sweep_source(base, source), sites=["blocks.0.resid_post", "blocks.2.mlp.out"], metric=sl.metrics.logit_diff(5, 7))
+        sweep.save(out / "sweep", fingerprint=lab.fingerprint())
+        expected["sweep"] = sweep.values
+        lab.unwrap()
     save_file({k: v.contiguous() for k, v in expected.items()}, str(out / "expected.safetensors"))
     print(f"wrote {out}: {sorted(p.name for p in out.iterdir())}")
 
