@@ -20,8 +20,6 @@ DAS step on SmolLM2-135M, against 0.43-0.53x with the prefix alone.
 
 from __future__ import annotations
 
-import inspect
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +30,7 @@ from torch import Tensor
 from steerlab.alignment.counterfactuals import CounterfactualDataset, CounterfactualTable, check_equal_lengths
 from steerlab.alignment.encoders import Encoder
 from steerlab.interventions.errors import ConfigError
-from steerlab.interventions.graph import SourceValue
+from steerlab.interventions.engine import PreparedRun
 from steerlab.interventions.lab import Lab
 from steerlab.interventions.ops import Intervention
 from steerlab.interventions.prefix import Prefix
@@ -43,21 +41,12 @@ __all__ = ["ActivationStore", "Runner", "site_layer", "model_kwargs_for"]
 
 def site_layer(lab: Lab, site: str) -> int | None:
     """The block a site lives in (its prefix layer), or ``None`` (embeddings, a plain module)."""
-    path = lab.map.layers_path
-    if path is None:
-        return None
-    module = lab.resolve(site).module_path
-    m = re.match(re.escape(path) + r"\.(\d+)(?:\.|$)", module)
-    return int(m[1]) if m else None
+    return lab.facts.site_layer(site)
 
 
 def model_kwargs_for(lab: Lab, encoder: Encoder) -> dict[str, Any]:
     """The encoder's extra forward arguments that the model's forward accepts."""
-    try:
-        params = inspect.signature(lab.model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {k: v for k, v in encoder.model_kwargs().items() if k in params}
+    return {k: v for k, v in encoder.model_kwargs().items() if lab.facts.takes(k)}
 
 
 def _rows(encoded: Any, rows) -> Any:
@@ -106,7 +95,7 @@ class ActivationStore:
                 for s in self.sites:
                     values[s].append(cache[s])
         # a site without a position axis ([batch, width]) is collected as [batch, 1, width]
-        flat = {s: not lab.has_positions(lab.resolve(s)) for s in self.sites}
+        flat = {s: not lab.facts.has_positions(lab.resolve(s)) for s in self.sites}
         self.values: dict[str, Tensor] = {s: torch.cat(v)[:, 0] if flat[s] else torch.cat(v) for s, v in values.items()}
         self.prefixes: dict[int, Prefix] = {layer: Prefix(layer, torch.cat(h), tuple_len) for layer, h in hidden.items()}
         self._positions: dict[Any, tuple[Tensor | None, Tensor | None]] = {}
@@ -138,7 +127,7 @@ class ActivationStore:
         _, padded = self.positions(spec)
         if padded is None or not isinstance(self.encoded, dict) or "input_ids" not in self.encoded:
             return 0
-        if self.layers.get(self.lab.resolve(site).name) is None or not self.lab.is_hf:
+        if self.layers.get(self.lab.resolve(site).name) is None or not self.lab.facts.is_hf:
             return 0
         start = int(padded.min())
         if start <= 0:
@@ -216,7 +205,7 @@ class Runner:
         self.kwargs = model_kwargs_for(self.lab, self.encoder)
         # the dataset's examples index into its own table; map them onto the store's inputs
         self._map = _index_map(self.table.inputs, store.inputs)
-        if positions is None and self.encoder.has_positions and self.lab.has_positions(self.lab.resolve(site)):
+        if positions is None and self.encoder.has_positions and self.lab.facts.has_positions(self.lab.resolve(site)):
             check_equal_lengths(dataset, store.lengths[self._map])
         real, _ = store.positions(positions)
         self._real = real
@@ -224,6 +213,7 @@ class Runner:
         self.start = store.start_for(site, positions) if suffix else 0
         if self.start:
             self._real = store.suffix_positions(positions, self.start)
+        self._runs: list[tuple[tuple, PreparedRun]] = []
 
     def __len__(self) -> int:
         return self.table.base.shape[0]
@@ -250,13 +240,18 @@ class Runner:
         repeat: int = 1,
     ) -> Float[Tensor, "rb labels"]:
         """Scores of the bases ``rows`` (each repeated ``repeat`` times, copy-major)
-        with ``ivs``; ``sources[i]`` overrides the slice ``ivs[i]`` reads
-        (``[repeat * b, ...]``), default: variable ``i``'s cached slice."""
+        with ``ivs``; ``sources[i]`` is the slice the ``i``-th sourced intervention reads
+        (``[repeat * b, ...]``), default: variable ``i``'s cached slice.
+
+        The interventions are validated and their hooks compiled once per list
+        (:meth:`Lab.prepare`); each step binds its inputs, source slices,
+        positions and prefix to that prepared run, and writes nothing on the
+        interventions."""
         base = self.base_rows(rows)
+        prepared = self._prepared(ivs)
         if sources is None:  # one per variable; interventions beyond them (sourceless) take none
-            sources = [self.source_slice(rows, j) for j in range(min(len(ivs), len(self.table.variables)))]
-        for iv, src in zip(ivs, sources):
-            iv.source = SourceValue(src.to(self.lab.device))
+            n = min(sum(iv.sourced for iv in ivs), len(self.table.variables))
+            sources = [self.source_slice(rows, j) for j in range(n)]
         inputs = self.store.suffix_inputs(base, self.start) if self.start else self.store.inputs_for(base)
         prefix = self.store.prefix(self.site, base, self.start)
         pos = None if self._real is None else self._real[base]
@@ -264,12 +259,23 @@ class Runner:
             inputs = _repeat(inputs, repeat)
             prefix = None if prefix is None else prefix.repeat(repeat)
             pos = None if pos is None else pos.repeat(repeat, 1)
-        inputs = _to(inputs, self.lab.device)
+        device = self.lab.device
+        inputs = _to(inputs, device)
         if prefix is not None:
-            past = None if prefix.past is None else tuple((k.to(self.lab.device), v.to(self.lab.device)) for k, v in prefix.past)
-            prefix = Prefix(prefix.layer, prefix.hidden.to(self.lab.device), prefix.tuple_len, past)
-        out = self.lab.run(inputs, list(ivs), positions=pos, prefix=prefix, **self.kwargs)
+            past = None if prefix.past is None else tuple((k.to(device), v.to(device)) for k, v in prefix.past)
+            prefix = Prefix(prefix.layer, prefix.hidden.to(device), prefix.tuple_len, past)
+        out = prepared(inputs, sources=list(sources), positions=pos, prefix=prefix, **self.kwargs)
         return self.encoder.scores(out.output)
+
+    def _prepared(self, ivs: Sequence[Intervention]) -> PreparedRun:
+        """The prepared run of this list of interventions (the training loop passes the same list every step)."""
+        key = tuple(ivs)
+        for k, run in self._runs:
+            if len(k) == len(key) and all(a is b for a, b in zip(k, key)):
+                return run
+        run = self.lab.prepare(key, validate=False)  # positions come from the store, valid by construction
+        self._runs = [(key, run), *self._runs[:7]]
+        return run
 
     def labels(self, rows: Int[Tensor, " b"]) -> Int[Tensor, " b"]:
         return self.table.labels[rows]

@@ -158,8 +158,8 @@ class _Measure:
     def __init__(self, lab, metric: Metric, inputs: Inputs):
         info = inputs.mask_info()
         ends = bool((info.starts + info.lengths == info.seq).all())
-        self.keep = metric.tail if ends and metric.tail is not None and lab.is_hf else None
-        self.kwargs = {**lab.no_cache, **({"logits_to_keep": self.keep} if self.keep else {})}
+        self.keep = metric.tail if ends and metric.tail is not None and lab.facts.is_hf else None
+        self.kwargs = {**lab.facts.no_cache, **({"logits_to_keep": self.keep} if self.keep else {})}
         self.metric = metric
 
     def __call__(self, output, inputs: Inputs, rows: int) -> Tensor:

@@ -145,7 +145,7 @@ def random_init(lab: Lab, *, seed: int = 0, scope: str | Sequence[str] = "all") 
     n_params = sum(p.numel() for path in chosen for p in copy_.get_submodule(path).parameters())
     total = sum(p.numel() for p in copy_.parameters())
     description = f"{what} re-initialised ({n_params:,d} of {total:,d} parameters; seed {seed})"
-    rlab = wrap(copy_, lab.tokenizer, example_input=lab.example_input)
+    rlab = wrap(copy_, lab.tokenizer, example_input=lab.facts.example_input)
     return RandomInit(rlab, scope if isinstance(scope, str) else list(scope), chosen, description)
 
 

@@ -40,8 +40,8 @@ from steerlab.alignment.results import Curve, DASResult
 from steerlab.alignment.selection import SELECT_RULES, Checkpoints, Selection
 from steerlab.interventions.errors import ConfigError, DataError, NotFitted, SubspaceSizeError
 from steerlab.interventions.lab import Lab
-from steerlab.interventions.ops import BoundlessSubspaceInterchange, Intervention, SubspaceInterchange
-from steerlab.interventions.orthonormal import Orthonormal, _orthonormal_rows
+from steerlab.interventions.ops import BoundlessSubspaceInterchange, Interchange, Intervention, SubspaceInterchange
+from steerlab.interventions.orthonormal import Orthonormal, orthonormal_rows
 from steerlab.interventions.progress import Bar, bar
 from steerlab.interventions.subspace import Subspace
 from steerlab.interventions.training import LoopSettings, run_loop
@@ -103,7 +103,7 @@ class TrainConfig:
 
 
 def _random_basis(k: int, d: int, g: torch.Generator) -> Tensor:
-    return _orthonormal_rows(torch.randn(d, k, generator=g))
+    return orthonormal_rows(torch.randn(d, k, generator=g))
 
 
 def build_subspace_interventions(site: str, sizes: Mapping[str, int], width: int, seed: int,
@@ -213,7 +213,7 @@ def train(
     return curve
 
 
-def evaluate(runner: Runner, ivs: Sequence[Intervention], *, rows: Tensor | None = None, batch_size: int = 256, sources=None) -> dict[str, IIA]:
+def evaluate(runner: Runner, ivs: Sequence[Intervention], *, rows: Tensor | None = None, batch_size: int = 256) -> dict[str, IIA]:
     """IIA of ``ivs`` on the runner's examples, per intervened set and ``"all"``."""
     t = runner.table
     return evaluate_iia(lambda r: runner.run(r, ivs), t.labels, t.intervened, t.variables, rows=rows, batch_size=batch_size)
@@ -407,7 +407,7 @@ class DAS:
 
     # -- validation ---------------------------------------------------------------------
     def width(self) -> int:
-        shape = self.lab.site_shape(self.lab.resolve(self.site))
+        shape = self.lab.facts.site_shape(self.lab.resolve(self.site))
         if len(shape) != 1:
             raise ConfigError(f"{self.site!r} is a per-head site {shape}; DAS aligns whole-vector sites (resid, attn.out, mlp.*, module:...)")
         return shape[0]

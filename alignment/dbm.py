@@ -269,7 +269,7 @@ class DBM:
 
     def _shape(self, runner: Runner) -> tuple[tuple[int, ...], int]:
         """The mask's shape against the slice, and its number of units."""
-        shape = self.lab.site_shape(self.lab.resolve(self.site))
+        shape = self.lab.facts.site_shape(self.lab.resolve(self.site))
         self._width = shape[-1]
         if self.units == "heads":
             if len(shape) != 2:

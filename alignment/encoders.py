@@ -24,7 +24,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from steerlab.interventions.errors import ConfigError, DataError
+from steerlab.interventions.errors import ConfigError, DataError, UnitError
+from steerlab.interventions.units import MaskInfo, Positions
 
 __all__ = ["Encoder", "VectorEncoder", "PromptEncoder"]
 
@@ -169,7 +170,8 @@ class PromptEncoder(Encoder):
     def position_spec(self, name) -> Any:
         if isinstance(name, str):
             if name not in self._positions:
-                raise ConfigError(f"unknown position {name!r}; this encoder names {list(self._positions)} (or give an int)")
+                _grammar(name, list(self._positions))
+                return name  # a base-layer spec ('l1', 'f2+l2', ...) means the same to the base layer
             spec = self._positions[name]
             return spec if isinstance(spec, int) else "per-call"
         return name
@@ -215,7 +217,7 @@ class PromptEncoder(Encoder):
                 raise DataError(f"positions={name!r} are beyond example {i}, which has {int(lengths[i])} tokens")
             return out
         if name not in self._positions:
-            raise ConfigError(f"unknown position {name!r}; this encoder names {list(self._positions)} (or give an int)")
+            return _grammar_positions(_grammar(name, list(self._positions)), lengths, name)
         spec = self._positions[name]
         if isinstance(spec, int):
             return self.positions(spec, settings, encoded)
@@ -241,3 +243,27 @@ class PromptEncoder(Encoder):
 
     def __repr__(self) -> str:
         return f"PromptEncoder({self.template!r}, labels={list(self.labels)})"
+
+
+def _grammar(name: str, named: list[str]) -> Positions:
+    """``name`` in the base layer's position grammar (``'l1'``, ``'last'``, ``'f2+l2'``): the one parser
+    every API shares, for a string that is not one of the encoder's own named positions."""
+    try:
+        spec = Positions(name)
+    except UnitError:
+        spec = None
+    if spec is None or spec.kind not in ("static", "firstlast"):
+        raise ConfigError(f"unknown position {name!r}; this encoder names {named} (or give an int, or a spec like 'l1' or 'f2+l2')")
+    return spec
+
+
+def _grammar_positions(spec: Positions, lengths: Tensor, name: str) -> Int[Tensor, "n k"]:
+    """Real-token indices of ``spec`` for prompts of ``lengths`` tokens (every slot must exist)."""
+    n = lengths.long().cpu()
+    info = MaskInfo(torch.zeros_like(n), n, int(n.max()), 0, tuple(int(x) for x in n))
+    spec.validate(info)
+    idx = spec.resolve(info)
+    if bool((idx < 0).any()):
+        i = int((idx < 0).any(1).nonzero()[0])
+        raise DataError(f"positions={name!r} are beyond example {i}, which has {int(n[i])} tokens")
+    return idx

@@ -269,7 +269,7 @@ def compare_hypotheses(
     data = CounterfactualDataset.from_pairs(first.causal_model, encoder, list(bases), {first.variable: list(sources)},
                                             output=first.output)
     runner = Runner(store_for(lab, [data], [name]), data, name, positions)
-    width = lab.site_shape(lab.resolve(name))[-1]
+    width = lab.facts.site_shape(lab.resolve(name))[-1]
     if subspace is None:
         iv, what = Interchange(name), "the full-vector interchange"
     else:

@@ -153,7 +153,7 @@ class SearchResult:
 def _sites(lab: Lab, sites: str | Sequence[str]) -> list[str]:
     names: list[str] = []
     for s in [sites] if isinstance(sites, str) else list(sites):
-        names += [lab.resolve(n).name for n in lab.expand(s)]
+        names += [lab.resolve(n).name for n in lab.facts.expand(s)]
     if not names:
         raise ConfigError(f"sites={sites!r} matched no site")
     return list(dict.fromkeys(names))
@@ -276,7 +276,7 @@ def _validate(lab: Lab, train: CounterfactualDataset, names: list[str], specs: l
     """Check every candidate before any compute; return each site's width."""
     widths = {}
     for s in names:
-        shape = lab.site_shape(lab.resolve(s))
+        shape = lab.facts.site_shape(lab.resolve(s))
         if len(shape) != 1:
             raise ConfigError(f"{s!r} is a per-head site {shape}; search aligns whole-vector sites")
         widths[s] = shape[0]

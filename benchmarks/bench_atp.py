@@ -86,7 +86,7 @@ def saved_bytes(counter: dict):
 def memory(lab, base, metric, sites) -> tuple[float, float | None]:
     """(saved-for-backward bytes of AtP's forward + taps + gradients) ÷ (the same for a plain backward);
     and on CUDA the ratio of peak allocated memory."""
-    inp = Inputs.of(base, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
+    inp = lab.facts.inputs(base)
     m = metric.bind(lab)
     cuda = lab.device.type == "cuda"
 

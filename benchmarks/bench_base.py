@@ -91,7 +91,7 @@ def steering_rows(lab, model, inp, bench: Bench, engines: list[str]) -> list[tup
         for i in range(n)
     ]
     one = [sl.Add(f"blocks.{n // 2}.resid_post", torch.randn(d, generator=g).to(dev, dt), positions=-1)]
-    kw = {"use_cache": False} if lab.is_hf else {}
+    kw = {"use_cache": False} if lab.facts.is_hf else {}
 
     def plain():
         return model(**inp, **kw)
@@ -121,7 +121,7 @@ def steering_rows(lab, model, inp, bench: Bench, engines: list[str]) -> list[tup
 def interchange_rows(lab, model, inp, bench: Bench, engines: list[str]) -> list[tuple]:
     n = lab.n_layers
     src = _other(inp)
-    kw = {"use_cache": False} if lab.is_hf else {}
+    kw = {"use_cache": False} if lab.facts.is_hf else {}
 
     def two_plain():
         model(**src, **kw)

@@ -20,13 +20,17 @@ from steerlab.interventions.direct_effects import (
     direction_logits,
     head_logit_attribution,
 )
+from steerlab.interventions.engine import HookEngine, PreparedRun
 from steerlab.interventions.errors import *  # noqa: F403 - the error hierarchy is public
 from steerlab.interventions.errors import __all__ as _errors
+from steerlab.interventions.facts import ModelFacts
+from steerlab.interventions.generation import Generation
 from steerlab.interventions.gradients import Gradients, Taps, metric_gradients
 from steerlab.interventions.graph import Graph, GraphResult, Run, RunResult, SourceValue
-from steerlab.interventions.lab import Generation, Lab, wrap
+from steerlab.interventions.lab import Lab, wrap
 from steerlab.interventions.logit_lens import LogitLens, ReadOut, logit_lens
 from steerlab.interventions.nnsight_engine import NNsightEngine
+from steerlab.interventions.plan import Engine, Plan
 from steerlab.interventions.ops import (
     Add,
     BoundlessSubspaceInterchange,
@@ -61,6 +65,11 @@ __all__ = [
     "wrap",
     "Lab",
     "Generation",
+    "ModelFacts",
+    "Plan",
+    "Engine",
+    "HookEngine",
+    "PreparedRun",
     "NNsightEngine",
     "Architecture",
     "register_architecture",

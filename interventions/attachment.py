@@ -13,134 +13,167 @@ call. Training with the Hugging Face ``Trainer``, gradient checkpointing
 
 While attached, a forward may pass per-example positions as the keyword
 ``intervention_positions=LongTensor[batch, k]``; it is removed before the
-model sees it.
+model sees it. An entry point that runs several forwards for one call (a
+``ReftModel`` forward, ``generate``) gives its positions with
+:meth:`Attachment.using`, for this thread and this call only.
+
+**Threads.** Attached interventions act on *every* forward of the model, in
+every thread, until detached: that is what attaching means (a Trainer's
+forwards, a DataParallel replica's). An attachment made by a per-call method
+for its own use (``lab.generate``) belongs to the calling thread alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Protocol
 
 from torch import nn
 
-from steerlab.interventions.errors import LifetimeError, ShapeMismatch, SourceError
+from steerlab.interventions.call import Bindings
+from steerlab.interventions.errors import LifetimeError, SourceError
+from steerlab.interventions.facts import ModelFacts, check_intervention
 from steerlab.interventions.graph import Run, SourceValue
-from steerlab.interventions.hooks import Edit, HookSet
+from steerlab.interventions.handlers import Edit
+from steerlab.interventions.hooks import HookSet, Installation
 from steerlab.interventions.ops import Intervention
+from steerlab.interventions.plan import check_source_value
 from steerlab.interventions.units import Positions
 
-if TYPE_CHECKING:
-    from steerlab.interventions.lab import Lab
 
-__all__ = ["Attachment"]
+class LabLike(Protocol):
+    """What an attachment needs of the :class:`~steerlab.interventions.Lab` it attaches through."""
+
+    facts: ModelFacts
+
+    @property
+    def model(self) -> nn.Module: ...
+
+    def check_wrapped(self, what: str = ...) -> None: ...
+
+__all__ = ["Attachment", "attachments_of"]
+
+_LIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lab -> its attached attachments, in order
 
 
 class Attachment:
-    """Interventions attached to a model; a context manager, or ``attach()``/``detach()``."""
+    """Interventions attached to a model; a context manager, or ``attach()``/``detach()``.
 
-    def __init__(self, lab: Lab, interventions: Iterable[Intervention], *, decode: bool = False, positions=None):
+    ``sources`` binds a ``SourceValue`` to sourced interventions (by
+    intervention) in place of their declared ``source``; ``thread``: the only
+    thread whose forwards it acts on (``None``: every thread).
+    """
+
+    def __init__(
+        self,
+        lab: LabLike,
+        interventions: Iterable[Intervention],
+        *,
+        decode: bool = False,
+        positions=None,
+        sources: dict[Intervention, SourceValue] | None = None,
+        thread: int | None = None,
+    ):
         self.lab = lab
-        self.interventions = list(interventions)
+        self.interventions = [check_intervention(iv, "attach()") for iv in interventions]
         self.decode = bool(decode)
+        self.thread = thread
         self._positions = None if positions is None else Positions(positions)
-        self._hooks: HookSet | None = None
+        self._installed: Installation | None = None
         self._replays: list[tuple[nn.Module, _Replay]] = []
-        self._edits = [self._edit(iv) for iv in self.interventions]
+        self._bindings = Bindings(positions=self._positions)
+        edits = [self._edit(iv, (sources or {}).get(iv)) for iv in self.interventions]
+        self._hooks = HookSet(lab.model, edits, validate=True, maps=[m for iv in self.interventions for m in lab.facts.maps(iv)])
 
-    def _edit(self, iv: Intervention) -> Edit:
-        if not isinstance(iv, Intervention):
-            raise LifetimeError(f"attach() takes Intervention objects; got {type(iv).__name__}")
-        site = self.lab.prepare(iv)
-        getter = None
-        if iv.sourced:
-            if iv.source is None:
+    def _edit(self, iv: Intervention, bound: SourceValue | None) -> Edit:
+        facts = self.lab.facts
+        site = facts.place(iv)
+        edit = Edit(iv, site, decode=self.decode)
+        if not iv.sourced:
+            return edit
+        src = bound if bound is not None else iv.source
+        if not isinstance(src, SourceValue):
+            if src is None:
                 raise SourceError(
                     f"{type(iv).__name__} at {iv.site!r} needs a source: attached interventions take a precomputed "
                     "SourceValue (lab.source_value(...) gives one)"
                 )
-            if isinstance(iv.source, SourceValue):
-                value = iv.source.value.to(self.lab.device)
-                self._check_source_value(iv, site, value)
-                getter = lambda v=value: v  # noqa: E731
-            else:
-                kind = "a run" if isinstance(iv.source, Run) else "inputs" if iv.source is not None else "nothing"
-                raise LifetimeError(
-                    f"{type(iv).__name__} at {iv.site!r} reads from {kind}; attached interventions take a "
-                    "precomputed SourceValue (lab.collect(...) gives one), or use lab.run for a per-call source"
-                )
-        valid = iv.source.valid if iv.sourced else None
-        return Edit(iv, site, source=getter, decode=self.decode, source_valid=valid)
-
-    def _check_source_value(self, iv: Intervention, site, value) -> None:
-        """A SourceValue's shape past the batch (checked per forward) must be the slice ``iv`` edits."""
-        feat = self.lab.site_shape(site)
-        if iv.heads is not None:
-            feat = (len(iv.heads), *feat[1:])
-        if iv.dims is not None:
-            feat = (*feat[:-1], len(iv.dims))
-        if self.lab.has_positions(site):
-            k = (self._positions or iv.positions).count  # None: all positions, whatever the length
-            ok = value.dim() == len(feat) + 2 and tuple(value.shape[2:]) == feat and k in (None, value.shape[1])
-            want = f"[batch, {k if k is not None else 'pos'}, {', '.join(map(str, feat))}]"
-        else:
-            ok = tuple(value.shape[1:]) in (feat, (1, *feat))
-            want = f"[batch, {', '.join(map(str, feat))}]"
-        if not ok:
-            raise ShapeMismatch(f"the SourceValue for {type(iv).__name__} at {site.name!r} has shape {tuple(value.shape)}; expected {want}")
+            kind = "a run" if isinstance(src, Run) else "inputs"
+            raise LifetimeError(
+                f"{type(iv).__name__} at {iv.site!r} reads from {kind}; attached interventions take a "
+                "precomputed SourceValue (lab.source_value(...) gives one), or use lab.run for a per-call source"
+            )
+        value = src.value.to(facts.device)
+        k = (self._positions or iv.positions).count  # None: all positions, whatever the length
+        check_source_value(facts, iv, site, value, batch=None, k=k)  # the batch is checked per forward
+        self._bindings.sources[edit] = value
+        if src.valid is not None:
+            self._bindings.valid[edit] = src.valid
+        return edit
 
     # -- lifetime -------------------------------------------------------------
     @property
     def attached(self) -> bool:
-        return self._hooks is not None
+        return self._installed is not None
 
     def attach(self) -> Attachment:
-        if self._hooks is not None:
+        if self._installed is not None:
             raise LifetimeError("these interventions are already attached")
-        hs = HookSet(self.lab.model, self._edits, positions=self._positions, validate=True)
-        hs.install()
-        self._hooks = hs
+        self.lab.check_wrapped("attach()")
+        inst = self._hooks.install(self._bindings, thread=self.thread)
+        self._installed = inst
         for m in self.lab.model.modules():  # layers with gradient checkpointing (transformers sets this attribute)
             inner = m.__dict__.get("_gradient_checkpointing_func")
             if inner is not None:
-                m._gradient_checkpointing_func = replay = _Replay(hs, inner)
+                m._gradient_checkpointing_func = replay = _Replay(inst, inner)
                 self._replays.append((m, replay))
-        self.lab._attachments.append(self)
+        _LIVE.setdefault(self.lab, []).append(self)
         return self
 
     def detach(self) -> None:
-        if self._hooks is None:
+        if self._installed is None:
             raise LifetimeError("these interventions are not attached")
-        self._hooks.remove()
-        self._hooks = None
+        self._installed.remove()
+        self._installed = None
         for m, replay in reversed(self._replays):
             _unlink(m, replay)
         self._replays.clear()
-        self.lab._attachments.remove(self)
-        for iv in self.interventions:
-            for m in iv.modules():
-                if hasattr(m, "_cached"):
-                    m._cached = None  # drop any R that holds an autograd graph
+        live = _LIVE.get(self.lab, [])
+        if self in live:
+            live.remove(self)
 
     def __enter__(self) -> Attachment:
-        if self._hooks is None:
+        if self._installed is None:
             self.attach()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._hooks is not None:
+        if self._installed is not None:
             self.detach()
 
-    # -- per-forward positions -----------------------------------------------------
+    # -- positions --------------------------------------------------------------------
     @property
     def positions(self) -> Positions | None:
         return self._positions
 
     @positions.setter
     def positions(self, spec) -> None:
-        """Override every attached intervention's positions for the following forwards."""
+        """Override every attached intervention's positions for the following forwards (every thread)."""
         self._positions = None if spec is None else Positions(spec)
-        if self._hooks is not None:
-            self._hooks.positions = self._positions
+        self._bindings.positions = self._positions
+
+    @contextmanager
+    def using(self, positions=None, *, off: bool = False) -> Iterator[Attachment]:
+        """``with att.using(positions=p):`` one call of an entry point on this thread: its forwards use
+        ``p`` (another thread's forwards do not; ``off=True``: they pass through untouched); on exit,
+        however it exits, this thread's per-call state (positions, forward contexts, materialised maps)
+        is dropped."""
+        if self._installed is None:
+            raise LifetimeError("these interventions are not attached")
+        with self._installed.scope(None if positions is None else Positions(positions), off=off):
+            yield self
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
@@ -149,21 +182,18 @@ class Attachment:
 
 class _Replay:
     """A layer's checkpoint function that replays the layer, in backward, with the context
-    (positions, mask) of the forward that ran it: with several forwards before one backward,
-    the hook set's current context is the last forward's, not the replayed one's."""
+    (positions, mask, materialised maps) of the forward that ran it: with several forwards
+    before one backward, the current context is the last forward's, not the replayed one's."""
 
-    def __init__(self, hooks: HookSet, inner):
-        self.hooks, self.inner = hooks, inner
+    def __init__(self, inst: Installation, inner):
+        self.inst, self.inner = inst, inner
 
     def __call__(self, fn, *args, **kwargs):
-        hooks, ctx = self.hooks, self.hooks.ctx
+        inst, ctx = self.inst, self.inst.context()
 
         def run(*a, **k):
-            saved, hooks.ctx = hooks.ctx, ctx
-            try:
+            with inst.replay(ctx):
                 return fn(*a, **k)
-            finally:
-                hooks.ctx = saved
 
         return self.inner(run, *args, **kwargs)
 
@@ -178,3 +208,9 @@ def _unlink(module: nn.Module, replay: _Replay) -> None:
         cur = cur.inner
     if isinstance(cur, _Replay):
         cur.inner = replay.inner
+
+
+
+def attachments_of(lab: LabLike) -> tuple[Attachment, ...]:
+    """The attachments currently attached through ``lab``."""
+    return tuple(_LIVE.get(lab, ()))

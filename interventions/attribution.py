@@ -99,9 +99,9 @@ def _sites(lab, sites) -> list[ResolvedSite]:
         raise ConfigError(f"sites={sites!r}: expected a site name or pattern ('blocks.*.resid_post') or a list of them")
     out: dict[str, ResolvedSite] = {}
     for p in patterns:
-        for name in lab.expand(p):
+        for name in lab.facts.expand(p):
             site = lab.resolve(name)
-            if not lab.has_positions(site):
+            if not lab.facts.has_positions(site):
                 raise UnitError(f"site {site.name!r} has no position axis (its value is [batch, width]); attribution needs [batch, pos, ...]")
             out.setdefault(site.name, site)
     return list(out.values())
@@ -135,7 +135,7 @@ def _units(lab, sites: list[ResolvedSite], heads, neurons) -> tuple[list[int] | 
     per_head = [s for s in sites if s.n_heads]
     if per_head:
         raise UnitError(f"neurons= takes whole-vector sites (mlp.post, resid_post, ...); {per_head[0].name!r} is per-head: use heads=")
-    widths = {lab.site_shape(s)[-1] for s in sites}
+    widths = {lab.facts.site_shape(s)[-1] for s in sites}
     if len(widths) > 1:
         raise UnitError(f"neurons= needs sites of one width; these have widths {sorted(widths)}")
     return None, _int_list("all" if neurons is True else neurons, "neurons", widths.pop())
@@ -189,15 +189,15 @@ def _plan(lab, base, source, sites, positions, heads, neurons, metric, qk_fix, g
             raise ConfigError(f"{name}={flag!r}: expected True or False")
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise ConfigError(f"refine={refine!r}: expected the number of top cells to patch exactly (an int >= 0)")
-    b = Inputs.of(base, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
-    s = Inputs.of(source, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
+    b = lab.facts.inputs(base)
+    s = lab.facts.inputs(source)
     if s.batch not in (1, b.batch):
         raise BatchMismatch(f"the source has batch {s.batch} but the base has {b.batch}; expected equal batches (or a source of 1, broadcast)")
     if s.batch != b.batch:
         s = s.repeat(b.batch)
     rs = _sites(lab, sites)
     hs, ns = _units(lab, rs, heads, neurons)
-    if grad_drop and lab.map.layers_path is None:
+    if grad_drop and lab.facts.map.layers_path is None:
         raise ConfigError("grad_drop drops each layer's gradient in turn; this model has no layer list")
     bi, si = b.mask_info(), s.mask_info()
     slots = _slots(positions, bi, si)
@@ -348,13 +348,13 @@ def _run(lab, plan: _Plan, progress: bool | None):
     extra = [f"blocks.{layer}.attn.{k}" for layer in qk_layers for k in "qkvz"]
     need_src = list(dict.fromkeys([s.name for s in plan.sites] + extra))
     with torch.no_grad():
-        src = lab.run(plan.source, [Collect(n) for n in need_src], **lab.no_cache)
+        src = lab.run(plan.source, [Collect(n) for n in need_src], **lab.facts.no_cache)
         source_metric = check_metric(plan.metric(src.output, plan.source), plan.base_info.batch, plan.metric.name).float()
     source = {n: src.cache[n] for n in need_src}
     taps = Taps(need_src)
     state = {"drop": None}
     window = logit_window(lab, plan.base_info, plan.metric)
-    kwargs = {**lab.no_cache, **({"logits_to_keep": window} if window else {})}
+    kwargs = {**lab.facts.no_cache, **({"logits_to_keep": window} if window else {})}
     rows = _rows(plan, lab.device)
     with torch.enable_grad():
         res = lab.run(plan.base, [*taps.interventions, *(_gates(lab, state) if plan.grad_drop else [])], **kwargs)
@@ -395,7 +395,7 @@ def _refine(lab, plan: _Plan, result: AttributionResult, k: int, progress: bool 
                 iv = Interchange(site.name, positions=None if plan.slots[j] is None else list(plan.slots[j]),
                                  dims=[plan.neurons[u]], source=plan.source)
                 with torch.no_grad():
-                    out = lab.run(plan.base, [iv], **lab.no_cache)
+                    out = lab.run(plan.base, [iv], **lab.facts.no_cache)
                 exact[i, j, u] = plan.metric(out.output, plan.base).float().cpu()
                 forwards += 2  # the patched run and its source run
             continue

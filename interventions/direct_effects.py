@@ -70,7 +70,7 @@ def _written(lab, subspace: Subspace) -> Float[Tensor, "k d"]:
             f"{site.name!r} writes nothing to the residual stream directly ({kind}); direct logit attribution takes "
             f"subspaces at {', '.join(_RESIDUAL)} or at {', '.join(_PROJECTED)} (through the output projection)"
         )
-    width = lab.site_shape(site)
+    width = lab.facts.site_shape(site)
     full = width[0] * width[1] if len(width) == 2 else width[0]
     heads = list(subspace.heads) if subspace.heads is not None else ([0] if len(width) == 1 else None)
     if len(width) == 2 and heads is None:
@@ -148,10 +148,10 @@ def direction_logits(lab, subspace: Subspace, *, inputs=None, position: int = -1
     sigma = torch.ones(1, 1, device=w.device)
     effects = None
     if inputs is not None:
-        inp = Inputs.of(inputs, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
+        inp = lab.facts.inputs(inputs)
         last = f"blocks.{lab.n_layers - 1}.resid_post"
         with torch.no_grad():
-            res = lab.run(inp, [Collect(last, positions=position)], **lab.no_cache)
+            res = lab.run(inp, [Collect(last, positions=position)], **lab.facts.no_cache)
         sigma = read.scale(res.cache[lab.resolve(last).name][:, 0].float()).mean().view(1, 1)
         if metric is not None:
             u = _metric_pullback(lab, read, inp, res.logits, metric, position).mean(0)  # [d]
@@ -233,7 +233,7 @@ def head_logit_attribution(lab, inputs, *, metric, position: int = -1) -> HeadLo
     ``position``: ``∂metric/∂logits · W_U (γ ⊙ c(x)/σ)`` with ``σ`` from the run (one forward)."""
     m = as_metric(metric)
     m = m.bind(lab) if m.tokenizer is None else m
-    inp = Inputs.of(inputs, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
+    inp = lab.facts.inputs(inputs)
     info = inp.mask_info()
     Positions(position).validate(info, "position")
     read = ReadOut(lab)
@@ -243,7 +243,7 @@ def head_logit_attribution(lab, inputs, *, metric, position: int = -1) -> HeadLo
     last = f"blocks.{L - 1}.resid_post"
     ivs = [Collect(s.name, positions=position) for s in z_sites] + [Collect(s, positions=position) for s in [*mlp_sites, last, "embed"]]
     with torch.no_grad():
-        res = lab.run(inp, ivs, **lab.no_cache)
+        res = lab.run(inp, ivs, **lab.facts.no_cache)
     u = _metric_pullback(lab, read, inp, res.logits, m, position)  # [b, d]
     value = check_metric(m(res.logits, inp), inp.batch, m.name)
     sigma = read.scale(res.cache[last][:, 0].float())  # [b, 1]
@@ -318,11 +318,11 @@ def direction_effects(lab, inputs, subspace: Subspace, *, source=None, scale: fl
             raise ConfigError(f"give sites= to follow a direction at {site.name!r} (it has no layer)")
         kind = _kind(site.name)
         sites = [f"blocks.{x}.{kind}" for x in range(site.layer, lab.n_layers)]
-    names = [lab.resolve(n).name for s in ([sites] if isinstance(sites, str) else sites) for n in lab.expand(s)]
+    names = [lab.resolve(n).name for s in ([sites] if isinstance(sites, str) else sites) for n in lab.facts.expand(s)]
     for n in names:
-        if lab.site_shape(lab.resolve(n))[-1] != subspace.width:
-            raise SubspaceSizeError(f"{n!r} has width {lab.site_shape(lab.resolve(n))[-1]}; the subspace has {subspace.width}")
-    inp = Inputs.of(inputs, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
+        if lab.facts.site_shape(lab.resolve(n))[-1] != subspace.width:
+            raise SubspaceSizeError(f"{n!r} has width {lab.facts.site_shape(lab.resolve(n))[-1]}; the subspace has {subspace.width}")
+    inp = lab.facts.inputs(inputs)
     B, K = inp.batch, subspace.size
     R = subspace.basis.to(lab.device)
     pos = subspace.positions
@@ -340,8 +340,8 @@ def direction_effects(lab, inputs, subspace: Subspace, *, source=None, scale: fl
     reads = [Collect(n, positions=pos) for n in names]
     m = None if metric is None else (lambda mm: mm.bind(lab) if mm.tokenizer is None else mm)(as_metric(metric))
     with torch.no_grad():
-        base = lab.run(inp, [Collect(n, positions=pos, name=f"base:{n}") for n in names], **lab.no_cache)
-        patched = lab.run(inp.repeat(K), [iv, *reads], **lab.no_cache)
+        base = lab.run(inp, [Collect(n, positions=pos, name=f"base:{n}") for n in names], **lab.facts.no_cache)
+        patched = lab.run(inp.repeat(K), [iv, *reads], **lab.facts.no_cache)
     along, norm = [], []
     for n in names:
         d = (patched.cache[n].float() - base.cache[f"base:{n}"].float().repeat(K, *([1] * (base.cache[f"base:{n}"].dim() - 1))))

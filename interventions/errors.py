@@ -29,6 +29,12 @@ __all__ = [
     "SaveError",
     "UnknownInterventionType",
     "LifetimeError",
+    "AlreadyWrapped",
+    "NotWrapped",
+    "ConcurrentCall",
+    "NotAnIntervention",
+    "NotAModel",
+    "Unsupported",
     "ConfigError",
     "DataError",
     "CausalModelError",
@@ -110,6 +116,31 @@ class UnknownInterventionType(FileFormatError, KeyError):
 
 class LifetimeError(SteerlabError, RuntimeError):
     """Attaching twice, detaching what is not attached, or mixing lifetimes unsafely."""
+
+
+class AlreadyWrapped(LifetimeError):
+    """Wrapping a model (``wrap``, ``get_reft_model``) that a live Lab or ReftModel already wraps,
+    without ``stack=True``."""
+
+
+class NotWrapped(LifetimeError):
+    """Using a Lab or ReftModel after ``unwrap()``: its model is no longer steerlab's."""
+
+
+class ConcurrentCall(LifetimeError):
+    """A call that cannot share its model with a call running in another thread (the nnsight engine)."""
+
+
+class NotAnIntervention(SteerlabError, TypeError):
+    """Something given where an :class:`~steerlab.interventions.Intervention` was expected."""
+
+
+class NotAModel(SteerlabError, TypeError):
+    """Something given where a model (an ``nn.Module``, an nnsight model) was expected."""
+
+
+class Unsupported(SteerlabError, NotImplementedError):
+    """An operation steerlab deliberately does not offer (it would act on the wrong object)."""
 
 
 class ConfigError(SteerlabError, ValueError):

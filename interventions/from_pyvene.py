@@ -181,7 +181,7 @@ def import_pyvene(directory: str | Path, lab: Lab, *, positions=None) -> list[In
     for i, p in enumerate(read_pyvene(directory, _PYVENE)):
         where = f"{directory}: intervention {i} ({p.type_name} at {p.site})"
         try:
-            width = lab.site_shape(lab.resolve(p.site))[-1]
+            width = lab.facts.site_shape(lab.resolve(p.site))[-1]
         except SteerlabError as e:
             raise FileFormatError(f"{where}: {e}") from e
         if p.low_rank_dimension is not None and p.low_rank_dimension > width:

@@ -143,14 +143,14 @@ def metric_gradients(
     ``reference`` is the unpatched run's output for metrics that compare with
     it (``kl_to_base``); by default the run itself.
     """
-    names = [lab.resolve(n).name for s in ([sites] if isinstance(sites, str) else sites) for n in lab.expand(s)]
+    names = [lab.resolve(n).name for s in ([sites] if isinstance(sites, str) else sites) for n in lab.facts.expand(s)]
     m = as_metric(metric)
     if m.tokenizer is None:
         m = m.bind(lab)
-    inp = Inputs.of(inputs, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
+    inp = lab.facts.inputs(inputs)
     taps = Taps(names)
     window = logit_window(lab, inp.mask_info(), m)
-    kwargs = {**lab.no_cache, **({"logits_to_keep": window} if window else {})}
+    kwargs = {**lab.facts.no_cache, **({"logits_to_keep": window} if window else {})}
     with torch.enable_grad():
         res = lab.run(inp, [*interventions, *taps.interventions], **kwargs)
         seen = metric_inputs(inp, window)

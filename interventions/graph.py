@@ -27,7 +27,7 @@ from typing import Any
 from torch import Tensor
 
 from steerlab.interventions.activation_cache import ActivationCache
-from steerlab.interventions.errors import GraphError, SourceError
+from steerlab.interventions.errors import GraphError, NotAnIntervention, SourceError
 from steerlab.interventions.ops import Intervention
 
 __all__ = ["Graph", "Run", "SourceValue", "RunResult", "GraphResult"]
@@ -85,7 +85,7 @@ class Graph:
             interventions = [interventions]
         for iv in interventions:
             if not isinstance(iv, Intervention):
-                raise GraphError(f"a run's interventions must be Intervention objects; got {type(iv).__name__}")
+                raise NotAnIntervention(f"a run's interventions must be Intervention objects; got {type(iv).__name__} {iv!r:.60}")
             if isinstance(iv.source, Run) and iv.source.graph is not self:
                 raise GraphError(f"{iv!r} reads from {iv.source!r}, which belongs to another graph")
         node = Run(self, len(self.runs), inputs, interventions, name, output)
@@ -119,15 +119,6 @@ class Graph:
 
         for r in self.runs:
             visit(r, [])
-        return out
-
-    def readers(self) -> dict[int, list[tuple[Run, Intervention]]]:
-        """For each run index, the (run, intervention) pairs that read from it."""
-        out: dict[int, list[tuple[Run, Intervention]]] = {}
-        for r in self.runs:
-            for iv in r.interventions:
-                if isinstance(iv.source, Run):
-                    out.setdefault(iv.source.index, []).append((r, iv))
         return out
 
     def validate_sources(self) -> None:

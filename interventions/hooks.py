@@ -1,367 +1,160 @@
 """The hook engine's mechanics: one hook per (module, side), installed and removed as a set.
 
-A :class:`HookSet` holds *handlers* (edits and reads at resolved sites) and
-installs, on each module they touch, exactly one PyTorch hook (a forward
-pre-hook with kwargs for inputs, a forward hook for outputs), plus one
-pre-hook on the model's root that opens a :class:`ForwardContext` for each
-forward: where the real tokens are, which position indices each spec
-resolves to (computed once per forward, shared by every site), and whether
-this is a prefill or a decode step. Removing the set removes exactly its own
-handles; nobody else's hooks are touched.
+A :class:`HookSet` is built once from handlers (edits and reads at resolved
+sites): it groups them by (module, side) and knows the orthonormal maps they
+use. :meth:`HookSet.install` puts it on the model for one call (or one
+attachment) with that call's :class:`~steerlab.interventions.call.Bindings`
+and returns an :class:`Installation`: exactly one PyTorch hook per (module,
+side), plus a pre-hook and an always-called post-hook on the model's root
+that open and close a :class:`~steerlab.interventions.call.ForwardContext`
+for each forward. Removing the installation removes exactly its own handles;
+nobody else's hooks are touched.
 
-At one (module, side) edits run first, in the order given, then reads, which
-therefore see the value the rest of the forward will use.
+**Threads.** A per-call installation belongs to the thread that made it:
+its hooks pass every other thread's forward through untouched, so a plain
+forward or ``generate`` in another thread sees the model as it is, and two
+threads' calls on one model do not mix. An attached installation
+(``lab.attach``) acts on every forward of the model, whatever the thread,
+by design; each thread has its own forward contexts.
+
+**Interrupts.** Per-forward state lives on the installation, per thread, as a
+stack of contexts pushed by the root pre-hook and popped by the root
+post-hook. PyTorch runs ``always_call`` hooks on ``Exception`` only, so a
+``KeyboardInterrupt`` (or any ``BaseException``) inside a forward skips the
+pop. Nothing depends on that pop: per-call installations are removed in the
+``finally`` of the call that made them; every entry point that runs an
+attached installation resets its thread's state in a ``finally``
+(:meth:`Installation.scope`); and a raw ``model(...)`` forward while
+attached recognises a leftover context (no forward of this model is running
+below it on the thread's stack) and drops it before it starts.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import torch
-from einops import rearrange
-from torch import Tensor, nn
+from torch import nn
 
-from steerlab.interventions.errors import BatchMismatch, ShapeMismatch, UnitError
-from steerlab.interventions.ops import Collect, Intervention
-from steerlab.interventions.orthonormal import Orthonormal, materialise
-from steerlab.interventions.sites import ResolvedSite
-from steerlab.interventions.units import MaskInfo, Positions, gather_positions, position_index, scatter_positions
+from steerlab.interventions.call import Bindings, ForwardContext
+from steerlab.interventions.errors import BatchMismatch
+from steerlab.interventions.handlers import (
+    Edit,
+    Handler,
+    group_handlers,
+    input_tensor,
+    mask_info_of_call,
+    output_tensor,
+    run_on_inputs,
+    run_on_output,
+)
+from steerlab.interventions.orthonormal import Orthonormal, materialise, use_table
+from steerlab.interventions.units import MaskInfo, Positions
 
-__all__ = ["HookSet", "Edit", "Read", "ForwardContext", "EarlyExit", "POSITIONS_KWARG"]
+__all__ = ["HookSet", "Installation", "POSITIONS_KWARG"]
 
 #: a keyword a caller may pass to the model's forward while interventions are
 #: attached: per-example positions for this forward, removed before the model sees it
 POSITIONS_KWARG = "intervention_positions"
 
-
-#: the context of a forward nested in a per-call forward: no handler acts on it
-_NESTED: ForwardContext = object()  # type: ignore[assignment]
+# the context of a forward nested in a per-call forward: no handler acts on it
+_NESTED = object()
 # a decode step of a set whose edits all act on prompt positions only: every site hook returns at
-# once (no mask bookkeeping, no re-materialised R), so steering costs nothing per generated token
-_DECODE_SKIP: ForwardContext = object()  # type: ignore[assignment]
+# once (no mask bookkeeping, no materialised R), so steering costs nothing per generated token
+_DECODE_SKIP = object()
+
+_CALL_IMPL = nn.Module._call_impl.__code__
 
 
-class EarlyExit(Exception):
-    """Raised inside a forward once every value a source run must supply is read."""
+def _root_calls_on_stack(root: nn.Module) -> int:
+    """How many calls of ``root`` are running on this thread (from the Python stack)."""
+    n, f = 0, sys._getframe(1)
+    while f is not None:
+        if f.f_code is _CALL_IMPL and f.f_locals.get("self") is root:
+            n += 1
+        f = f.f_back
+    return n
 
 
-class ForwardContext:
-    """Per-forward state: mask info and the position indices resolved from it."""
-
-    __slots__ = ("info", "_idx", "_index", "positions", "source_positions")
-
-    def __init__(self, info: MaskInfo, positions: Positions | None = None, source_positions: Positions | None = None):
-        self.info = info
-        # per-call overrides: of every edit's positions, and of every source read's positions
-        self.positions = positions
-        self.source_positions = source_positions
-        # by value: interventions with equal specs share one resolution per forward
-        self._idx: dict[Positions, tuple[Tensor | None, bool, bool]] = {}
-        self._index: dict[tuple, Tensor] = {}
-
-    def resolved(self, spec: Positions) -> tuple[Tensor | None, bool, bool]:
-        """``(indices, filled, guard)``: the padded indices; whether every slot is known to be
-        filled; whether scatter must guard against empty slots."""
-        hit = self._idx.get(spec)
-        if hit is None:
-            idx = spec.resolve(self.info)
-            filled = spec.filled(self.info, idx)
-            hit = self._idx[spec] = (idx, filled, spec.may_be_empty and not filled)
-        return hit
-
-    def indices(self, spec: Positions) -> Tensor | None:
-        return self.resolved(spec)[0]
-
-    def index(self, spec: Positions, rest: tuple[int, ...]) -> Tensor:
-        """``spec``'s indices broadcast over a value's trailing dims ``rest`` (clamped unless filled), for gather."""
-        key = (spec, rest)
-        hit = self._index.get(key)
-        if hit is None:
-            idx, filled, _ = self.resolved(spec)
-            hit = self._index[key] = position_index(idx, rest, clamp=not filled)
-        return hit
-
-
-@dataclass(eq=False)
-class _Selection:
-    """How to cut a site's value down to the slice an intervention sees, and back."""
-
-    site: ResolvedSite
-    positions: Positions | None  # None: all positions
-    heads: tuple[int, ...] | None
-    dims: tuple[int, ...] | None
-    override: str = "positions"  # which per-call override applies: "positions" (edits) or "source_positions" (reads)
-    _cache: dict = field(default_factory=dict, repr=False)
-
-    def _index(self, name: str, values, device) -> Tensor:
-        key = (name, device)
-        t = self._cache.get(key)
-        if t is None:
-            t = self._cache[key] = torch.as_tensor(values, device=device, dtype=torch.long)
-        return t
-
-    def transform(
-        self, x: Tensor, ctx: ForwardContext, fn: Callable[[Tensor], Tensor | None], *, inplace: bool, decode: bool, read: bool = False
-    ) -> Tensor:
-        """Apply ``fn`` to the selected slice of ``x``; return the new full value (``x`` if ``fn`` returns None).
-
-        ``read``: ``fn`` only records its argument, whose empty slots are zeros (never another token's value).
-        """
-        site = self.site
-        two_d = x.dim() == 2
-        full = x.unsqueeze(1) if two_d else x
-        v = full
-        if site.channels is not None:
-            v = v.index_select(-1, self._index("ch", site.channels, x.device))
-        if site.n_heads:
-            v = rearrange(v, "b t (h d) -> b t h d", h=site.n_heads)
-        forced = getattr(ctx, self.override)
-        spec = forced if forced is not None else self.positions
-        if decode and ctx.info.past > 0:
-            idx, filled, guard = None, True, False  # a decode step: the new token(s) are the positions
-        elif spec is None:
-            idx, filled, guard = None, True, False
-        else:
-            idx, filled, guard = ctx.resolved(spec)
-        if idx is not None and idx.shape[0] != v.shape[0]:
-            raise ShapeMismatch(
-                f"site {site.name!r}: the positions have {idx.shape[0]} rows but the value has batch {v.shape[0]}"
-            )
-        index = None if idx is None else ctx.index(spec, tuple(v.shape[2:]))
-        if idx is not None and inplace and v.requires_grad:
-            # gather keeps its input for backward and the in-place write below modifies that input
-            # (autograd then refuses the backward); indexing keeps only the sizes and the indices
-            p0 = v[torch.arange(v.shape[0], device=v.device)[:, None], idx.clamp_min(0)]
-        else:
-            p0 = v if idx is None else gather_positions(v, idx, index=index)
-        heads = None if self.heads is None else self._index("heads", self.heads, x.device)
-        dims = None if self.dims is None else self._index("dims", self.dims, x.device)
-        p1 = p0 if heads is None else p0.index_select(2, heads)
-        p2 = p1 if dims is None else p1.index_select(-1, dims)
-        if idx is None and inplace and site.channels is None:
-            p2 = p2.clone()  # fn may save its input for backward; we overwrite x below
-        if read and guard:
-            p2 = p2 * (idx >= 0).view(*idx.shape, *([1] * (p2.dim() - 2))).to(p2.dtype)
-        new = fn(p2)
-        if new is None:
-            return x
-        if not isinstance(new, Tensor):
-            raise ShapeMismatch(
-                f"an intervention at {site.name!r} returned {type(new).__name__}; expected a tensor of shape {tuple(p2.shape)} (the shape it was given)"
-            )
-        if new.shape != p2.shape:
-            raise ShapeMismatch(
-                f"an intervention at {site.name!r} returned shape {tuple(new.shape)}; expected {tuple(p2.shape)} (the shape it was given)"
-            )
-        new = new.to(x.dtype)
-        if dims is not None:
-            new = p1.index_copy(-1, dims, new)
-        if heads is not None:
-            new = p0.index_copy(2, heads, new)
-        direct = inplace and site.channels is None and not site.n_heads
-        if idx is None:
-            nv = new
-            if direct:
-                return full.copy_(nv).squeeze(1) if two_d else full.copy_(nv)
-        else:
-            nv = scatter_positions(v, idx, new, may_be_empty=guard, inplace=direct, original=p0, index=index if filled else None)
-            if direct:
-                return x
-        if site.n_heads:
-            nv = rearrange(nv, "b t h d -> b t (h d)")
-        if site.channels is not None:
-            nv = full.index_copy(-1, self._index("ch", site.channels, x.device), nv)
-        if inplace:
-            full.copy_(nv)
-            return x
-        return nv.squeeze(1) if two_d else nv
-
-
-class Edit:
-    """An intervention acting at its resolved site."""
-
-    def __init__(
-        self,
-        iv: Intervention,
-        site: ResolvedSite,
-        *,
-        source: Callable[[], Tensor] | None = None,
-        decode: bool = False,
-        source_valid: Tensor | None = None,
-    ):
-        self.iv = iv
-        self.sel = _Selection(site, iv.positions if iv.positions.kind != "all" else None, iv.heads, iv.dims)
-        self.source = source
-        # [batch or 1, k]: which source slots hold a token; where one is empty the base slot keeps its value
-        self.source_valid = source_valid
-        self.decode = decode
-        self.collect = isinstance(iv, Collect)
-        self.store: dict | None = None
-        self.on_read: Callable[[], None] | None = None  # a collect counts as a read: the engine may stop after the last
-
-    def run(self, x: Tensor, ctx: ForwardContext, inplace: bool) -> Tensor:
-        iv = self.iv
-        if ctx.info.past > 0 and not self.decode:
-            return x  # prompt-only interventions leave decode steps alone
-        if self.collect:
-            assert self.store is not None
-            key = iv.name  # type: ignore[attr-defined]
-
-            def keep(part: Tensor) -> None:
-                self.store[key] = part.detach() if iv.detach else part  # type: ignore[attr-defined,index]
-
-            out = self.sel.transform(x, ctx, keep, inplace=False, decode=self.decode, read=True)
-            if self.on_read is not None:
-                self.on_read()
-            return out
-        if iv.sourced:
-            if ctx.info.past > 0:
-                return x  # a source has no values at generated tokens
-            assert self.source is not None
-            src = self.source()
-            # a site without a position axis is handled as [batch, 1, width]; its SourceValue is [batch, width]
-            fn = lambda part: iv(part, _aligned(src, part))  # noqa: E731
-            if self.source_valid is not None:
-                fn = _where_source(fn, self.source_valid)
-        else:
-            fn = iv
-        return self.sel.transform(x, ctx, fn, inplace=inplace, decode=self.decode)
-
-
-def _where_source(fn: Callable[[Tensor], Tensor], valid: Tensor) -> Callable[[Tensor], Tensor]:
-    def edit(part: Tensor) -> Tensor:
-        keep = valid.to(part.device).view(*valid.shape, *([1] * (part.dim() - 2)))
-        return torch.where(keep, fn(part), part)
-
-    return edit
-
-
-def _aligned(src: Tensor, part: Tensor) -> Tensor:
-    if src.dim() == part.dim() - 1:
-        src = src.unsqueeze(1)
-    return src.expand_as(part) if src.shape[0] == 1 else src
-
-
-class Read:
-    """Store the selected slice of a site under ``key`` (a source run feeding a sourced edit)."""
-
-    def __init__(self, key, site: ResolvedSite, positions: Positions, heads, dims, store: dict, on_read: Callable[[], None]):
-        self.key = key
-        self.sel = _Selection(site, positions if positions.kind != "all" else None, heads, dims, override="source_positions")
-        self.store = store
-        self.on_read = on_read
-
-    def run(self, x: Tensor, ctx: ForwardContext, inplace: bool) -> Tensor:
-        def keep(part: Tensor) -> None:
-            self.store[self.key] = part
-
-        self.sel.transform(x, ctx, keep, inplace=False, decode=False, read=True)
-        self.on_read()
-        return x
-
-
-def _input_tensor(args: tuple, kwargs: dict) -> tuple[Tensor, int | str]:
-    if args and isinstance(args[0], Tensor):
-        return args[0], 0
-    for name in ("hidden_states", "input", "x", "hidden", "inputs_embeds"):
-        v = kwargs.get(name)
-        if isinstance(v, Tensor):
-            return v, name
-    for name, v in kwargs.items():
-        if isinstance(v, Tensor):
-            return v, name
-    raise UnitError("a hooked module was called without a tensor input")
-
-
-def _output_tensor(out) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    if hasattr(out, "to_tuple"):  # a transformers ModelOutput
-        return out.to_tuple()[0]
-    raise UnitError(f"a hooked module returned {type(out).__name__}; expected a tensor or a tuple starting with one")
-
-
-def _replace_output(out, new: Tensor):
-    if isinstance(out, Tensor):
-        return new
-    if isinstance(out, tuple):
-        return (new, *out[1:])
-    if isinstance(out, list):
-        return [new, *out[1:]]
-    key = next(iter(out.keys()))
-    out[key] = new
-    return out
-
-
-def _cache_length(kwargs: dict) -> int:
-    for name in ("past_key_values", "cache"):
-        c = kwargs.get(name)
-        if c is not None and hasattr(c, "get_seq_length"):
-            try:
-                return int(c.get_seq_length())
-            except Exception:  # an empty or foreign cache object
-                return 0
-    return 0
+def _nested(root: nn.Module) -> bool:
+    """Whether the forward of ``root`` starting now runs inside another forward of it (started by a
+    handler, an intervention calling the model, or by any code below a running call of ``root``).
+    Asked only when this thread has contexts open: a nested forward, or leftovers of an interrupt."""
+    return _root_calls_on_stack(root) > 1
 
 
 class HookSet:
-    """Hooks for a set of handlers on one model; :meth:`install` / :meth:`remove`."""
+    """Handlers for one model, grouped once; :meth:`install` puts them on the model for a call.
+
+    ``per_call``: only the top-level forward of the installing thread is
+    intervened; a forward nested in it (an intervention calling the model)
+    passes through. Otherwise (attached) every forward is, nested ones too.
+    ``validate``: check positions (and attached source batches) against each
+    forward's real lengths. ``continuation``: the call resumes after cached
+    positions (``Prefix.past``): its tokens are prompt positions, not decode steps.
+    """
 
     def __init__(
         self,
         root: nn.Module,
-        handlers: Iterable[Edit | Read],
+        handlers: Iterable[Handler],
         *,
-        positions: Positions | None = None,
-        source_positions: Positions | None = None,
         validate: bool = False,
         per_call: bool = False,
         continuation: bool = False,
+        maps: Iterable[Orthonormal] | None = None,
     ):
         self.root = root
-        # a prompt resumed after cached positions (Prefix.past): its tokens are prompt positions, not decode steps
-        self.continuation = continuation
-        self.validate = validate  # check positions against each forward's real lengths (attached lifetime)
-        # per call: only the forward the set was installed for is intervened; a forward nested in it
-        # (an intervention calling the model) passes through. Attached: every forward, nested too.
-        self.per_call = per_call
-        self._outer: list = []  # the contexts of the forwards a nested forward interrupted
-        self._depth = 0
         self.handlers = list(handlers)
-        self.positions = positions  # per-call override for every edit's positions
-        self.source_positions = source_positions
-        self.ctx: ForwardContext | None = None
+        self.groups = group_handlers(self.handlers)
+        self.validate = validate
+        self.per_call = per_call
+        self.continuation = continuation
+        if maps is None:  # the orthonormal maps the edits use (given by the caller when it knows them already)
+            maps = (m for h in self.handlers if isinstance(h, Edit) for m in h.iv.modules() if isinstance(m, Orthonormal))
+        self.maps = list(dict.fromkeys(maps))
+        self.prompt_only = all(isinstance(h, Edit) and not h.decode for h in self.handlers)
+
+    def install(self, bindings: Bindings, *, thread: int | None) -> Installation:
+        """Hooks on the model for ``bindings``; ``thread``: the only thread they act on (None: every thread)."""
+        return Installation(self, bindings, thread)._install()
+
+
+@dataclass(eq=False)
+class _Thread:
+    """One thread's state on an installation: the contexts of the forwards it is running."""
+
+    frames: list = field(default_factory=list)
+    positions: Positions | None = None  # this thread's override for the current scope (an entry point's call)
+    off: bool = False  # this thread's forwards pass through for the scope (the call brings its own interventions)
+    reuse: dict | None = None  # maps materialised earlier in the scope, reused where unchanged (no gradients)
+    last: ForwardContext | None = None  # the last top-level forward's context (a checkpointed layer replayed alone)
+
+
+class Installation:
+    """A :class:`HookSet` on its model for one call or one attachment; :meth:`remove` takes it off."""
+
+    def __init__(self, hooks: HookSet, bindings: Bindings, owner: int | None):
+        self.hooks = hooks
+        self.bindings = bindings
+        self.owner = owner
         self._handles: list = []
-        self._maps = [m for h in self.handlers if isinstance(h, Edit) for m in h.iv.modules() if isinstance(m, Orthonormal)]
-        self._prompt_only = all(isinstance(h, Edit) and not h.decode for h in self.handlers)
+        self._threads: dict[int, _Thread] = {}
 
-    @property
-    def installed(self) -> bool:
-        return bool(self._handles)
-
-    def install(self) -> HookSet:
-        groups: dict[tuple[str, str], list] = defaultdict(list)
-        modules: dict[tuple[str, str], nn.Module] = {}
-        inplace: dict[tuple[str, str], bool] = {}
-        for h in self.handlers:
-            key = h.sel.site.key
-            groups[key].append(h)
-            modules[key] = h.sel.site.module
-            inplace[key] = h.sel.site.port.inplace
+    def _install(self) -> Installation:
+        hs = self.hooks
         try:
-            self._handles.append(self.root.register_forward_pre_hook(self._root_pre, with_kwargs=True, prepend=True))
-            self._handles.append(self.root.register_forward_hook(self._root_post, always_call=True))
-            for key, hs in groups.items():
-                ordered = [h for h in hs if isinstance(h, Edit) and not h.collect] + [h for h in hs if not (isinstance(h, Edit) and not h.collect)]
-                if key[1] == "input":
-                    fn = self._make_pre(ordered, inplace[key])
-                    self._handles.append(modules[key].register_forward_pre_hook(fn, with_kwargs=True))
+            self._handles.append(hs.root.register_forward_pre_hook(self._root_pre, with_kwargs=True, prepend=True))
+            self._handles.append(hs.root.register_forward_hook(self._root_post, always_call=True))
+            for site, handlers in hs.groups.values():
+                if site.port.io == "input":
+                    hook = self._make_pre(handlers, site.port.inplace)
+                    self._handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
                 else:
-                    self._handles.append(modules[key].register_forward_hook(self._make_post(ordered)))
+                    self._handles.append(site.module.register_forward_hook(self._make_post(handlers)))
         except BaseException:
             self.remove()
             raise
@@ -371,162 +164,202 @@ class HookSet:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self.ctx = None
-        self._outer.clear()
-        self._depth = 0
+        self._threads.clear()
 
-    # -- the hooks -------------------------------------------------------------
-    def _root_pre(self, module, args, kwargs):
-        self._outer.append(self.ctx)  # restored by _root_post, so a nested forward cannot clobber it
-        self._depth += 1
-        if self.per_call and self._depth > 1:
-            self.ctx = _NESTED
+    def __enter__(self) -> Installation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # -- per-thread state -------------------------------------------------------------
+    def _thread(self) -> _Thread | None:
+        ident = threading.get_ident()
+        if self.owner is not None and ident != self.owner:
             return None
-        changed = False
-        override = self.positions
-        if self._depth > 1 and override is not None and override.kind == "tensor":
+        st = self._threads.get(ident)
+        if st is None:
+            st = self._threads[ident] = _Thread()
+        return st
+
+    @contextmanager
+    def scope(self, positions: Positions | None = None, *, off: bool = False) -> Iterator[None]:
+        """One entry point's call on this thread (a ``ReftModel`` forward, a ``generate``): ``positions``
+        override every edit's for its forwards (``off``: its forwards pass through); on exit, however
+        it exits, the thread's state is dropped. After a call that completed, its last forward's
+        context stays for a checkpointed layer replayed in backward; after one that raised, nothing."""
+        ident = threading.get_ident()
+        outer = self._threads.get(ident)
+        st = self._threads[ident] = _Thread(positions=positions, off=off, reuse={})
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            st.frames.clear()
+            keep = st.last if ok else None
+            if outer is not None:
+                self._threads[ident] = outer
+            else:
+                self._threads.pop(ident, None)
+            if keep is not None and self._handles:
+                self._threads.setdefault(ident, _Thread()).last = keep
+
+    # -- the root hooks -----------------------------------------------------------------
+    def _root_pre(self, module, args, kwargs=None):
+        st = self._thread()
+        if st is None or kwargs is None:
+            # another thread's forward: a per-call installation does not act on it (nor on one that met
+            # the hook half-registered: torch files a with-kwargs hook in two steps)
+            return None
+        if st.frames and not _nested(module):
+            st.frames.clear()  # contexts of a forward that died without its post-hook (a KeyboardInterrupt)
+        if st.off:
+            st.frames.append(_NESTED)
+            return (args, {k: v for k, v in kwargs.items() if k != POSITIONS_KWARG}) if POSITIONS_KWARG in kwargs else None
+        if self.hooks.per_call and st.frames:
+            st.frames.append(_NESTED)
+            return None
+        override = st.positions if st.positions is not None else self.bindings.positions
+        if st.frames and override is not None and override.kind == "tensor":
             # per-example positions belong to the batch they were set for, not to a forward nested
             # in it (an intervention calling the model on other inputs): that one uses each spec
             override = None
-        if POSITIONS_KWARG in kwargs:
+        changed = POSITIONS_KWARG in kwargs
+        if changed:
             kwargs = dict(kwargs)
             override = Positions(kwargs.pop(POSITIONS_KWARG))
-            changed = True
-        ref, _ = _input_tensor(args, {k: kwargs[k] for k in ("input_ids", "inputs_embeds") if k in kwargs} or kwargs)
-        batch = ref.shape[0]
-        seq = ref.shape[1] if (ref.dim() >= 2 and ("input_ids" in kwargs or "inputs_embeds" in kwargs or ref.dim() >= 3)) else 1
-        if not ("input_ids" in kwargs or "inputs_embeds" in kwargs) and args and ref.dtype in (torch.int64, torch.int32):
-            seq = ref.shape[1]
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1 and isinstance(args[1], Tensor) and args[1].dim() == 2 and args[1].shape[0] == batch:
-            mask = args[1]
-        if isinstance(mask, Tensor) and mask.dim() == 2:
-            past = mask.shape[-1] - seq
-        else:
-            mask, past = None, _cache_length(kwargs)
-        if self.continuation:
-            past = 0
-        if past > 0 and self._prompt_only:
-            self.ctx = _DECODE_SKIP
+        info = mask_info_of_call(args, kwargs)
+        if self.hooks.continuation:
+            info = MaskInfo(info.starts, info.lengths, info.seq, 0, info.lengths_cpu)
+        if info.past > 0 and self.hooks.prompt_only:
+            st.frames.append(_DECODE_SKIP)
             return (args, kwargs) if changed else None
-        self.ctx = ForwardContext(MaskInfo.from_mask(mask, batch, seq, ref.device, past), override, self.source_positions)
-        if self.validate and past == 0:
-            self._validate(self.ctx)
-        if self._maps and self._depth == 1:  # a nested forward must not re-materialise the outer one's R
-            materialise(self._maps)
+        table = materialise(self.hooks.maps, st.reuse) if self.hooks.maps else None
+        ctx = ForwardContext(info, self.bindings, override, table)
+        if self.hooks.validate and info.past == 0:
+            self._validate(ctx)
+        if st.reuse is not None and table is not None:
+            st.reuse = table
+        st.frames.append(ctx)
+        if len(st.frames) == 1:
+            st.last = ctx
         return (args, kwargs) if changed else None
 
     def _root_post(self, module, args, out):
-        # always_call: also when the forward raised (EarlyExit included)
-        self._depth = max(self._depth - 1, 0)
-        outer = self._outer.pop() if self._outer else None
-        if self._depth > 0:
-            self.ctx = outer  # back to the forward the nested one interrupted
-        # the outermost forward keeps its context: gradient checkpointing replays its layers in backward
+        # always_call: also when the forward raised (EarlyExit included); not on a KeyboardInterrupt
+        st = self._thread()
+        if st is not None and st.frames:
+            st.frames.pop()
 
     def _validate(self, ctx: ForwardContext) -> None:
         seen: set[int] = set()
-        for h in self.handlers:
-            spec = ctx.positions if ctx.positions is not None else h.sel.positions
+        for h in self.hooks.handlers:
+            spec = ctx.spec("positions", h.sel.positions, h.sel.owner)
             if spec is not None and id(spec) not in seen:
                 seen.add(id(spec))
                 spec.validate(ctx.info, "positions")
-            if isinstance(h, Edit) and h.source is not None and not h.collect:
-                batch = h.source().shape[0]  # an attached SourceValue: its batch must fit every forward
-                if batch not in (1, ctx.info.batch):
-                    raise BatchMismatch(
-                        f"the SourceValue of {type(h.iv).__name__} at {h.sel.site.name!r} has batch {batch} but this "
-                        f"forward has {ctx.info.batch}; expected equal batches (or a SourceValue of batch 1, broadcast)"
-                    )
+            src = self.bindings.sources.get(h)
+            if src is not None and src.shape[0] not in (1, ctx.info.batch):
+                # an attached SourceValue: its batch must fit every forward
+                raise BatchMismatch(
+                    f"the SourceValue of {type(h.iv).__name__} at {h.site.name!r} has batch {src.shape[0]} but this "  # type: ignore[union-attr]
+                    f"forward has {ctx.info.batch}; expected equal batches (or a SourceValue of batch 1, broadcast)"
+                )
 
-    def _context(self, x: Tensor) -> ForwardContext:
-        ctx = self.ctx
-        if ctx is None:  # the module was called directly, not through the model's root
-            b = x.shape[0]
-            seq = x.shape[1] if x.dim() >= 3 else 1
-            ctx = ForwardContext(MaskInfo.from_mask(None, b, seq, x.device), self.positions, self.source_positions)
-        return ctx
+    # -- the site hooks -----------------------------------------------------------------
+    def context(self, x=None) -> ForwardContext | None:
+        """The context site hooks use now on this thread (``None``: pass through)."""
+        st = self._thread()
+        if st is None:
+            return None
+        if st.frames:
+            ctx = st.frames[-1]
+            return None if ctx is _NESTED or ctx is _DECODE_SKIP else ctx
+        # a module called outside a forward of the root: a checkpointed layer replayed in backward
+        # (the last forward's context, if it fits), or a module called directly
+        last = st.last
+        if last is not None and x is not None and last.info.batch == x.shape[0] and (x.dim() < 3 or last.info.seq == x.shape[1]):
+            return last
+        if x is None:
+            return None
+        seq = x.shape[1] if x.dim() >= 3 else 1
+        return ForwardContext(MaskInfo.from_mask(None, x.shape[0], seq, x.device), self.bindings, self.bindings.positions)
+
+    def replay(self, ctx: ForwardContext | None):
+        """Context manager: run a checkpointed layer's replay with the context of the forward that ran it."""
+        return _Replaying(self, ctx)
+
+    def _site(self, x_of, args, kwargs_or_out):
+        """The context a site hook acts in on this thread, or ``None`` to pass through."""
+        ident = threading.get_ident()
+        if self.owner is not None and ident != self.owner:
+            return None
+        st = self._threads.get(ident)
+        if st is not None and st.frames:
+            ctx = st.frames[-1]
+            return None if ctx is _NESTED or ctx is _DECODE_SKIP else ctx
+        return self.context(x_of(args, kwargs_or_out))
 
     def _make_pre(self, handlers: list, inplace: bool):
-        def hook(module, args, kwargs):
-            if self.ctx is _NESTED or self.ctx is _DECODE_SKIP:
+        site = self._site
+
+        def hook(module, args, kwargs=None):
+            if kwargs is None:
+                return None  # met half-registered (another thread's forward): see _root_pre
+            ctx = site(_input_of, args, kwargs)
+            if ctx is None:
                 return None
-            x, where = _input_tensor(args, kwargs)
-            ctx = self._context(x)
-            new = x
-            for h in handlers:
-                new = h.run(new, ctx, inplace)
-            if new is x or inplace:
-                return None
-            if isinstance(where, int):
-                return (new, *args[1:]), kwargs
-            return args, {**kwargs, where: new}
+            if ctx.table is None:
+                return run_on_inputs(handlers, args, kwargs, ctx, inplace)
+            previous = use_table(ctx.table)  # the forward's materialised maps, current while its handlers run
+            try:
+                return run_on_inputs(handlers, args, kwargs, ctx, inplace)
+            finally:
+                use_table(previous)
 
         return hook
 
     def _make_post(self, handlers: list):
+        site = self._site
+
         def hook(module, args, out):
-            if self.ctx is _NESTED or self.ctx is _DECODE_SKIP:
+            ctx = site(_output_of, args, out)
+            if ctx is None:
                 return None
-            x = _output_tensor(out)
-            ctx = self._context(x)
-            new = x
-            for h in handlers:
-                new = h.run(new, ctx, False)
-            return None if new is x else _replace_output(out, new)
+            if ctx.table is None:
+                return run_on_output(handlers, out, ctx)
+            previous = use_table(ctx.table)  # the forward's materialised maps, current while its handlers run
+            try:
+                return run_on_output(handlers, out, ctx)
+            finally:
+                use_table(previous)
 
         return hook
 
 
-# -- what happens at one (module, side), whatever the engine -------------------------
+def _input_of(args, kwargs):
+    return input_tensor(args, kwargs)[0]
 
 
-def group_handlers(handlers: Iterable[Edit | Read]) -> dict[tuple[str, str], tuple[ResolvedSite, list]]:
-    """Handlers by (module, side), each group in run order: edits first, then collects and reads."""
-    groups: dict[tuple[str, str], tuple[ResolvedSite, list]] = {}
-    for h in handlers:
-        site = h.sel.site
-        groups.setdefault(site.key, (site, []))[1].append(h)
-    for key, (site, hs) in groups.items():
-        edits = [h for h in hs if isinstance(h, Edit) and not h.collect]
-        groups[key] = (site, edits + [h for h in hs if not (isinstance(h, Edit) and not h.collect)])
-    return groups
+def _output_of(args, out):
+    return output_tensor(out)
 
 
-def mask_info_of_call(args: tuple, kwargs: dict) -> MaskInfo:
-    """Where the real tokens are in a call of the model's root, from its arguments."""
-    ref, _ = _input_tensor(args, {k: kwargs[k] for k in ("input_ids", "inputs_embeds") if k in kwargs} or kwargs)
-    batch = ref.shape[0]
-    seq = ref.shape[1] if (ref.dim() >= 2 and ("input_ids" in kwargs or "inputs_embeds" in kwargs or ref.dim() >= 3)) else 1
-    if not ("input_ids" in kwargs or "inputs_embeds" in kwargs) and args and ref.dtype in (torch.int64, torch.int32):
-        seq = ref.shape[1]
-    mask = kwargs.get("attention_mask")
-    if mask is None and len(args) > 1 and isinstance(args[1], Tensor) and args[1].dim() == 2 and args[1].shape[0] == batch:
-        mask = args[1]
-    if isinstance(mask, Tensor) and mask.dim() == 2:
-        past = mask.shape[-1] - seq
-    else:
-        mask, past = None, _cache_length(kwargs)
-    return MaskInfo.from_mask(mask, batch, seq, ref.device, past)
+class _Replaying:
+    """Within: this thread's site hooks use ``ctx`` (a replayed layer's forward context)."""
 
+    def __init__(self, inst: Installation, ctx: ForwardContext | None):
+        self.inst, self.ctx = inst, ctx
 
-def run_on_inputs(handlers: list, args: tuple, kwargs: dict, ctx: ForwardContext, inplace: bool):
-    """Run ``handlers`` on a module's input: the new ``(args, kwargs)``, or None if unchanged (or edited in place)."""
-    x, where = _input_tensor(args, kwargs)
-    new = x
-    for h in handlers:
-        new = h.run(new, ctx, inplace)
-    if new is x or inplace:
-        return None
-    if isinstance(where, int):
-        return (new, *args[1:]), kwargs
-    return args, {**kwargs, where: new}
+    def __enter__(self) -> None:
+        st = self.inst._thread()
+        self.st = st
+        if st is not None and self.ctx is not None:
+            st.frames.append(self.ctx)
+            self.depth = len(st.frames)
 
-
-def run_on_output(handlers: list, out, ctx: ForwardContext):
-    """Run ``handlers`` on a module's output: the new output, or None if unchanged."""
-    x = _output_tensor(out)
-    new = x
-    for h in handlers:
-        new = h.run(new, ctx, False)
-    return None if new is x else _replace_output(out, new)
+    def __exit__(self, *exc) -> None:
+        st = self.st
+        if st is not None and self.ctx is not None:
+            del st.frames[self.depth - 1 :]

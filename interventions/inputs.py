@@ -17,7 +17,30 @@ from torch import Tensor
 from steerlab.interventions.errors import BatchMismatch, DataError
 from steerlab.interventions.units import MaskInfo
 
-__all__ = ["Inputs"]
+__all__ = ["Inputs", "tokenize", "is_texts"]
+
+
+def is_texts(x) -> bool:
+    """A non-empty list or tuple of strings."""
+    return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(s, str) for s in x)
+
+
+def tokenize(tokenizer, texts, *, padding_side: str | None = None, what: str = "text inputs", **kwargs) -> dict:
+    """``texts`` tokenised into a padded batch (``padding_side``: the tokenizer's own by default).
+
+    The one place steerlab checks a tokenizer can do it: text needs a
+    tokenizer, and more than one text needs a pad token.
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if tokenizer is None:
+        raise DataError(f"{what} need a tokenizer: wrap(model, tokenizer) (or get_reft_model(model, config, tokenizer=tok)) or pass token ids")
+    if getattr(tokenizer, "pad_token", None) is None and len(texts) > 1:
+        raise DataError(
+            f"the tokenizer has no pad token, so a batch of {len(texts)} texts cannot be padded; "
+            "set tokenizer.pad_token (e.g. to tokenizer.eos_token)"
+        )
+    side = {} if padding_side is None else {"padding_side": padding_side}
+    return dict(tokenizer(texts, return_tensors="pt", padding=True, **side, **kwargs))
 
 
 @dataclass
@@ -28,25 +51,19 @@ class Inputs:
     kwargs: dict = field(default_factory=dict)
 
     @staticmethod
-    def of(x, *, tokenizer=None, device: torch.device | None = None, is_lm: bool = True) -> Inputs:
+    def of(x, *, tokenizer=None, device: torch.device | None = None, token_ids: bool = True) -> Inputs:
+        """``x`` as model inputs. ``token_ids``: an integer tensor is ``input_ids`` (a Hugging Face
+        model), not a positional argument (a plain module)."""
         if isinstance(x, Inputs):
-            return x
+            return x.to(device) if device is not None else x
         if isinstance(x, str):
             x = [x]
-        if isinstance(x, (list, tuple)) and x and all(isinstance(s, str) for s in x):
-            if tokenizer is None:
-                raise DataError("text inputs need a tokenizer: wrap(model, tokenizer) or pass token ids")
-            if tokenizer.pad_token is None and len(x) > 1:
-                raise DataError(
-                    f"the tokenizer has no pad token, so a batch of {len(x)} texts cannot be padded; "
-                    "set tokenizer.pad_token (e.g. to tokenizer.eos_token)"
-                )
-            enc = tokenizer(list(x), return_tensors="pt", padding=True)
-            x = dict(enc)
+        if is_texts(x):
+            x = tokenize(tokenizer, x)
         if isinstance(x, Mapping):
             kwargs = {k: v for k, v in x.items()}
             inp = Inputs((), kwargs)
-        elif isinstance(x, Tensor) and is_lm and x.dtype in (torch.int64, torch.int32):
+        elif isinstance(x, Tensor) and token_ids and x.dtype in (torch.int64, torch.int32):
             ids = x if x.dim() == 2 else x[None]
             inp = Inputs((), {"input_ids": ids})
         elif isinstance(x, Tensor):

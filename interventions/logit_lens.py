@@ -180,16 +180,16 @@ def logit_lens(lab, inputs, *, sites="blocks.*.resid_post", metric=None, k: int 
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"k={k!r}: expected a positive int")
-    names = [lab.resolve(n).name for s in ([sites] if isinstance(sites, str) else sites) for n in lab.expand(s)]
+    names = [lab.resolve(n).name for s in ([sites] if isinstance(sites, str) else sites) for n in lab.facts.expand(s)]
     for n in names:
-        w = lab.site_shape(lab.resolve(n))
+        w = lab.facts.site_shape(lab.resolve(n))
         if len(w) != 1 or w[0] != lab.d_model:
             raise ConfigError(f"the logit lens reads residual-stream sites (width {lab.d_model}); {n!r} has shape {w}")
     m = None
     if metric is not None:
         m = as_metric(metric)
         m = m.bind(lab) if m.tokenizer is None else m
-    inp = Inputs.of(inputs, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
+    inp = lab.facts.inputs(inputs)
     info = inp.mask_info()
     n = int(info.lengths.max())
     read = ReadOut(lab)

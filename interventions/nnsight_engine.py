@@ -43,30 +43,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from contextlib import ExitStack, contextmanager
 import weakref
-from typing import TYPE_CHECKING, Any
+from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import torch
-from jaxtyping import Int
-from torch import Tensor, nn
+from torch import nn
 
-from steerlab.interventions.errors import ConfigError, UnitError
-from steerlab.interventions.graph import Graph, GraphResult, RunResult
-from steerlab.interventions.hooks import (
-    Edit,
-    ForwardContext,
-    group_handlers,
-    mask_info_of_call,
-    run_on_inputs,
-    run_on_output,
-)
-from steerlab.interventions.lab import execution_device
-from steerlab.interventions.orthonormal import Orthonormal, materialise
-from steerlab.interventions.units import Positions
-
-if TYPE_CHECKING:
-    from steerlab.interventions.lab import Lab
+from steerlab.interventions.call import Bindings, ForwardContext, running
+from steerlab.interventions.errors import ConfigError
+from steerlab.interventions.facts import ModelFacts, execution_device
+from steerlab.interventions.graph import GraphResult
+from steerlab.interventions.handlers import Edit, group_handlers, mask_info_of_call, run_on_inputs, run_on_output
+from steerlab.interventions.orthonormal import Orthonormal, materialise, use_table
+from steerlab.interventions.plan import Forward, Plan, run_plan
+from steerlab.interventions.prefix import Prefix
 
 __all__ = ["NNsightEngine"]
 
@@ -92,14 +83,13 @@ class NNsightEngine:
     def __repr__(self) -> str:
         return f"NNsightEngine(model={type(self.model).__name__ if self.model is not None else None}, remote={self.remote!r})"
 
-    def execute(self, lab: Lab, graph: Graph, *, positions=None, source_positions=None, prefix=None, validate: bool = True, model_kwargs: dict | None = None) -> GraphResult:
-        """Run ``graph`` on ``lab``'s model through nnsight (see the module docstring)."""
-        from steerlab.interventions import engine
-
+    def execute(self, plan: Plan, *, prefix: Prefix | None = None, model_kwargs: dict | None = None) -> GraphResult:
+        """Run ``plan`` through nnsight (see the module docstring)."""
+        facts = plan.facts
         if prefix is not None:
             raise ConfigError("prefix= is not supported by the nnsight engine (it replaces block forwards, which nnsight owns); use the hook engine")
-        model = self.model if self.model is not None else getattr(lab, "nnsight_model", None)
-        if model is not None and getattr(model, "_module", None) is not lab.model:
+        model = self.model if self.model is not None else facts.nnsight_model
+        if model is not None and getattr(model, "_module", None) is not facts.model:
             raise ConfigError(
                 f"NNsightEngine(model=...) wraps {type(getattr(model, '_module', model)).__name__}, "
                 "not this lab's model; wrap the nnsight model itself: lab = wrap(lm)"
@@ -109,49 +99,13 @@ class NNsightEngine:
                 "remote execution needs the nnsight model that names the remote checkpoint: "
                 "lm = LanguageModel('org/model'); lab = wrap(lm); lab.execute(graph, engine=NNsightEngine(remote=True))"
             )
-        plan = engine._Plan(lab, graph, positions, source_positions, validate)  # every check, before compute
-        with _Session(lab, model, self.remote) as session:
+        with running(facts.model, "nnsight-engine", exclusive=True), _Session(facts, model, self.remote) as session:
             session.check([site for node in plan.nodes for site in _sites(node)])
-            return engine._run_plan(plan, prefix=None, model_kwargs=model_kwargs, forward=session.forward)
-
-
-    def reft_forward(
-        self,
-        reft_model,
-        input_ids: Int[Tensor, "batch seq"],
-        attention_mask: Int[Tensor, "batch seq"] | None = None,
-        intervention_positions: Int[Tensor, "batch group k"] | None = None,
-        **model_kwargs,
-    ) -> RunResult:
-        """``reft_model(**batch)`` through this engine: a ReftModel's interventions, weight
-        groups and per-example positions (``[batch, groups, k]``, or ``[batch, k]`` with one
-        group) as one run; its attached hooks are set aside for the call, then restored."""
-        ivs, groups = list(reft_model.interventions), reft_model.groups
-        per_group = [None] * len(groups)
-        if intervention_positions is not None:
-            pos = intervention_positions
-            per_group = [pos] if pos.dim() == 2 and len(groups) == 1 else list(pos.unbind(1)) if pos.dim() == 3 else []
-            if len(per_group) != len(groups):
-                raise UnitError(f"intervention_positions has shape {tuple(pos.shape)}; expected [batch, {len(groups)}, k] ({len(groups)} position groups)")
-        inputs = {"input_ids": input_ids} | ({} if attention_mask is None else {"attention_mask": attention_mask})
-        was = [iv.positions for iv in ivs]
-        try:
-            for group, p in zip(groups, per_group):
-                for i in group if p is not None else ():
-                    ivs[i].positions = Positions(p)
-            with reft_model.disabled():
-                return reft_model.lab.run(inputs, ivs, engine=self, **model_kwargs)
-        finally:
-            for iv, p in zip(ivs, was):
-                iv.positions = p
-
-
-def _nothing() -> None:
-    """Reads need no callback here: a compiled program stops after its last read."""
+            return run_plan(plan, session.forward, model_kwargs=model_kwargs)
 
 
 def _sites(node) -> list:
-    return [site for _, site in node.edits] + [site for site, *_ in node.reads.values()]
+    return [e.site for e in node.edits] + [r.site for r in node.reads.values()]
 
 
 # -- the order in which a model reaches its modules -------------------------------
@@ -159,10 +113,10 @@ def _sites(node) -> list:
 _ORDER: weakref.WeakKeyDictionary[nn.Module, tuple[dict, dict]] = weakref.WeakKeyDictionary()
 
 
-def _event_order(lab: Lab, refresh: bool = False) -> tuple[dict, dict]:
+def _event_order(facts: ModelFacts, refresh: bool = False) -> tuple[dict, dict]:
     """``(index, calls)``: for each ``(id(module), side)`` the rank of its first
     event in a forward, and how many times it happens; from one probe forward."""
-    hit = _ORDER.get(lab.model)
+    hit = _ORDER.get(facts.model)
     if hit is not None and not refresh:
         return hit
     index: dict[tuple[int, str], int] = {}
@@ -174,36 +128,36 @@ def _event_order(lab: Lab, refresh: bool = False) -> tuple[dict, dict]:
 
     handles = []
     try:
-        for m in lab.model.modules():
+        for m in facts.model.modules():
             handles.append(m.register_forward_pre_hook(lambda mod, a, k=(id(m), "input"): note(k)))
             handles.append(m.register_forward_hook(lambda mod, a, o, k=(id(m), "output"): note(k)))
-        inp = lab._probe_inputs()
+        inp = facts.probe_inputs()
         with torch.no_grad():
-            lab.model(*inp.args, **inp.kwargs, **({"use_cache": False} if lab.is_hf else {}))
+            facts.model(*inp.args, **inp.kwargs, **facts.no_cache)
     finally:
         for h in handles:
             h.remove()
-    _ORDER[lab.model] = (index, calls)
+    _ORDER[facts.model] = (index, calls)
     return index, calls
 
 
 # -- one call's nnsight wrapper ------------------------------------------------------
 
 
-_ENVOYS: weakref.WeakKeyDictionary[Lab, tuple[Any, dict]] = weakref.WeakKeyDictionary()
+_ENVOYS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, dict]] = weakref.WeakKeyDictionary()
 
 
-def _private_envoy(lab: Lab, nnsight) -> tuple[Any, dict]:
-    """A private ``NNsight`` tree of ``lab.model`` (kept per lab) with no module instrumented:
+def _private_envoy(model: nn.Module, nnsight) -> tuple[Any, dict]:
+    """A private ``NNsight`` tree of ``model`` (kept per model) with no module instrumented:
     each call instruments only the modules it visits, and removes that afterwards."""
-    hit = _ENVOYS.get(lab)
-    if hit is not None and all(id(m) in hit[1] for m in lab.model.modules()):
+    hit = _ENVOYS.get(model)
+    if hit is not None and all(id(m) in hit[1] for m in model.modules()):
         return hit
-    with _restored(list(lab.model.modules())), warnings.catch_warnings():
+    with _restored(list(model.modules())), warnings.catch_warnings():
         # BERT's `output` submodules: nnsight renames them on its envoys; we address modules, not names
         warnings.filterwarnings("ignore", message=".*which nnsight already serves.*")
-        envoy = _envoy_class(nnsight)(lab.model)
-    hit = _ENVOYS[lab] = (envoy, {id(e._module): e for e in envoy.modules()})
+        envoy = _envoy_class(nnsight)(model)
+    hit = _ENVOYS[model] = (envoy, {id(e._module): e for e in envoy.modules()})
     return hit
 
 
@@ -241,8 +195,8 @@ def _restored(modules: list[nn.Module]):
 class _Session:
     """The nnsight wrapper for one ``execute`` call; the model is restored after it."""
 
-    def __init__(self, lab: Lab, model, remote):
-        self.lab, self.remote, self.envoy = lab, remote, model
+    def __init__(self, facts: ModelFacts, model, remote):
+        self.facts, self.remote, self.envoy = facts, remote, model
         self._stack = ExitStack()
         self._installed: set[int] = set()
 
@@ -251,7 +205,7 @@ class _Session:
 
         self._nnsight = nnsight
         if self.envoy is None:
-            self.envoy, self.by_module = _private_envoy(self.lab, nnsight)
+            self.envoy, self.by_module = _private_envoy(self.facts.model, nnsight)
             self.private = True
         else:
             self.by_module = {id(e._module): e for e in self.envoy.modules()}
@@ -277,9 +231,9 @@ class _Session:
 
     def check(self, sites) -> None:
         """Every site's module must run exactly once per forward (nnsight serves its first call)."""
-        index, calls = _event_order(self.lab)
+        index, calls = _event_order(self.facts)
         if any((id(s.module), s.port.io) not in index for s in sites):
-            index, calls = _event_order(self.lab, refresh=True)  # the model changed since we looked
+            index, calls = _event_order(self.facts, refresh=True)  # the model changed since we looked
         for s in sites:
             n = calls.get((id(s.module), s.port.io), 0)
             if n != 1:
@@ -288,38 +242,45 @@ class _Session:
         self.index = index
 
     # -- one forward ---------------------------------------------------------------
-    def forward(self, plan, inputs, edits, reads, *, values: dict, cache: dict, stop_early: bool, grad: bool, prefix, model_kwargs: dict, decode: bool = False):
-        """One forward of the plan as one trace (the hook engine's ``_forward`` contract)."""
-        from steerlab.interventions.engine import _handlers
-
-        store: dict = {}
-        handlers = _handlers(plan, edits, reads, values=values, cache=cache, store=store, on_read=_nothing, decode=decode)
-        program = self._compile(plan, handlers, stop_early, {"store": store, "cache": cache})
-        kwargs = {**inputs.kwargs, **model_kwargs}
+    def forward(self, plan: Plan, step: Forward) -> Any:
+        """One forward of the plan as one trace (the :data:`~steerlab.interventions.plan.ForwardFn` contract)."""
+        b = step.bindings
+        b.on_read = None  # the compiled program stops after its last read itself
+        handlers = [*step.edits, *step.reads.values()]
+        selections = [h.sel for h in handlers]
+        kwargs = {**step.inputs.kwargs, **step.model_kwargs}
         if self.remote:
             kwargs["remote"] = self.remote
-        with torch.set_grad_enabled(grad):
-            box = _trace(self.envoy, self._nnsight, inputs.args, kwargs, program)
-        if box["cache"] is not cache:  # a remote run returns copies
-            cache.update(box["cache"])
-        return box.get("output"), box["store"]
+        try:
+            program = self._compile(handlers, step.stop_early, b)
+            with torch.set_grad_enabled(step.grad):
+                box = _trace(self.envoy, self._nnsight, step.inputs.args, kwargs, program)
+        finally:
+            for h, sel in zip(handlers, selections):
+                h.sel = sel  # the plan's handlers keep their modules
+        if box["cache"] is not b.cache:  # a remote run returns copies
+            b.cache.update(box["cache"])
+            b.store.update(box["store"])
+        return box.get("output")
 
-    def _compile(self, plan, handlers, stop_early: bool, box: dict) -> _Program:
+    def _compile(self, handlers: list, stop_early: bool, bindings: Bindings) -> _Program:
         groups = group_handlers(handlers)
         for _, hs in groups.values():
             for h in hs:  # the program carries no module (a remote request names modules through envoys)
-                h.sel.site = dataclasses.replace(h.sel.site, module=None)
-        root_in = (id(self.lab.model), "input")
-        root_out = (id(self.lab.model), "output")
+                h.sel = dataclasses.replace(h.sel, site=dataclasses.replace(h.sel.site, module=None))
+        model = self.facts.model
+        root_in, root_out = (id(model), "input"), (id(model), "output")
         steps: list[_Step] = []
         first: list = []
-        for (path, side), (site, hs) in groups.items():
-            key = (id(site.module), side)
+        modules = [model]
+        for site, hs in groups.values():
+            key = (id(site.module), site.port.io)
+            modules.append(site.module)
             if key == root_in:
                 first = hs
                 continue
-            steps.append(_Step(self.index[key], self.by_module[id(site.module)], side, hs, site.port.inplace))
-        self._instrument([self.lab.model] + [site.module for site, _ in groups.values()])
+            steps.append(_Step(self.index[key], self.by_module[id(site.module)], site.port.io, hs, site.port.inplace))
+        self._instrument(modules)
         steps.sort(key=lambda s: s.rank)
         reads = [i for i, s in enumerate(steps) if any(not isinstance(h, Edit) or h.collect for h in s.handlers)]
         if stop_early:
@@ -328,8 +289,8 @@ class _Session:
             steps.append(_Step(self.index.get(root_out, len(self.index)), self.envoy, "output", [], False))
         if not stop_early:
             steps[-1].keep = True
-        maps = [m for hs in (first, *(s.handlers for s in steps)) for h in hs if isinstance(h, Edit) for m in h.iv.modules() if isinstance(m, Orthonormal)]
-        return _Program(self.envoy, first, steps, plan.positions, plan.source_positions, maps, stop_early, box)
+        maps = list(dict.fromkeys(m for hs in (first, *(s.handlers for s in steps)) for h in hs if isinstance(h, Edit) for m in h.iv.modules() if isinstance(m, Orthonormal)))
+        return _Program(self.envoy, first, steps, maps, stop_early, bindings, {"store": bindings.store, "cache": bindings.cache})
 
 
 class _plain_calls:
@@ -386,24 +347,25 @@ class _Program:
     root: Any
     first: list  # handlers at the root's own input
     steps: list[_Step]
-    positions: Any
-    source_positions: Any
     maps: list
     stop: bool
-    box: dict
+    bindings: Bindings
+    box: dict  # what comes back: {"store": reads, "cache": collects, "output": the model's output} (plain data)
 
     def run(self, tracer) -> None:
         args, kwargs = self.root.inputs
-        ctx = ForwardContext(mask_info_of_call(args, kwargs), self.positions, self.source_positions)
-        if self.maps:
-            materialise(self.maps)
-        if self.first:
-            with _plain_calls(self.root):
-                new = run_on_inputs(self.first, args, kwargs, ctx, False)
-            if new is not None:
-                self.root.inputs = new
-        for step in self.steps:
-            step.run(ctx, self.box)
+        ctx = ForwardContext(mask_info_of_call(args, kwargs), self.bindings, self.bindings.positions, materialise(self.maps) if self.maps else None)
+        previous = use_table(ctx.table)
+        try:
+            if self.first:
+                with _plain_calls(self.root):
+                    new = run_on_inputs(self.first, args, kwargs, ctx, False)
+                if new is not None:
+                    self.root.inputs = new
+            for step in self.steps:
+                step.run(ctx, self.box)
+        finally:
+            use_table(previous)
         if self.stop:
             tracer.stop()
 
@@ -416,5 +378,3 @@ def _trace(envoy, nnsight, args: tuple, kwargs: dict, program: _Program) -> dict
         program.run(tracer)
     return box
 
-
-_ = Tensor

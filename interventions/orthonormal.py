@@ -12,17 +12,22 @@ never shrink ``R`` (the trap of ``parametrizations.orthogonal`` + AdamW, where
 (:func:`no_decay`). ``A`` is kept in fp32 whatever the model's dtype, and the
 maths runs in fp32.
 
-``R`` is materialised once per forward, not once per site call: the engine
-calls :func:`materialise` at the start of every forward with all the maps in
-use, which groups maps of the same shape into one batched QR. Under
-``no_grad`` a materialised ``R`` is reused until ``A`` changes (so steered
-generation pays for it once); with gradients it is reused only within the
-forward that built it (and the backward's gradient-checkpointing replay).
+``R`` is materialised once per forward, not once per site call: at the start
+of every intervened forward the engine calls :func:`materialise` with all the
+maps in use, which groups maps of the same shape into one batched QR and
+returns a *table* ``{map: R}``. The table belongs to that forward (it travels
+with the call, never with the module): while the engine runs a handler it
+makes the table current on its thread (:func:`use_table`), and a map called
+then returns its entry, so every site of one forward (and the backward's
+gradient-checkpointing replay of it) sees the same ``R``. A map called
+outside an intervened forward computes ``R`` afresh. Nothing about a forward
+is stored on the module, so two threads, an interrupted forward or a
+``copy.deepcopy`` after a training step see no stale state.
 """
 
 from __future__ import annotations
 
-import itertools
+import threading
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -32,13 +37,19 @@ from torch import Tensor, nn
 
 from steerlab.interventions.errors import SubspaceSizeError
 
-__all__ = ["Orthonormal", "materialise", "no_decay", "is_no_decay"]
+__all__ = ["Orthonormal", "orthonormal_rows", "materialise", "use_table", "no_decay", "is_no_decay", "RTable"]
 
-_EPOCH = itertools.count(1)
-_current_epoch = 0
+#: one forward's materialised maps: ``{map: (key, R)}``
+RTable = dict
+
+# the table of the forward whose handler runs now, by thread (a plain dict, not threading.local:
+# this module travels by value to an nnsight server, and a thread-local object does not pickle)
+_TABLES: dict[int, RTable] = {}
 
 
-def _orthonormal_rows(a: Float[Tensor, "*n d k"]) -> Float[Tensor, "*n k d"]:
+def orthonormal_rows(a: Float[Tensor, "*n d k"]) -> Float[Tensor, "*n k d"]:
+    """Rows of ``Q(a)ᵀ`` (reduced QR, signs fixed so that ``diag(U) > 0``): orthonormal, a
+    continuous function of ``a``, and unchanged when ``a`` is scaled by a positive factor."""
     q, u = torch.linalg.qr(a, mode="reduced")
     sign = torch.sign(torch.diagonal(u, dim1=-2, dim2=-1))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
@@ -53,6 +64,18 @@ def no_decay(param: nn.Parameter) -> nn.Parameter:
 
 def is_no_decay(param: Tensor) -> bool:
     return bool(getattr(param, "_steerlab_no_decay", False))
+
+
+def use_table(table: RTable | None) -> RTable | None:
+    """Make ``table`` the current forward's on this thread; returns the previous one (restore
+    it with ``use_table(previous)`` in a ``finally``)."""
+    ident = threading.get_ident()
+    previous = _TABLES.get(ident)
+    if table is None:
+        _TABLES.pop(ident, None)
+    else:
+        _TABLES[ident] = table
+    return previous
 
 
 class Orthonormal(nn.Module):
@@ -79,33 +102,35 @@ class Orthonormal(nn.Module):
         self.width, self.rank = width, rank
         if init is None:
             a = torch.randn(width, rank, generator=generator)
-            a = _orthonormal_rows(a).T.contiguous()
+            a = orthonormal_rows(a).T.contiguous()
         else:
             if tuple(init.shape) != (rank, width):
                 raise SubspaceSizeError(f"init has shape {tuple(init.shape)}; expected [rank={rank}, width={width}]")
             a = init.detach().to(torch.float32).T.contiguous()
         self.weight = no_decay(nn.Parameter(a))
-        self._cached: tuple[tuple, Tensor] | None = None
 
-    def _key(self) -> tuple:
-        grad = torch.is_grad_enabled() and self.weight.requires_grad
-        return (_current_epoch if grad else 0, grad, self.weight._version, self.weight.device)
+    def key(self) -> tuple:
+        """What ``R`` depends on: the weight's storage, version and device, and whether it is
+        computed with gradients (an entry made without them cannot serve a forward that needs them)."""
+        w = self.weight
+        return (w.data_ptr(), w._version, w.device, torch.is_grad_enabled() and w.requires_grad)
 
     def forward(self) -> Float[Tensor, "k d"]:
-        hit = self._cached
-        if hit is not None and hit[0] == self._key():
-            return hit[1]
-        r = _orthonormal_rows(self.weight)
-        outer = hit is not None and hit[0][1] and hit[0][0] == _current_epoch  # a forward with gradients is under way
-        if not (torch.is_grad_enabled() and self.weight.requires_grad) and not outer:
-            self._cached = (self._key(), r)
-        return r
+        table = _TABLES.get(threading.get_ident()) if _TABLES else None
+        if table is not None:
+            hit = table.get(self)
+            key = self.key()
+            if hit is not None and hit[0] == key:
+                return hit[1]
+            r = orthonormal_rows(self.weight)
+            table[self] = (key, r)
+            return r
+        return orthonormal_rows(self.weight)
 
     def extra_repr(self) -> str:
         return f"width={self.width}, rank={self.rank}"
 
-    def _apply(self, fn, recurse=True):  # .to()/.cuda(): drop a cached R on the old device
-        self._cached = None
+    def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         if self.weight.dtype != torch.float32:  # A stays fp32 through `.to(bf16)` / `.half()` (QR needs it)
             self.weight.data = self.weight.data.float()
@@ -114,31 +139,28 @@ class Orthonormal(nn.Module):
         return out
 
 
-def materialise(maps: Iterable[Orthonormal]) -> None:
-    """Start a forward: compute every map's ``R`` once, batched by shape.
+def materialise(maps: Iterable[Orthonormal], reuse: RTable | None = None) -> RTable:
+    """A new forward's table: every map's ``R`` computed once, batched by shape.
 
-    Called by the hook engine at the top of each forward with the maps of the
-    interventions in use.
+    ``reuse``: an earlier table of the same call (a generation's previous
+    step), whose entries are kept where their key still matches (the weight
+    unchanged, no gradient needed).
     """
-    global _current_epoch
-    _current_epoch = next(_EPOCH)
+    table: RTable = {}
     groups: dict[tuple, list[Orthonormal]] = defaultdict(list)
-    for m in maps:
-        if m._cached is not None and m._cached[0] == m._key():
+    for m in dict.fromkeys(maps):
+        key = m.key()
+        hit = None if reuse is None else reuse.get(m)
+        if hit is not None and hit[0] == key and not key[3]:
+            table[m] = hit
             continue
         groups[(m.width, m.rank, m.weight.device)].append(m)
     for group in groups.values():
         if len(group) == 1:
             m = group[0]
-            m._cached = (m._key(), _orthonormal_rows(m.weight))
+            table[m] = (m.key(), orthonormal_rows(m.weight))
             continue
-        rs = _orthonormal_rows(torch.stack([m.weight for m in group]))
+        rs = orthonormal_rows(torch.stack([m.weight for m in group]))
         for m, r in zip(group, rs.unbind(0)):
-            m._cached = (m._key(), r)
-
-
-def release(maps: Iterable[Orthonormal]) -> None:
-    """Drop cached ``R``s that hold an autograd graph (end of an attachment)."""
-    for m in maps:
-        if m._cached is not None and m._cached[0][1]:
-            m._cached = None
+            table[m] = (m.key(), r)
+    return table

@@ -20,11 +20,10 @@ positions, not decode steps).
 
 from __future__ import annotations
 
-import inspect
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -68,13 +67,12 @@ class Prefix:
             )
         return Prefix(self.layer, self.hidden[:, start:], self.tuple_len, past)
 
-    def past_kwargs(self, model: nn.Module) -> dict:
-        """The model keyword carrying a fresh KV cache of ``past`` (a forward appends to it)."""
+    def past_kwargs(self, keyword: str = "past_key_values") -> dict:
+        """The model keyword (``past_key_values``, or ``cache`` for models that name it so) carrying a
+        fresh KV cache of ``past`` (a forward appends to it)."""
         from transformers import DynamicCache
 
-        cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in self.past or ()])
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        return {name: cache}
+        return {keyword: DynamicCache(ddp_cache_data=[(k, v) for k, v in self.past or ()])}
 
     def __repr__(self) -> str:
         extra = f", start={self.start}" if self.past is not None else ""
@@ -90,26 +88,78 @@ def _identity(tuple_len: int):
     return forward
 
 
+_LOCK = threading.Lock()
+
+
+class _Router:
+    """A layer's instance ``forward`` while some thread resumes past it: each thread that resumes
+    gets its own choice (the identity, or the real forward for a nested forward); every other
+    thread, and every other call, runs the layer's own forward."""
+
+    def __init__(self, layer: nn.Module):
+        self.had = "forward" in layer.__dict__
+        self.old = layer.__dict__.get("forward")
+        self.real = self.old if self.old is not None else type(layer).forward.__get__(layer)
+        self.skips: dict[int, list] = {}
+
+    def __call__(self, *args, **kwargs):
+        stack = self.skips.get(threading.get_ident())
+        if stack:
+            return stack[-1](self.real, args, kwargs)
+        return self.real(*args, **kwargs)
+
+
+def _route(layer: nn.Module, skip) -> None:
+    with _LOCK:
+        router = layer.__dict__.get("forward")
+        if not isinstance(router, _Router):
+            router = _Router(layer)
+            layer.forward = router
+        router.skips.setdefault(threading.get_ident(), []).append(skip)
+
+
+def _unroute(layer: nn.Module, skip) -> None:
+    with _LOCK:
+        router = layer.__dict__.get("forward")
+        if not isinstance(router, _Router):
+            return
+        stack = router.skips.get(threading.get_ident(), [])
+        if skip in stack:
+            stack.remove(skip)
+        if not stack:
+            router.skips.pop(threading.get_ident(), None)
+        if not router.skips:  # the last resumed call is over: the layer is as it was
+            if router.had:
+                layer.forward = router.old
+            else:
+                del layer.forward
+
+
 @contextmanager
 def resume_from(layers: nn.ModuleList, prefix: Prefix, root: nn.Module | None = None):
-    """Within the block: blocks below ``prefix.layer`` are the identity and block
-    ``prefix.layer`` receives ``prefix.hidden`` as its input.
+    """Within the block, on this thread: blocks below ``prefix.layer`` are the identity and
+    block ``prefix.layer`` receives ``prefix.hidden`` as its input. Other threads see the
+    model unchanged.
 
     With ``root`` (the model), only the outermost forward of ``root`` resumes; a
     forward nested in it (an intervention calling the model) runs every block.
     """
-    patched: list[tuple[nn.Module, bool, object]] = []
+    ident = threading.get_ident()
     handles: list = []
-    depth = [0]
+    routed: list[nn.Module] = []
+    depth = [0]  # this thread's forwards of root under way (state of this call only: dropped with it)
+    identity = _identity(prefix.tuple_len)
 
-    def enter(module, args, kwargs):
-        depth[0] += 1
+    def enter(module, args, kwargs=None):  # kwargs None: another thread met the hook half-registered
+        if threading.get_ident() == ident:
+            depth[0] += 1
 
     def leave(module, args, out):
-        depth[0] -= 1
+        if threading.get_ident() == ident:
+            depth[0] -= 1
 
-    def inject(module, args, kwargs):
-        if depth[0] > 1:
+    def inject(module, args, kwargs=None):
+        if threading.get_ident() != ident or kwargs is None or depth[0] > 1:
             return None
         x = args[0] if args and isinstance(args[0], Tensor) else kwargs.get("hidden_states")
         if x is None or x.shape != prefix.hidden.shape:
@@ -120,37 +170,20 @@ def resume_from(layers: nn.ModuleList, prefix: Prefix, root: nn.Module | None = 
             return (h, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": h}
 
-    def skip(layer: nn.Module, old):
-        identity = _identity(prefix.tuple_len)
-        real = old if old is not None else type(layer).forward.__get__(layer)
-
-        def forward(*args, **kwargs):
-            return real(*args, **kwargs) if depth[0] > 1 else identity(*args, **kwargs)
-
-        return forward
+    def skip(real, args, kwargs):
+        return real(*args, **kwargs) if depth[0] > 1 else identity(*args, **kwargs)
 
     try:
         if root is not None:
             handles.append(root.register_forward_pre_hook(enter, with_kwargs=True, prepend=True))
             handles.append(root.register_forward_hook(leave, always_call=True))
         for layer in list(layers)[: prefix.layer]:
-            had = "forward" in layer.__dict__
-            patched.append((layer, had, layer.__dict__.get("forward")))
-            layer.forward = skip(layer, layer.__dict__.get("forward"))
+            _route(layer, skip)
+            routed.append(layer)
         handles.append(layers[prefix.layer].register_forward_pre_hook(inject, with_kwargs=True, prepend=True))
         yield
     finally:
         for handle in handles:
             handle.remove()
-        for layer, had, old in patched:
-            if had:
-                layer.forward = old
-            else:
-                del layer.forward
-
-
-def tuple_len_of(out) -> int:
-    return len(out) if isinstance(out, tuple) else 0
-
-
-_ = torch  # jaxtyping annotations only
+        for layer in routed:
+            _unroute(layer, skip)

@@ -32,12 +32,11 @@ from steerlab.interventions import fileformat
 from steerlab.interventions.errors import FileFormatError, NotSerialisable, SteerlabError
 from steerlab.interventions.fileformat import TensorSpec, field_of
 from steerlab.interventions.graph import Graph, Run, SourceValue
-from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.ops import Intervention, Lambda, intervention_class
 from steerlab.interventions.orthonormal import Orthonormal
 
 if TYPE_CHECKING:
-    from steerlab.interventions.lab import Lab
+    from steerlab.interventions.facts import ModelFacts
 
 __all__ = [
     "intervention_record",
@@ -71,7 +70,7 @@ def intervention_record(iv: Intervention, prefix: str) -> tuple[dict[str, Any], 
 
 
 # --------------------------------------------------------------------------- checking a record
-def check_record(record: Any, where: str, lab: Lab | None = None) -> type[Intervention]:
+def check_record(record: Any, where: str, lab: ModelFacts | None = None) -> type[Intervention]:
     """The record's fields and types, its type registered, its placement on ``lab``'s model
     (site, heads, dims, width) when given; returns the intervention class."""
     for key, types in _RECORD.items():
@@ -92,7 +91,8 @@ def check_record(record: Any, where: str, lab: Lab | None = None) -> type[Interv
     return cls
 
 
-def _check_placement(record: dict, lab: Lab, where: str) -> None:
+def _check_placement(record: dict, lab: ModelFacts, where: str) -> None:
+    lab = getattr(lab, "facts", lab)  # a Lab or its ModelFacts
     try:
         site = lab.resolve(record["site"])
         shape = lab.site_shape(site)
@@ -205,8 +205,6 @@ def _assign(module: torch.nn.Module, name: str, value: Tensor) -> None:
         current.data = value
     else:
         owner._buffers[leaf] = value
-    if hasattr(owner, "_cached"):
-        owner._cached = None
 
 
 # --------------------------------------------------------------------------- lists of interventions
@@ -226,7 +224,7 @@ def save_interventions(
     return fileformat.save(directory, kind=kind, config={**(config or {}), "interventions": records}, tensors=tensors, fingerprint=fingerprint)
 
 
-def check_interventions(saved: fileformat.SavedFile, lab: Lab | None, *, extra_prefix: str | None = None) -> list[dict]:
+def check_interventions(saved: fileformat.SavedFile, lab: ModelFacts | None, *, extra_prefix: str | None = None) -> list[dict]:
     """Every intervention record of ``saved`` checked (see the module docstring); tensors that no
     intervention owns are refused unless they start with ``extra_prefix``."""
     records = saved.config.get("interventions")
@@ -244,7 +242,7 @@ def check_interventions(saved: fileformat.SavedFile, lab: Lab | None, *, extra_p
 
 
 def load_interventions(
-    directory: str | Path, *, fingerprint: dict | None = None, kind: str | tuple = "interventions", device="cpu", lab: Lab | None = None
+    directory: str | Path, *, fingerprint: dict | None = None, kind: str | tuple = "interventions", device="cpu", lab: ModelFacts | None = None
 ) -> tuple[list[Intervention], dict]:
     """Interventions saved by :func:`save_interventions`, checked (against ``lab``'s model when
     given, whose fingerprint then applies), on ``device``; ``(interventions, meta)``."""
@@ -258,13 +256,13 @@ def load_interventions(
 
 
 # --------------------------------------------------------------------------- run graphs
-def save_graph(directory: str | Path, graph: Graph, lab: Lab) -> Path:
+def save_graph(directory: str | Path, graph: Graph, lab: ModelFacts) -> Path:
     """Save a run graph: each run's inputs (as tensors), interventions and edges (every sourced
     intervention needs its source, as for running the graph)."""
     graph.validate_sources()
     records, tensors = [], {}
     for run in graph.order():
-        inp = Inputs.of(run.inputs, tokenizer=lab.tokenizer, is_lm=lab.is_lm)
+        inp = lab.inputs(run.inputs, device=False)
         if inp.args:
             raise NotSerialisable("runs with positional (non-keyword) inputs cannot be saved; pass a dict of tensors")
         in_names = []
@@ -294,7 +292,7 @@ def save_graph(directory: str | Path, graph: Graph, lab: Lab) -> Path:
 _SOURCE_TENSORS = ("source_value", "source_valid")
 
 
-def _run_records(saved: fileformat.SavedFile, lab: Lab) -> list[dict]:
+def _run_records(saved: fileformat.SavedFile, lab: ModelFacts) -> list[dict]:
     """The graph's run records, each checked: fields, unique indices 0..n-1, sources earlier, every
     intervention against the model, every tensor accounted for."""
     d = saved.directory
@@ -319,7 +317,7 @@ def _run_records(saved: fileformat.SavedFile, lab: Lab) -> list[dict]:
     return runs
 
 
-def _check_run(saved: fileformat.SavedFile, rec: dict, lab: Lab) -> set[str]:
+def _check_run(saved: fileformat.SavedFile, rec: dict, lab: ModelFacts) -> set[str]:
     d, i = saved.directory, rec["index"]
     field_of(rec, "name", str, f"{d}: run {i}")
     field_of(rec, "output", (bool, type(None)), f"{d}: run {i}")
@@ -364,7 +362,7 @@ def _check_input_specs(saved: fileformat.SavedFile, rec: dict, d: Path) -> None:
             raise FileFormatError(f"{d}: run {rec['index']} input {k!r} is {s} but input_ids is {ids}; expected the same shape")
 
 
-def _check_input_values(tensors: dict[str, Tensor], rec: dict, lab: Lab, d: Path) -> None:
+def _check_input_values(tensors: dict[str, Tensor], rec: dict, lab: ModelFacts, d: Path) -> None:
     ids = tensors.get(f"runs.{rec['index']}.inputs.input_ids")
     vocab = lab.fingerprint().get("vocab_size")
     if ids is not None and ids.numel() and vocab and not (0 <= int(ids.min()) and int(ids.max()) < vocab):
@@ -374,7 +372,7 @@ def _check_input_values(tensors: dict[str, Tensor], rec: dict, lab: Lab, d: Path
         raise FileFormatError(f"{d}: run {rec['index']} has an attention mask with values other than 0 and 1")
 
 
-def load_graph(directory: str | Path, lab: Lab) -> Graph:
+def load_graph(directory: str | Path, lab: ModelFacts) -> Graph:
     """A run graph saved by :func:`save_graph`, checked whole against ``lab``'s model before it is built."""
     saved = fileformat.read(directory, kind="graph", fingerprint=lab.fingerprint())
     runs = _run_records(saved, lab)

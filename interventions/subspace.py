@@ -147,9 +147,10 @@ class Subspace:
 
 def _check_site(record: dict, lab, where: str) -> None:
     """The subspace's site exists on ``lab``'s model, its heads are in range, and its width is the site's."""
+    facts = getattr(lab, "facts", lab)  # a Lab or its ModelFacts
     try:
-        site = lab.resolve(record["site"])
-        shape = lab.site_shape(site)
+        site = facts.resolve(record["site"])
+        shape = facts.site_shape(site)
     except SteerlabError as e:
         raise FileFormatError(f"{where}: {e}") from e
     heads = record["heads"]

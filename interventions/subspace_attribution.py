@@ -68,7 +68,7 @@ def _layer_sites(lab, subspace: Subspace, layers) -> list[str]:
         raise ConfigError(f"layers={layers!r}: expected 'all', 'own', an int or a list of ints")
     names = [lab.resolve(f"blocks.{x}.{kind}").name for x in layers]
     for n in names:
-        w = lab.site_shape(lab.resolve(n))[-1]
+        w = lab.facts.site_shape(lab.resolve(n))[-1]
         if w != subspace.width:
             raise SubspaceSizeError(f"the subspace has width {subspace.width} but {n!r} has width {w}")
     return names
@@ -148,13 +148,13 @@ def subspace_attribution(lab, base, subspace: Subspace, *, metric, source=None, 
     if subspace.heads is not None:
         raise ConfigError(f"subspace_attribution reads whole-vector sites; this subspace is on heads {list(subspace.heads)} of {subspace.site!r}")
     names = _layer_sites(lab, subspace, layers)
-    inp = Inputs.of(base, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
+    inp = lab.facts.inputs(base)
     info = inp.mask_info()
     n = int(info.lengths.max())
     g = metric_gradients(lab, inp, names, metric)
     src_metric = None
     if source is not None:
-        s_inp = Inputs.of(source, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
+        s_inp = lab.facts.inputs(source)
         if s_inp.batch not in (1, inp.batch):
             raise BatchMismatch(f"the source has batch {s_inp.batch} but the base has {inp.batch}")
         s_inp = s_inp.repeat(inp.batch) if s_inp.batch != inp.batch else s_inp
@@ -162,7 +162,7 @@ def subspace_attribution(lab, base, subspace: Subspace, *, metric, source=None, 
         if not torch.equal(s_info.lengths.cpu(), info.lengths.cpu()):
             raise ShapeMismatch("subspace_attribution with a source aligns tokens one by one: base and source need equal real lengths")
         with torch.no_grad():
-            res = lab.run(s_inp, [], **lab.no_cache)
+            res = lab.run(s_inp, [], **lab.facts.no_cache)
             m = as_metric(metric)
             m = m.bind(lab) if m.tokenizer is None else m
             src_metric = check_metric(m(res.output, s_inp), inp.batch, m.name).float().cpu()
@@ -270,7 +270,7 @@ def integrated_gradients(
         raise ConfigError(f"steps={steps!r}: expected a positive int")
     m = as_metric(metric)
     m = m.bind(lab) if m.tokenizer is None else m
-    inp = Inputs.of(base, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
+    inp = lab.facts.inputs(base)
     pos = subspace.positions if positions is None else positions
     if Positions(pos).kind == "call":
         raise ConfigError(
@@ -279,8 +279,8 @@ def integrated_gradients(
         )
     heads = list(subspace.heads) if subspace.heads is not None else None
     probe = Lambda(subspace.site, lambda h, s: h, sourced=True, positions=pos, heads=heads, source=source)
-    lab.prepare(probe)
-    width = lab.site_shape(lab.resolve(subspace.site))[-1]
+    lab.facts.place(probe)
+    width = lab.facts.site_shape(lab.resolve(subspace.site))[-1]
     if width != subspace.width:
         raise SubspaceSizeError(f"the subspace has width {subspace.width} but {subspace.site!r} has width {width}")
     sv = lab.source_value(probe)
@@ -292,7 +292,7 @@ def integrated_gradients(
     R = subspace.basis.to(lab.device)
     B = inp.batch
     window = logit_window(lab, inp.mask_info(), m)
-    kwargs = {**lab.no_cache, **({"logits_to_keep": window} if window else {})}
+    kwargs = {**lab.facts.no_cache, **({"logits_to_keep": window} if window else {})}
     with torch.no_grad():
         base_out = lab.run(inp, [], **kwargs).output
     seen1 = metric_inputs(inp, window)

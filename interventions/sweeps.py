@@ -46,7 +46,6 @@ Two generalisations keep the same contract:
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -96,7 +95,7 @@ class _RowPatch(Intervention):
         self.mask = mask  # [rows, 1, head, 1] bool, or None: every head
 
     def forward(self, base: Tensor, source: Tensor | None = None) -> Tensor:
-        assert source is not None
+        source = self.require_source(source)
         src = source.to(base.dtype)
         return src if self.mask is None else torch.where(self.mask, src, base)
 
@@ -176,13 +175,13 @@ def _sites(lab, sites) -> tuple[list[ResolvedSite], list[tuple[int, ...]]]:
         )
     out: dict[str, ResolvedSite] = {}
     groups: list[tuple[int, ...]] = []
-    names = [name for e in entries for p in ([e] if isinstance(e, str) else e) for name in lab.expand(p)]
-    lab._probe([lab.resolve(name) for name in dict.fromkeys(names)])  # every site's shape in one probe forward
+    names = [name for e in entries for p in ([e] if isinstance(e, str) else e) for name in lab.facts.expand(p)]
+    lab.facts.probe([lab.resolve(name) for name in dict.fromkeys(names)])  # every site's shape in one probe forward
 
     def add(name: str) -> int:
         site = lab.resolve(name)
         if site.name not in out:
-            if not lab.has_positions(site):
+            if not lab.facts.has_positions(site):
                 raise UnitError(
                     f"site {site.name!r} has no position axis (its value is [batch, width]); "
                     "a patching sweep needs [batch, pos, ...]"
@@ -192,9 +191,9 @@ def _sites(lab, sites) -> tuple[list[ResolvedSite], list[tuple[int, ...]]]:
 
     for e in entries:
         if isinstance(e, str):
-            groups += [(add(name),) for name in lab.expand(e)]
+            groups += [(add(name),) for name in lab.facts.expand(e)]
         else:
-            groups.append(tuple(dict.fromkeys(add(name) for p in e for name in lab.expand(p))))
+            groups.append(tuple(dict.fromkeys(add(name) for p in e for name in lab.facts.expand(p))))
     return list(out.values()), list(dict.fromkeys(groups))
 
 
@@ -283,8 +282,8 @@ def _chunks(plan: _Plan, lab) -> list[list[tuple[int, int, int]]]:
     tokens = plan.base_info.batch * plan.base_info.seq
     cap = max(1, AUTO_TOKENS.get(dev, AUTO_TOKENS_ACCELERATOR) // tokens)
     overhead = OVERHEAD.get(dev, OVERHEAD_ACCELERATOR) / (lab.d_model or 512) ** 2
-    L = lab.n_layers if lab.map.layers_path is not None else 1
-    start = (lambda c: plan.starts[c[0]]) if lab.map.layers_path is not None else (lambda c: 0)
+    L = lab.n_layers if lab.facts.has_layers else 1
+    start = (lambda c: plan.starts[c[0]]) if lab.facts.has_layers else (lambda c: 0)
     order = sorted(configs, key=start)  # stable: site-major within a start layer
     depth = [L - start(c) for c in order]
     best = [0.0] + [math.inf] * len(order)
@@ -325,8 +324,8 @@ def _plan(lab, base, source, sites, positions, heads, metric, configs_per_forwar
     m = as_metric(metric)
     if m.tokenizer is None:
         m = m.bind(lab)  # resolves token strings now, before any compute
-    b = Inputs.of(base, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
-    s = Inputs.of(source, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
+    b = lab.facts.inputs(base)
+    s = lab.facts.inputs(source)
     if s.batch not in (1, b.batch):
         raise BatchMismatch(
             f"the source has batch {s.batch} but the base has {b.batch}; expected equal batches (or a source of 1, broadcast)"
@@ -339,7 +338,7 @@ def _plan(lab, base, source, sites, positions, heads, metric, configs_per_forwar
     slots = _slots(positions, bi, si, hs)
     starts = [min(rs[i].layer if rs[i].layer is not None else 0 for i in g) for g in groups]
     ivs = _base_interventions(lab, base_interventions, b.batch)
-    blocks = list(lab.layers) if lab.map.layers_path is not None else []
+    blocks = list(lab.layers) if lab.facts.has_layers else []
     edited = {i for iv in ivs for i, blk in enumerate(blocks) if (r := lab.resolve(iv.site)).module is blk and r.port.io == "input"}
     return _Plan(rs, groups, starts, slots, hs, b, s, bi, si, m, _per_forward(configs_per_forward), ivs, edited)
 
@@ -397,18 +396,14 @@ def _check_metric(v, rows: int, name: str) -> Tensor:
 
 
 def _model_kwargs(lab) -> dict:
-    return lab.no_cache
+    return lab.facts.no_cache
 
 
 def _logit_window(lab, plan: _Plan, metric: Metric) -> int | None:
     """How many final padded positions hold every logit ``metric`` reads, when the model
     can compute only those (``logits_to_keep``); None: all. The LM head is a large part of
     a small model's forward (SmolLM2: a 49k-word vocabulary, ~7 blocks' worth per token)."""
-    try:
-        takes = "logits_to_keep" in inspect.signature(lab.model.forward).parameters
-    except (TypeError, ValueError):
-        takes = False
-    if metric.tail is None or not takes:
+    if metric.tail is None or not lab.facts.takes("logits_to_keep"):
         return None
     info = plan.base_info
     first = int((info.starts + info.lengths - metric.tail).min())  # the earliest padded index read
@@ -432,8 +427,7 @@ def _base_and_source(lab, plan: _Plan, starts: set[int]):
     base_metric = _check_metric(metric(b.output, plan.base), plan.base_info.batch, metric.name)
     s = lab.run(plan.source, [Collect(site.name) for site in plan.sites], **kw)
     source_metric = _check_metric(metric(s.output, plan.source), plan.base_info.batch, metric.name)
-    lab._probe([])  # sets the block output layout a Prefix needs
-    prefixes = {L: Prefix(L, b.cache[f"pre{L}"], lab._tuple_len or 0) for L in starts if L > 0}
+    prefixes = {L: Prefix(L, b.cache[f"pre{L}"], lab.facts.tuple_len) for L in starts if L > 0}
     return metric, base_metric, source_metric, {site.name: s.cache[site.name] for site in plan.sites}, prefixes
 
 
@@ -475,7 +469,7 @@ def sweep(
         positions = "all" if heads is None else None
     plan = _plan(lab, base, source, sites, positions, heads, metric, configs_per_forward, base_interventions)
     chunks = _chunks(plan, lab)
-    starts = {plan.start(ch) for ch in chunks} if lab.map.layers_path is not None else set()
+    starts = {plan.start(ch) for ch in chunks} if lab.facts.has_layers else set()
     with torch.no_grad():
         metric, base_metric, source_metric, values, prefixes = _base_and_source(lab, plan, starts)
         grid, filled = _run_chunks(lab, plan, chunks, metric, values, prefixes, progress)

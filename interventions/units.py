@@ -12,10 +12,15 @@ indices through the attention mask (which must pad on one side only). Specs:
                           than the spec gets the distinct positions that exist
                           (a slot whose token would repeat another slot or does
                           not exist is left empty, never a padding token)
+``"last"``, ``"first"``   the same as ``"l1"`` and ``"f1"``
 ``LongTensor[batch, k]``  per example, real-token indices, padded with ``-1``
 ``"per-call"``            given with each call (``positions=`` of ``run``, or
                           ``intervention_positions=`` while attached)
 ========================  =====================================================
+
+This is the one position grammar: the base layer, sweeps, DAS (besides an
+encoder's named positions) and ReFT all parse specs here, and validate them
+against real lengths with :meth:`Positions.validate` / :func:`check_real_indices`.
 
 Resolution gives ``LongTensor[batch, k]`` of padded indices (``-1`` = empty
 slot). Gather and scatter are vectorised over the batch; nothing here calls
@@ -25,6 +30,7 @@ slot). Gather and scatter are vectorised over the batch; nothing here calls
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +39,47 @@ from torch import Tensor
 
 from steerlab.interventions.errors import PositionOutOfRange, UnitError
 
-__all__ = ["Positions", "MaskInfo", "gather_positions", "scatter_positions", "position_index", "parse_heads", "parse_dims"]
+__all__ = [
+    "Positions",
+    "MaskInfo",
+    "gather_positions",
+    "scatter_positions",
+    "position_index",
+    "parse_heads",
+    "parse_dims",
+    "check_real_indices",
+    "check_static_positions",
+]
 
 _FL_RE = re.compile(r"^(?:f(?P<f>\d+))?(?:\+)?(?:l(?P<l>\d+))?$")
+_ALIASES = {"last": "l1", "first": "f1"}
+
+
+def check_real_indices(idx: Int[Tensor, "batch *k"], lengths: Sequence[int], what: str = "positions") -> None:
+    """Raise :class:`PositionOutOfRange` unless every slot of ``idx`` is ``-1`` (empty) or a
+    real-token index below its example's length (``lengths``, on the host)."""
+    n = torch.tensor(list(lengths), dtype=idx.dtype, device=idx.device).view(-1, *([1] * (idx.dim() - 1)))
+    bad = ((idx < -1) | (idx >= n)).nonzero()
+    if len(bad):
+        at = tuple(int(v) for v in bad[0])
+        i, m = at[0], int(lengths[at[0]])
+        raise PositionOutOfRange(
+            f"{what}[{', '.join(map(str, at))}] = {int(idx[at])} but example {i} has {m} real tokens "
+            f"(valid: 0..{m - 1}, or -1 for an empty slot)"
+        )
+
+
+def check_static_positions(positions: Sequence[int], lengths: Sequence[int], what: str = "positions", *, subject: str = "example") -> None:
+    """Raise :class:`PositionOutOfRange` for a position (negative: from the end) beyond an example's real tokens."""
+    for i, n in enumerate(lengths):
+        for p in positions:
+            if not -n <= p < n:
+                if subject == "example":
+                    raise PositionOutOfRange(
+                        f"{what}={p} is beyond example {i}, which has {n} real tokens "
+                        f"(valid: {-n}..{n - 1}); positions count real tokens, not padding"
+                    )
+                raise PositionOutOfRange(f"{what} {p} is beyond {subject} {i}, which has {n} tokens (valid: {-n}..{n - 1})")
 
 
 @dataclass(frozen=True)
@@ -76,7 +120,7 @@ class MaskInfo:
 class Positions:
     """A parsed position spec; :meth:`resolve` turns it into padded indices."""
 
-    __slots__ = ("kind", "static", "first", "last", "tensor", "_on_device")
+    __slots__ = ("kind", "static", "first", "last", "tensor", "_on_device", "_hash")
 
     def __init__(self, spec):
         self.kind: str
@@ -90,6 +134,8 @@ class Positions:
             self.kind = "all"
         elif isinstance(spec, str) and spec in ("per-call", "per-example"):
             self.kind = "call"
+        elif isinstance(spec, str) and spec.strip().lower() in _ALIASES:
+            self.kind, self.first, self.last = "firstlast", int(spec.strip().lower() == "first"), int(spec.strip().lower() == "last")
         elif isinstance(spec, bool):
             raise UnitError(f"positions={spec!r}: expected an int, a list of ints, a slice, a spec like 'f7+l7', a LongTensor or None")
         elif isinstance(spec, int):
@@ -99,7 +145,7 @@ class Positions:
         elif isinstance(spec, str):
             m = _FL_RE.match(spec.strip())
             if not spec.strip() or not m or (m["f"] is None and m["l"] is None):
-                raise UnitError(f"positions={spec!r}: expected a spec like 'f7+l7', 'f1', 'l3' or 'all'")
+                raise UnitError(f"positions={spec!r}: expected a spec like 'f7+l7', 'f1', 'l3', 'last', 'first' or 'all'")
             self.kind, self.first, self.last = "firstlast", int(m["f"] or 0), int(m["l"] or 0)
             if self.first + self.last == 0:
                 raise UnitError(f"positions={spec!r} selects no position")
@@ -164,7 +210,12 @@ class Positions:
         return (self.static, self.first, self.last) == (other.static, other.first, other.last)
 
     def __hash__(self) -> int:
-        return hash((self.kind, self.static, self.first, self.last, id(self.tensor) if self.kind == "tensor" else 0))
+        # looked up several times per hooked site of every forward: computed once (a spec never changes)
+        try:
+            return self._hash
+        except AttributeError:
+            self._hash = hash((self.kind, self.static, self.first, self.last, id(self.tensor) if self.kind == "tensor" else 0))
+            return self._hash
 
     # -- validation and resolution --------------------------------------
     def validate(self, info: MaskInfo, what: str = "positions") -> None:
@@ -182,25 +233,11 @@ class Positions:
                     f"{what} has {self.tensor.shape[0]} rows but the batch has {info.batch} examples; "
                     "expected LongTensor[batch, k]"
                 )
-            if self.tensor.device.type != "cpu" or lengths is None:
-                return  # device tensors are validated where they are built (the collator)
-            over = self.tensor >= torch.tensor(lengths)[:, None]
-            if bool(over.any()):
-                i, j = (int(v) for v in over.nonzero()[0])
-                raise PositionOutOfRange(
-                    f"{what}[{i}, {j}] = {int(self.tensor[i, j])} but example {i} has {lengths[i]} real tokens "
-                    f"(valid: 0..{lengths[i] - 1}, or -1 for an empty slot)"
-                )
+            if self.tensor.device.type == "cpu" and lengths is not None:
+                check_real_indices(self.tensor, lengths, what)  # device tensors are validated where they are built (the collator)
             return
-        if self.kind != "static" or lengths is None:
-            return
-        for i, n in enumerate(lengths):
-            for p in self.static:
-                if not -n <= p < n:
-                    raise PositionOutOfRange(
-                        f"{what}={p} is beyond example {i}, which has {n} real tokens "
-                        f"(valid: {-n}..{n - 1}); positions count real tokens, not padding"
-                    )
+        if self.kind == "static" and lengths is not None:
+            check_static_positions(self.static, lengths, what)
 
     def filled(self, info: MaskInfo, idx: Tensor | None) -> bool:
         """Whether every slot of ``idx`` (this spec resolved for ``info``) is known to hold a
@@ -309,9 +346,10 @@ def scatter_positions(
         idx = torch.where(valid, idx, tgt)
     if index is None or may_be_empty:
         index = position_index(idx, tuple(x.shape[2:]), clamp=False)
+    values = values if values.dtype == x.dtype else values.to(x.dtype)
     if inplace:
-        return x.scatter_(1, index, values.to(x.dtype))
-    return x.scatter(1, index, values.to(x.dtype))
+        return x.scatter_(1, index, values)
+    return x.scatter(1, index, values)
 
 
 def parse_heads(heads) -> tuple[int, ...] | None:

@@ -9,7 +9,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from steerlab.interventions import register
-from steerlab.interventions.ops._edit import compute_dtype
+from steerlab.interventions.ops import compute_dtype
 from steerlab.reft._base import ReftIntervention
 
 __all__ = ["DiReFT"]

@@ -71,7 +71,7 @@ def _tensor(p: PeerIntervention, name: str, shape: tuple[int, ...], where: str) 
 
 def _build(p: PeerIntervention, lab, *, positions, act_fn, dropout, dtype, where: str) -> ReftIntervention:
     try:
-        d = lab.site_shape(lab.resolve(p.site))[-1]
+        d = lab.facts.site_shape(lab.resolve(p.site))[-1]
     except SteerlabError as e:
         raise FileFormatError(f"{where}: {e}") from e
     r = p.low_rank_dimension

@@ -9,7 +9,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steerlab.interventions import register, subspace_edit
-from steerlab.interventions.ops._edit import compute_dtype
+from steerlab.interventions.ops import compute_dtype
 from steerlab.interventions.errors import ConfigError, SubspaceSizeError
 from steerlab.reft._base import ReftIntervention
 

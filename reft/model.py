@@ -27,8 +27,9 @@ intervention resolves its own spec against the attention mask.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,10 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from steerlab.interventions import Attachment, Lab, Positions, Prefix, wrap
+from steerlab.interventions import Attachment, Lab, Prefix, wrap
 from steerlab.interventions.prefix import resume_from
-from steerlab.interventions.errors import ConfigError, LifetimeError, UnitError
+from steerlab.interventions.errors import ConfigError, LifetimeError, NotWrapped, UnitError, Unsupported
+from steerlab.interventions.facts import check_intervention
 from steerlab.reft._base import ReftIntervention
 from steerlab.reft.config import ReftConfig
 from steerlab.reft.interventions import INTERVENTION_TYPES
@@ -84,6 +86,7 @@ class ReftModel(nn.Module):
         if not ivs:
             raise ConfigError("a ReftModel needs at least one intervention")
         for iv in ivs:
+            check_intervention(iv, "a ReftModel's interventions")
             if not isinstance(iv, ReftIntervention):
                 raise ConfigError(f"ReftModel takes ReFT interventions (LoReFT, DiReFT, ...); got {type(iv).__name__}")
         groups = [list(range(len(ivs)))] if groups is None else [list(g) for g in groups]
@@ -181,6 +184,7 @@ class ReftModel(nn.Module):
 
     def enable(self) -> None:
         """Attach the interventions (done at construction)."""
+        self.check_usable("enable()")
         if self._enabled:
             return
         for att in self._attachments:
@@ -207,11 +211,21 @@ class ReftModel(nn.Module):
                 self.enable()
 
     def unwrap(self) -> nn.Module:
-        """Detach everything, restore saved modules and ``requires_grad`` flags; return the base model as found."""
-        self.disable()
-        self._teardown(self.lab)
+        """Detach everything, restore saved modules and give the model back as it was handed over
+        (``requires_grad`` flags, train/eval mode, gradient checkpointing, input-grad hooks, gradients).
+        The ReftModel is unusable afterwards (:class:`~steerlab.interventions.errors.NotWrapped`)."""
+        if self.lab.wrapped:
+            self.disable()
+            self._teardown(self.lab)
         self._attachments = []
         return self.model
+
+    def push_to_hub(self, *args, **kwargs):
+        """Not offered: the base model's ``push_to_hub`` would upload the whole base model, not the interventions."""
+        raise Unsupported(
+            "ReftModel.push_to_hub is not supported (the base model's method would upload the whole base model); "
+            "save the interventions with rm.save_pretrained(folder) and upload that folder with huggingface_hub"
+        )
 
     # -- gradient checkpointing: the base model's -----------------------------------
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
@@ -235,6 +249,38 @@ class ReftModel(nn.Module):
         fn()
 
     # -- forward ------------------------------------------------------------------------
+    def check_usable(self, what: str) -> None:
+        """Raise :class:`NotWrapped` once this model (or its lab) was unwrapped."""
+        if not self.lab.wrapped:
+            raise NotWrapped(
+                f"{what}: this ReftModel was unwrapped (rm.unwrap() or rm.lab.unwrap()), so its interventions are gone "
+                "from the model; build it again (get_reft_model / from_pretrained), or use rm.model for the base model"
+            )
+
+    @contextmanager
+    def using(self, positions: Int[Tensor, "batch group k"] | Tensor | None = None, *, decode: bool = False) -> Iterator[ReftModel]:
+        """``with rm.using(positions):`` the forwards of this call, on this thread, intervene at
+        ``positions`` (``[batch, groups, k]``, or ``[batch, k]`` with one group; ``None``: each
+        intervention's own spec); with ``decode=True`` also at generated tokens. Other threads'
+        forwards keep the model's attached behaviour; nothing of the call outlives the block."""
+        self.check_usable("using()")
+        per_group = self._split_positions(positions)
+        with ExitStack() as stack:
+            if not self._enabled:
+                yield self
+                return
+            if not decode:
+                for att, p in zip(self._attachments, per_group):
+                    stack.enter_context(att.using(p))
+            else:  # this call's own decode-time attachments; the model's prompt-only ones stand aside on this thread
+                ident = threading.get_ident()
+                for att in self._attachments:
+                    stack.enter_context(att.using(off=True))
+                for group, p in zip(self.groups, per_group):
+                    ivs = [self.interventions[i] for i in group]
+                    stack.enter_context(Attachment(self.lab, ivs, decode=True, positions=p, thread=ident))
+            yield self
+
     def forward(
         self,
         input_ids: Int[Tensor, "batch seq"] | None = None,
@@ -242,6 +288,7 @@ class ReftModel(nn.Module):
         labels: Tensor | None = None,
         intervention_positions: Int[Tensor, "batch group k"] | None = None,
         prefix: Prefix | None = None,
+        engine: Any = None,
         **kwargs,
     ):
         """The base model's forward with the interventions at ``intervention_positions``
@@ -250,21 +297,27 @@ class ReftModel(nn.Module):
         ``prefix`` (from :meth:`prefix`) resumes from the residual stream
         cached below the lowest intervened layer, for the same inputs: blocks
         below it are skipped (they are frozen and not edited, so their output
-        is the same every step).
+        is the same every step). ``engine`` (e.g. ``sl.NNsightEngine()``) runs
+        the same forward through that engine as one run (the attached hooks
+        stand aside for the call).
         """
+        self.check_usable("forward")
         if not self._enabled:
             raise LifetimeError("this ReftModel is disabled or unwrapped; call enable() (or use rm.model for the base model)")
-        pos = self._split_positions(intervention_positions)
         if labels is not None:
             kwargs["labels"] = labels
-        try:
-            for att, p in zip(self._attachments, pos):
-                att.positions = p
-            with resume_from(self.lab.layers, prefix) if prefix is not None else nullcontext():
-                return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        finally:
-            for att in self._attachments:
-                att.positions = None
+        if engine is not None:
+            return self._run_with(engine, input_ids, attention_mask, intervention_positions, kwargs)
+        with self.using(intervention_positions), resume_from(self.lab.layers, prefix) if prefix is not None else nullcontext():
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _run_with(self, engine, input_ids, attention_mask, positions, kwargs):
+        """This forward as one run of ``engine``: the interventions, each group at its positions."""
+        ivs = list(self.interventions)
+        overrides = {ivs[i]: p for group, p in zip(self.groups, self._split_positions(positions)) if p is not None for i in group}
+        inputs = {"input_ids": input_ids} | ({} if attention_mask is None else {"attention_mask": attention_mask})
+        with self.disabled():
+            return self.lab.run(inputs, ivs, positions=overrides or None, engine=engine, **kwargs)
 
     def prefix(self, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"] | None = None) -> Prefix:
         """The residual stream entering :attr:`lowest_layer` for these inputs, for ``forward(prefix=...)``.
@@ -378,16 +431,27 @@ def get_reft_model(
     model: nn.Module,
     config: ReftConfig | Sequence[ReftIntervention] | ReftIntervention,
     tokenizer=None,
-    **_pyreft_compat,
+    *,
+    stack: bool = False,
+    set_device: bool = True,
+    disable_model_grads: bool = True,
 ) -> ReftModel:
     """Wrap ``model`` (freezing it) and attach the interventions ``config`` describes.
 
     ``config`` is a :class:`ReftConfig` or ready-made interventions (for
-    example ``LoReFT.from_subspace(subspace)``).
+    example ``LoReFT.from_subspace(subspace)``). A model that already carries
+    a ReftModel (or a Lab) is refused with
+    :class:`~steerlab.interventions.errors.AlreadyWrapped` unless ``stack=True``
+    (a notebook cell run twice would otherwise stack two edits silently).
+    ``set_device`` and ``disable_model_grads`` are pyreft's: interventions
+    always live on their site's device, and ``disable_model_grads=False``
+    leaves the base model's ``requires_grad`` flags as they are.
     """
+    if not set_device:
+        raise ConfigError("set_device=False is not supported: each intervention is placed on the device its site computes on")
     if isinstance(config, ReftIntervention):
         config = [config]
-    lab = wrap(model, tokenizer)
+    lab = wrap(model, tokenizer, freeze=disable_model_grads, stack=stack)
     try:
         if isinstance(config, ReftConfig):
             ivs, groups = build_interventions(config, lab)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from steerlab.interventions import Positions
 from steerlab.interventions.errors import PositionOutOfRange, UnitError
-from steerlab.interventions.units import MaskInfo
+from steerlab.interventions.units import MaskInfo, check_real_indices, check_static_positions
 
 __all__ = ["prompt_positions", "check_positions"]
 
@@ -40,19 +40,14 @@ def prompt_positions(
         raise UnitError("prompt_positions needs at least one prompt length")
     spec = Positions(positions)
     if spec.kind not in ("static", "firstlast"):
-        raise UnitError(f"positions={positions!r}: expected a prompt spec ('f7+l7', 'l1', 3, [0, -1])")
+        raise UnitError(f"positions={positions!r}: expected a prompt spec ('f7+l7', 'l1', 'last', 3, [0, -1])")
     for i, n in enumerate(lengths):
         if n < 1:
             raise PositionOutOfRange(f"example {i} has an empty prompt (0 tokens); ReFT positions need at least one")
-        for p in spec.static:
-            if not -n <= p < n:
-                raise PositionOutOfRange(
-                    f"position {p} is beyond the prompt of example {i}, which has {n} tokens (valid: {-n}..{n - 1})"
-                )
+    check_static_positions(spec.static, lengths, "position", subject="the prompt of example")
     n = torch.tensor(lengths, dtype=torch.long)
     info = MaskInfo(torch.zeros_like(n), n, int(n.max()), 0, tuple(lengths))
     idx = spec.resolve(info)
-    assert idx is not None
     if tied or spec.kind != "firstlast" or spec.first == 0 or spec.last == 0:
         return idx[:, None, :]
     k = max(spec.first, spec.last)
@@ -68,12 +63,4 @@ def check_positions(positions: Int[Tensor, "batch group k"], lengths: Sequence[i
         raise UnitError(f"{what} must be a LongTensor[batch, groups, k]; got {positions.dtype} of shape {tuple(positions.shape)}")
     if positions.shape[0] != len(lengths):
         raise UnitError(f"{what} has {positions.shape[0]} rows for a batch of {len(lengths)} examples")
-    low = positions < -1
-    high = positions >= torch.tensor(lengths, dtype=torch.long)[:, None, None]
-    bad = (low | high).nonzero()
-    if len(bad):
-        i, g, j = (int(v) for v in bad[0])
-        raise PositionOutOfRange(
-            f"{what}[{i}, {g}, {j}] = {int(positions[i, g, j])} but example {i} has {lengths[i]} real tokens "
-            f"(valid: 0..{lengths[i] - 1}, or -1 for an empty slot)"
-        )
+    check_real_indices(positions, [int(n) for n in lengths], what)

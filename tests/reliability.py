@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.modules.module as _torch_module
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import steerlab as sl
 
@@ -53,6 +56,10 @@ __all__ = [
     "register_call_type",
     "fault_cases",
     "check_fault",
+    "INTERRUPTS",
+    "interrupt_cases",
+    "check_interrupt",
+    "attached_reft",
 ]
 
 #: every per-module hook registry PyTorch keeps (``_is_full_backward_hook`` is checked too)
@@ -370,7 +377,9 @@ class Fault:
         return _RaiseInBackward.apply(loss) if self.channel == "backward" and self.make_iv is None else loss
 
     def context(self, sc: Scenario) -> contextlib.AbstractContextManager:
-        return self.make_context(sc) if self.channel == "context" and self.make_context else contextlib.nullcontext()
+        if self.make_context is not None and self.channel in ("context", "source_run"):
+            return self.make_context(sc)
+        return contextlib.nullcontext()
 
     def __repr__(self) -> str:
         return self.name
@@ -486,6 +495,41 @@ FAULTS: dict[str, Fault] = {
         Fault("model_raises_mid_forward", "context", torch.OutOfMemoryError, "out of memory", make_context=_module_raising),
     ]
 }
+
+
+@contextlib.contextmanager
+def _source_run_raising(sc: Scenario, exc: BaseException):
+    """The model fails (``exc``) in a forward that runs the source: any row of its input ids is the source's first."""
+    row = sc.source["input_ids"][0]
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, Tensor) and ids.dim() == 2 and ids.shape[1] == row.shape[0] and bool((ids.cpu() == row).all(1).any()):
+            raise exc
+
+    h = sc.model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def _interrupt_faults() -> dict[str, Fault]:
+    """RELIABILITY row 15: ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit`` raised from a hook
+    (the user's, mid-forward), from an intervention, and from a source run."""
+    out = {}
+    for exc in (KeyboardInterrupt, SystemExit, GeneratorExit):
+        name = {"KeyboardInterrupt": "keyboard_interrupt", "SystemExit": "system_exit", "GeneratorExit": "generator_exit"}[exc.__name__]
+        out[f"{name}_in_hook"] = Fault(f"{name}_in_hook", "context", exc, make_context=lambda sc, e=exc: _user_hook_raising(sc, e()))
+        out[f"{name}_in_intervention"] = Fault(f"{name}_in_intervention", "intervention", exc,
+                                               make_iv=lambda site, sc, e=exc: sl.Lambda(site, _raise(e())))
+        out[f"{name}_in_source_run"] = Fault(f"{name}_in_source_run", "source_run", exc, make_context=lambda sc, e=exc: _source_run_raising(sc, e()))
+    return out
+
+
+#: the interrupt battery (kept apart from FAULTS: it runs through :func:`check_interrupt`)
+INTERRUPTS: dict[str, Fault] = _interrupt_faults()
+
 # the two "generate" faults split: one is an intervention failing at a decode step, one generate's own loop
 _GEN_IV = {"decode_step_raises"}
 
@@ -509,6 +553,11 @@ class CallType:
     fn: Callable[[Scenario, Fault], Tensor]
     channels: frozenset[str]
     needs_lm: bool = False
+    #: a context in which the model is plain again (an attached call type's interventions set aside)
+    plain: Callable[[Scenario], contextlib.AbstractContextManager] | None = None
+
+    def plain_context(self, sc: Scenario) -> contextlib.AbstractContextManager:
+        return self.plain(sc) if self.plain is not None else contextlib.nullcontext()
 
     def __repr__(self) -> str:
         return self.name
@@ -609,12 +658,107 @@ def _call_das_step(sc: Scenario, f: Fault) -> Tensor:
 
 
 _ALL = frozenset({"intervention", "source", "kwargs", "positions"})
-register_call_type(CallType("run", _call_run, _ALL))
-register_call_type(CallType("execute", _call_execute, _ALL))
+register_call_type(CallType("run", _call_run, _ALL | {"source_run"}))
+register_call_type(CallType("execute", _call_execute, _ALL | {"source_run"}))
 register_call_type(CallType("collect", _call_collect, frozenset({"source"})))
-register_call_type(CallType("generate", _call_generate, _ALL | {"generate"}, needs_lm=True))
-register_call_type(CallType("attached_step", _call_attached_step, _ALL | {"backward"}))
-register_call_type(CallType("das_step", _call_das_step, _ALL | {"backward"}))
+register_call_type(CallType("generate", _call_generate, _ALL | {"generate", "source_run"}, needs_lm=True))
+register_call_type(CallType("attached_step", _call_attached_step, _ALL | {"backward", "source_run"}))
+register_call_type(CallType("das_step", _call_das_step, _ALL | {"backward", "source_run"}))
+
+
+def _call_sweep(sc: Scenario, f: Fault) -> Tensor:
+    """A site sweep (an in-place site among them) and a head sweep, positions counted on each side."""
+    pos = f.positions(sc)  # the battery's per-example positions, one beyond example 1: as a list here
+    positions = [0, -1] if pos is None else [0, int(pos[1, 0])]
+    source = f.source_inputs(sc, sc.source)
+    metric = sl.metrics.logit_diff(5, 7)
+    a = sl.sweep(sc.lab, sc.base, source, sites=[sc.site(0, "resid_mid"), sc.site(1, "resid_post")], positions=positions, metric=metric, configs_per_forward=3)
+    b = sl.sweep(sc.lab, sc.base, source, sites=sc.site(1, "attn.z"), heads="all", positions=positions[-1:], metric=metric, configs_per_forward=3)
+    return torch.cat([a.per_example.flatten(), b.per_example.flatten()])
+
+
+def _call_execute_nnsight(sc: Scenario, f: Fault) -> Tensor:
+    """The ``execute`` graph (batched sources, heads, an in-place site, path patching) through the nnsight engine."""
+    g = sl.Graph()
+    clean = g.run(f.source_inputs(sc, sc.source), name="clean")
+    clean2 = g.run({k: v.flip(0) for k, v in sc.source.items()}, name="clean2")
+    mid = g.run(
+        sc.base,
+        [
+            sl.Interchange(sc.site(0, "attn.z"), heads=[1], positions=[-1], source=clean),
+            sl.Interchange(sc.site(0, "mlp.out"), positions=[-1], source=clean2),
+            *f.interventions(sc, sc.site(1, "resid_mid")),  # an in-place site
+        ],
+        name="mid",
+    )
+    out = g.run(sc.base, [sl.Interchange(sc.site(2, "resid_post"), positions=[-1], source=mid)], name="out")
+    return sc.lab.execute(g, positions=f.positions(sc), engine="nnsight", **f.model_kwargs(sc))[out].logits
+
+
+def attached_reft(sc: Scenario):
+    """The scenario's long-lived ReftModel (LoReFT at two layers, first and last token, untied):
+    attached across calls, as in a notebook or a Trainer (stacked on the scenario's lab)."""
+    if "rm" not in sc._memo:
+        from steerlab import reft
+
+        torch.manual_seed(1)
+        sc._memo["rm"] = reft.get_reft_model(sc.model, reft.ReftConfig(layers=[0, 1], rank=2, positions="f1+l1", tied=False), stack=True)
+    return sc._memo["rm"]
+
+
+def _reft_positions(sc: Scenario, f: Fault) -> Tensor:
+    from steerlab import reft
+
+    pos = f.positions(sc)
+    if pos is not None:
+        return pos[:, None, :].expand(-1, 2, -1)  # one beyond example 1, in both groups
+    return reft.prompt_positions(sc.base["attention_mask"].sum(-1), "f1+l1", tied=False)
+
+
+def _call_reft_forward(sc: Scenario, f: Fault) -> Tensor:
+    """A forward of an attached ReftModel (per-example positions, two weight groups)."""
+    rm = attached_reft(sc)
+    with sc.lab.attach(f.interventions(sc, sc.site(1, "mlp.out"))), torch.no_grad():
+        return rm(**sc.base, intervention_positions=_reft_positions(sc, f), **f.model_kwargs(sc)).logits
+
+
+def _call_reft_generate(sc: Scenario, f: Fault) -> Tensor:
+    """``generate`` of an attached ReftModel (prompt positions per example; the fault's intervention at every step)."""
+    rm = attached_reft(sc)
+    with sc.lab.attach(_generate_ivs(f, sc, sc.site(1, "mlp.out")), decode=True):
+        gen = rm.generate(sc.base, max_new_tokens=3, do_sample=False, pad_token_id=0, **f.generate_kwargs(sc), **f.model_kwargs(sc, generate=True))
+    return gen.sequences
+
+
+def _call_reft_train_step(sc: Scenario, f: Fault) -> Tensor:
+    """One step of ``steerlab.reft.train`` on a fresh ReftModel (stacked on the scenario's lab), unwrapped after."""
+    from steerlab import reft
+
+    torch.manual_seed(0)
+    rm = reft.get_reft_model(sc.model, reft.ReftConfig(layers=[0, 1], rank=2, positions="f1+l1"), stack=True)
+    try:
+        pos = _reft_positions(sc, f)[:, :1]
+        labels = sc.base["input_ids"].masked_fill(sc.base["attention_mask"] == 0, -100)
+        rows = [{"input_ids": sc.base["input_ids"][i], "attention_mask": sc.base["attention_mask"][i], "labels": labels[i],
+                 "intervention_positions": pos[i]} for i in range(2)]
+        collate = lambda b: {k: torch.stack([r[k] for r in b]) for k in b[0]}  # noqa: E731
+        with sc.lab.attach(f.interventions(sc, sc.site(1, "mlp.out"))):
+            reft.train(rm, rows, collator=collate, batch_size=2, max_steps=1, lr=0.1, shuffle=False)
+        with torch.no_grad():
+            out = rm(**sc.base, intervention_positions=pos).logits
+        return torch.cat([out.flatten(), *(p.detach().flatten() for p in rm.interventions.parameters())])
+    finally:
+        rm.unwrap()
+
+
+_WITH_SOURCE = _ALL | {"source_run"}
+register_call_type(CallType("sweep", _call_sweep, frozenset({"source", "positions", "source_run"})))
+register_call_type(CallType("execute_nnsight", _call_execute_nnsight, _WITH_SOURCE))
+register_call_type(CallType("reft_forward", _call_reft_forward, frozenset({"intervention", "kwargs", "positions"}),
+                            plain=lambda sc: attached_reft(sc).disabled()))
+register_call_type(CallType("reft_generate", _call_reft_generate, frozenset({"intervention", "generate"}), needs_lm=True,
+                            plain=lambda sc: attached_reft(sc).disabled()))
+register_call_type(CallType("reft_train_step", _call_reft_train_step, frozenset({"intervention", "positions"})))
 
 
 def fault_cases(call_types: list[str] | None = None, faults: list[str] | None = None) -> Iterator[tuple[CallType, Fault]]:
@@ -627,13 +771,22 @@ def fault_cases(call_types: list[str] | None = None, faults: list[str] | None = 
                 yield call, fault
 
 
+def interrupt_cases(call_types: list[str]) -> Iterator[tuple[CallType, Fault]]:
+    """Every (call type, interrupt) pair where the call type honours the interrupt's channel."""
+    for c in call_types:
+        call = CALL_TYPES[c]
+        for fault in INTERRUPTS.values():
+            if fault.channel == "context" or fault.channel in call.channels:
+                yield call, fault
+
+
 # --------------------------------------------------------------------------- the check
 def check_fault(sc: Scenario, call: CallType, fault: Fault, *, clean: Tensor | None = None, user_hooks: UserHooks | None = None) -> None:
     """Run ``call`` with ``fault``; then the model must be exactly as before, the
     outputs bit-identical to the untouched copy, and the clean call reproducible."""
     if clean is None:
         clean = sc.clean(call)
-    n_att = len(sc.lab._attachments)
+    n_att = len(sc.lab.attachments)
     before = snapshot(sc.model)
     result = None
     with fault.context(sc):
@@ -650,12 +803,81 @@ def check_fault(sc: Scenario, call: CallType, fault: Fault, *, clean: Tensor | N
     if result is not None and fault.check is not None:
         fault.check(result, clean)
     assert_unchanged(sc.model, before, what=f"{call.name} with fault {fault.name}")
-    assert len(sc.lab._attachments) == n_att, "an attachment outlived the call"
+    assert len(sc.lab.attachments) == n_att, "an attachment outlived the call"
     torch.testing.assert_close(plain_logits(sc.model, sc.base), sc.reference_logits(), rtol=0, atol=0)
     again = call.fn(sc, NO_FAULT)
     assert torch.equal(again, clean), f"{call.name} after fault {fault.name} differs from before (max {(again - clean).abs().max()})"
     if user_hooks is not None:
         check_user_hooks(user_hooks, sc.model, sc.base)
+
+
+class _Allocations(TorchDispatchMode):
+    """Weak references to every tensor the ATen operators return while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: list[weakref.ref] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, Tensor):
+                self.refs.append(weakref.ref(t))
+        return out
+
+
+def _known_tensors(*roots) -> set[int]:
+    """Ids of the tensors that exist before a call (inputs, parameters, buffers, their grads, memos)."""
+    known: set[int] = set()
+
+    def add(x) -> None:
+        if isinstance(x, Tensor):
+            known.add(id(x))
+            if x.grad is not None:
+                known.add(id(x.grad))
+        elif isinstance(x, dict):
+            for v in x.values():
+                add(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                add(v)
+        elif isinstance(x, nn.Module):
+            for t in x.state_dict(keep_vars=True).values():
+                add(t)
+
+    for r in roots:
+        add(r)
+    return known
+
+
+def check_interrupt(sc: Scenario, call: CallType, fault: Fault, *, clean: Tensor | None = None) -> None:
+    """RELIABILITY row 15: ``call`` interrupted by ``fault`` (a ``BaseException``); then no tensor of the
+    failed call is alive, the model is exactly as before (hooks, flags, tensors), the plain model equals the
+    untouched copy, and the next call's outputs equal the clean call's bit for bit."""
+    if clean is None:
+        clean = sc.clean(call)
+    n_att = len(sc.lab.attachments)
+    before = snapshot(sc.model)
+    known = _known_tensors(sc.base, sc.source, sc.other, sc.model, sc._memo)
+    seen = _Allocations()
+    raised = False
+    with fault.context(sc):
+        try:
+            with seen:
+                call.fn(sc, fault)
+        except fault.expect:  # type: ignore[misc]
+            raised = True
+    assert raised, f"{call.name}/{fault.name}: expected {fault.expect.__name__}, nothing was raised"  # type: ignore[union-attr]
+    gc.collect()
+    left = [t for t in (r() for r in seen.refs) if t is not None and id(t) not in known]
+    assert not left, f"{call.name}/{fault.name}: {len(left)} tensors of the failed call are still alive: " + ", ".join(
+        f"{tuple(t.shape)} {t.dtype}" for t in left[:8])
+    assert_unchanged(sc.model, before, what=f"{call.name} interrupted by {fault.name}")
+    assert len(sc.lab.attachments) == n_att, "an attachment outlived the call"
+    with call.plain_context(sc):
+        torch.testing.assert_close(plain_logits(sc.model, sc.base), sc.reference_logits(), rtol=0, atol=0)
+    again = call.fn(sc, NO_FAULT)
+    assert torch.equal(again, clean), f"{call.name} after {fault.name} differs from before (max {(again.float() - clean.float()).abs().max()})"
 
 
 # --------------------------------------------------------------------------- speed

@@ -594,7 +594,7 @@ def _last_logits(lab, prompts: list[str]) -> Tensor:
     info = inp.mask_info()
     left = bool((info.starts + info.lengths == info.seq).all())  # every prompt ends at the last column
     with torch.no_grad():
-        logits = lab.run(inp, **lab.no_cache, **({"logits_to_keep": 1} if left else {})).logits
+        logits = lab.run(inp, **lab.facts.no_cache, **({"logits_to_keep": 1} if left else {})).logits
     if left:
         return logits[:, -1].float()
     last: Int[Tensor, " batch"] = info.starts + info.lengths - 1

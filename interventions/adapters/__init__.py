@@ -36,7 +36,7 @@ from steerlab.interventions.adapters.bert import BERT
 from steerlab.interventions.adapters.gemma2 import GEMMA2
 from steerlab.interventions.adapters.gpt2 import GPT2
 from steerlab.interventions.adapters.gpt_neo import GPT_NEO
-from steerlab.interventions.adapters.gpt_neox import GPT_NEOX_PARALLEL, GPT_NEOX_SEQUENTIAL, gpt_neox
+from steerlab.interventions.adapters.gpt_neox import GPT_NEOX_SEQUENTIAL, gpt_neox
 from steerlab.interventions.adapters.llama import LLAMA
 from steerlab.interventions.adapters.olmo2 import OLMO2
 from steerlab.interventions.adapters.phi3 import PHI3
@@ -89,7 +89,6 @@ for _arch in (LLAMA, PHI3, GEMMA2, OLMO2, GPT2, GPT_NEO, BERT):
         _REGISTRY[_t] = lambda config, _a=_arch: _a
 _REGISTRY["gpt_neox"] = gpt_neox
 del _arch, _t
-_ = GPT_NEOX_PARALLEL  # re-exported for tests
 
 
 @dataclass(frozen=True)

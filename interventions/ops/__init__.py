@@ -1,7 +1,7 @@
 """Intervention types, one module each, registered by name."""
 
 from steerlab.interventions.ops._base import Intervention, intervention_class, register, registered
-from steerlab.interventions.ops._edit import subspace_edit
+from steerlab.interventions.ops._edit import compute_dtype, subspace_edit
 from steerlab.interventions.ops.ablation import Mean, Noise, Zero
 from steerlab.interventions.ops.add import Add
 from steerlab.interventions.ops.collect import Collect
@@ -17,6 +17,7 @@ __all__ = [
     "registered",
     "intervention_class",
     "subspace_edit",
+    "compute_dtype",
     "Interchange",
     "SubspaceInterchange",
     "BoundlessSubspaceInterchange",

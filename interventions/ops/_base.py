@@ -128,6 +128,12 @@ class Intervention(nn.Module):
             "source_site": self.source_site,
         }
 
+    def require_source(self, source: Tensor | None) -> Tensor:
+        """``source``, or :class:`SourceError` when a sourced intervention is called without one."""
+        if source is None:
+            raise SourceError(f"{type(self).__name__} at {self.site!r} is sourced: call it as iv(base, source) with the aligned source slice")
+        return source
+
     @property
     def trainable(self) -> bool:
         return any(p.requires_grad for p in self.parameters())

@@ -50,5 +50,6 @@ class Add(Intervention):
             self.register_buffer("vector", v)
 
     def forward(self, base: Float[Tensor, "*b d"], source: Tensor | None = None) -> Float[Tensor, "*b d"]:
-        v = self.vector.to(base.dtype)
+        v = self.vector
+        v = v if v.dtype == base.dtype else v.to(base.dtype)
         return base + v if self.alpha == 1.0 else base + self.alpha * v  # one op fewer per call at alpha 1 (same result)

@@ -24,5 +24,5 @@ class Interchange(Intervention):
     sourced = True
 
     def forward(self, base: Float[Tensor, "*b d"], source: Float[Tensor, "*b d"] | None = None) -> Float[Tensor, "*b d"]:
-        assert source is not None
+        source = self.require_source(source)
         return source.to(base.dtype)

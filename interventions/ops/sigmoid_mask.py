@@ -39,6 +39,6 @@ class SigmoidMask(Intervention):
         return torch.sigmoid(self.logits / self.temperature)
 
     def forward(self, base: Float[Tensor, "*b d"], source: Float[Tensor, "*b d"] | None = None) -> Float[Tensor, "*b d"]:
-        assert source is not None
+        source = self.require_source(source)
         m = self.mask().to(base.dtype)
         return base + m * (source.to(base.dtype) - base)

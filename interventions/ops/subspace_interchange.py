@@ -64,7 +64,7 @@ class SubspaceInterchange(Intervention):
         return self.rotation()
 
     def forward(self, base: Float[Tensor, "*b d"], source: Float[Tensor, "*b d"] | None = None) -> Float[Tensor, "*b d"]:
-        assert source is not None
+        source = self.require_source(source)
         r = self.rotation()
         return subspace_edit(base, r, source.to(compute_dtype(base)) @ r.to(compute_dtype(base)).T)
 
@@ -122,7 +122,7 @@ class BoundlessSubspaceInterchange(Intervention):
         return int(round(float(self.boundary.detach().clamp(0, 1)) * (self.width or 0)))
 
     def forward(self, base: Float[Tensor, "*b d"], source: Float[Tensor, "*b d"] | None = None) -> Float[Tensor, "*b d"]:
-        assert source is not None
+        source = self.require_source(source)
         dt = compute_dtype(base)
         r = self.rotation().to(dt)
         h = base.to(dt)

@@ -86,6 +86,14 @@ def test_localist_score_equals_dims_interchange(setup):
         runner.table.labels, runner.table.intervened, runner.table.variables, rows=rows,
     )["all"].value
     assert acc == pytest.approx(cached, abs=1e-9)
+    # and the score the result reports is that interchange's, on every test example
+    reported = evaluate_iia(
+        lambda rr: runner.run(rr, [sl.Interchange(site, dims=r.localist_dims[v]) for v in ("WX", "YZ")],
+                              [runner.source_slice(rr, j)[..., r.localist_dims[v]] for j, v in enumerate(("WX", "YZ"))]),
+        runner.table.labels, runner.table.intervened, runner.table.variables,
+    )
+    assert r.localist["all"].value == pytest.approx(reported["all"].value, abs=1e-9)
+    assert r.localist["all"].n == reported["all"].n == len(test)
 
 
 def test_subspaces_are_disjoint_and_orthonormal(setup):

@@ -101,7 +101,7 @@ def test_head_masks_agree_with_the_plain_engine():
 
     data = CounterfactualDataset.sample(cm, Enc(), 120, intervene="P", seed=1)
     site = "blocks.1.attn.z"
-    n_heads = lab.site_shape(lab.resolve(site))[0]
+    n_heads = lab.facts.site_shape(lab.resolve(site))[0]
     r = DBM(lab, site=site, units="heads", sparsity=0.05, epochs=3, batch_size=32, lr=0.1, controls=False).fit(data)
     assert r.n_units == n_heads and len(r.soft["P"]) == n_heads
     heads = r.units["P"]
@@ -117,7 +117,7 @@ def test_head_masks_agree_with_the_plain_engine():
     from steerlab.alignment.das import store_for
     from steerlab.alignment.dbm import UnitMask
 
-    d_head = lab.site_shape(lab.resolve(site))[1]
+    d_head = lab.facts.site_shape(lab.resolve(site))[1]
     m = UnitMask(site, (n_heads, 1), width=d_head, init=-1.0)
     m.hard = True
     with torch.no_grad():

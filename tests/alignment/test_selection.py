@@ -80,7 +80,7 @@ def test_the_result_records_and_reloads_its_selection(tmp_path):
 
 def test_bad_options_are_refused_before_compute():
     _, data, lab = _xor_task(50)
-    lab.site_shape(lab.resolve(SITE))  # the lab's one shape probe, before counting forwards
+    lab.facts.site_shape(lab.resolve(SITE))  # the lab's one shape probe, before counting forwards
     calls = []
     h = lab.model.register_forward_pre_hook(lambda m, a: calls.append(1))
     try:

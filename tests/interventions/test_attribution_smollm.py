@@ -112,7 +112,7 @@ def _loreft_R(lab, task, layer: int) -> torch.Tensor:
     """The R of a rank-4 LoReFT at ``layer``'s last token, trained to answer " negative" to positive reviews."""
     model, tok = lab.model, lab.tokenizer
     torch.manual_seed(0)
-    rm = reft.get_reft_model(model, reft.ReftConfig(layers=[layer], rank=4, positions="l1"), tokenizer=tok)
+    rm = reft.get_reft_model(model, reft.ReftConfig(layers=[layer], rank=4, positions="l1"), tokenizer=tok, stack=True)  # on the lab's model
     try:
         prompts = [task.template.format(noun=n, adjective=a) for n, a in
                    [("movie", "wonderful"), ("book", "great"), ("meal", "lovely"), ("show", "superb"), ("hotel", "amazing"), ("game", "brilliant")]]
@@ -135,7 +135,7 @@ def test_integrated_gradients_are_complete_inside_learned_and_random_subspaces(s
     pm = sl.metrics.logit_diff(task.label_tokens["positive"], task.label_tokens["negative"])
     neg = [task.template.format(noun="movie", adjective="terrible"), task.template.format(noun="food", adjective="awful")]
     pos = [task.template.format(noun="movie", adjective="wonderful"), task.template.format(noun="food", adjective="great")]
-    lab = sl.wrap(model, tok)
+    lab = sl.wrap(model, tok, stack=True)  # the module's `lab` fixture holds the shared model too
     try:
         train, test = task.datasets(lab, n_train=32, n_test=32, seed=0)
         das = DAS(lab, site=f"blocks.{layer}.resid_post", size=4, positions="last", epochs=2, batch_size=16, controls=False).fit(train, test)

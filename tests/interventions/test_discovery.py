@@ -39,7 +39,7 @@ def test_unregistered_model_type_resolves_by_structure():
     model = T.LlamaForCausalLM(OtherConfig(**kw)).eval()
     assert model.config.model_type == "someones_llama_fork"
     with wrapped(model) as lab:
-        assert lab.map.structural
+        assert lab.facts.map.structural
     _check_all_sites(model, "llama", tiny_inputs("llama", seq=6, pad=2, side="right"))
 
 

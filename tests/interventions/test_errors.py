@@ -230,7 +230,7 @@ CASES = [
     # graphs
     C("graph_cycle", _cycle, sl.GraphError, ("the run graph has a cycle: a -> b -> a",)),
     C("run_of_another_graph", _foreign_run, sl.GraphError, ("belongs to another graph",)),
-    C("not_an_intervention", lambda sc: sc.lab.run(sc.base, ["blocks.1.resid_post"]), sl.GraphError, ("must be Intervention objects; got str",)),
+    C("not_an_intervention", lambda sc: sc.lab.run(sc.base, ["blocks.1.resid_post"]), sl.NotAnIntervention, ("must be Intervention objects; got str",)),
     C("prefix_of_other_inputs", _prefix_mismatch, sl.ShapeMismatch, ("the prefix holds (2, 5) (batch, seq) but base has (2, 7)",)),
     C("bad_position_spec", lambda sc: sl.Zero(SITE, positions="f7+x"), sl.UnitError, ("positions='f7+x': expected a spec like 'f7+l7'",)),
 ]
@@ -247,7 +247,7 @@ def test_bad_input_is_refused_before_compute(case, tmp_path):
             case.call(sc, tmp_path) if case.tmp else case.call(sc)
     finally:
         handle.remove()
-        for att in list(sc.lab._attachments):
+        for att in list(sc.lab.attachments):
             att.detach()
     assert isinstance(info.value, sl.SteerlabError)
     for phrase in case.phrases:
@@ -274,3 +274,25 @@ def test_errors_are_also_the_builtin_exceptions():
     assert issubclass(sl.ShapeMismatch, ValueError) and issubclass(sl.LifetimeError, RuntimeError)
     assert issubclass(sl.UnknownInterventionType, sl.FileFormatError) and issubclass(sl.FingerprintMismatch, sl.FileFormatError)
     assert str(sl.SiteNotFound("x", ["y"])) == "unknown site 'x' (`lab.sites` lists every site of this model)"  # not KeyError's quoted repr
+
+
+def test_not_an_intervention_is_one_named_error():
+    """Every place that takes interventions refuses something else with the same error (a TypeError)."""
+    from steerlab import reft
+
+    sc = scenario()
+    not_one = "blocks.1.resid_post"
+    calls = {
+        "run": lambda: sc.lab.run(sc.base, [not_one]),
+        "graph": lambda: sl.Graph().run(sc.base, [not_one]),
+        "attach": lambda: sc.lab.attach([not_one]),
+        "prepare": lambda: sc.lab.prepare([not_one]),
+        "place": lambda: sc.lab.facts.place(not_one),
+        "generate": lambda: sc.lab.generate(sc.base, [not_one], max_new_tokens=1),
+        "get_reft_model": lambda: reft.get_reft_model(sc.model, [not_one], stack=True),
+    }
+    for name, call in calls.items():
+        with pytest.raises(sl.NotAnIntervention, match="must be Intervention objects; got str") as info:
+            call()
+        assert isinstance(info.value, TypeError), name
+    assert not sc.lab.attachments

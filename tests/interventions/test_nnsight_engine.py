@@ -21,6 +21,7 @@ from steerlab.interventions import hooks as hooks_mod
 from tests.archs import tiny_inputs, tiny_model
 from tests.interventions._helpers import wrapped
 from tests.reliability import (
+    CALL_TYPES,
     NO_FAULT,
     CallType,
     Scenario,
@@ -159,7 +160,7 @@ def test_runs_through_nnsight_not_hooks(monkeypatch):
         iv = sl.Interchange("blocks.1.resid_post", positions=-1, source=src)
         expected = lab.run(base, iv).logits
 
-        def refuse(self):
+        def refuse(self, *args, **kwargs):
             raise AssertionError("the hook engine ran")
 
         monkeypatch.setattr(hooks_mod.HookSet, "install", refuse)
@@ -336,23 +337,6 @@ def test_remote_rehearsal_serialises_the_whole_program(transformers_model):
 # -- RELIABILITY rows 1-2: the fault battery, through the nnsight engine ------------------------
 
 
-def _call_execute_nnsight(sc: Scenario, f) -> torch.Tensor:
-    g = sl.Graph()
-    clean = g.run(f.source_inputs(sc, sc.source), name="clean")
-    clean2 = g.run({k: v.flip(0) for k, v in sc.source.items()}, name="clean2")
-    mid = g.run(
-        sc.base,
-        [
-            sl.Interchange(sc.site(0, "attn.z"), heads=[1], positions=[-1], source=clean),
-            sl.Interchange(sc.site(0, "mlp.out"), positions=[-1], source=clean2),
-            *f.interventions(sc, sc.site(1, "resid_mid")),  # an in-place site
-        ],
-        name="mid",
-    )
-    out = g.run(sc.base, [sl.Interchange(sc.site(2, "resid_post"), positions=[-1], source=mid)], name="out")
-    return sc.lab.execute(g, positions=f.positions(sc), engine="nnsight", **f.model_kwargs(sc))[out].logits
-
-
 def _call_train_step_nnsight(sc: Scenario, f) -> torch.Tensor:
     """One optimisation step of a DAS subspace and a LoReFT, the forward an nnsight trace."""
     from steerlab.reft import LoReFT
@@ -371,7 +355,7 @@ def _call_train_step_nnsight(sc: Scenario, f) -> torch.Tensor:
 
 _CHANNELS = frozenset({"intervention", "source", "kwargs", "positions"})
 NNSIGHT_CALLS = {
-    "execute_nnsight": register_call_type(CallType("execute_nnsight", _call_execute_nnsight, _CHANNELS)),
+    "execute_nnsight": CALL_TYPES["execute_nnsight"],  # tests/reliability.py
     "train_step_nnsight": register_call_type(CallType("train_step_nnsight", _call_train_step_nnsight, _CHANNELS | {"backward"})),
 }
 _SCENARIO: dict[str, tuple] = {}

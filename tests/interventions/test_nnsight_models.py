@@ -196,7 +196,7 @@ def test_reft_model_runs_through_nnsight():
             opt.step()
         engine = sl.NNsightEngine()
         grads, logits = [], []
-        for run in (lambda: rm(**base, intervention_positions=pos), lambda: engine.reft_forward(rm, **base, intervention_positions=pos)):
+        for run in (lambda: rm(**base, intervention_positions=pos), lambda: rm(**base, intervention_positions=pos, engine=engine)):
             opt.zero_grad()
             lg = run().logits
             lg[:, -1].logsumexp(-1).sum().backward()
@@ -206,7 +206,7 @@ def test_reft_model_runs_through_nnsight():
         with rm.disabled():
             plain = rm.model(**base).logits
         with pytest.raises(sl.UnitError, match=r"intervention_positions has shape \(2, 1\); expected \[batch, 2, k\]"):
-            engine.reft_forward(rm, **base, intervention_positions=pos[:, 0])
+            rm(**base, intervention_positions=pos[:, 0], engine=engine)
     finally:
         rm.unwrap()
     assert (logits[0] - plain).abs().max() > 1e-3

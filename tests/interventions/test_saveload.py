@@ -84,7 +84,7 @@ def make(kind: str, lab, x, src) -> sl.Intervention:
         return sl.Collect("blocks.1.attn.z", heads=[0, 2], positions=[-1], name="z")
     else:
         raise AssertionError(kind)
-    lab.prepare(iv)
+    lab.facts.place(iv)
     train(lab, iv, x)
     return iv
 
@@ -154,7 +154,7 @@ def test_graph_with_a_source_value_and_path_patching_round_trips(tmp_path):
     lab, x, src = setup("llama", torch.float32)
     sv = lab.source_value(sl.Interchange("blocks.0.resid_post", positions=[-1], source=src))
     das = sl.SubspaceInterchange("blocks.0.resid_post", size=2, positions=[-1], source=sv)
-    lab.prepare(das)
+    lab.facts.place(das)
     train(lab, das, x)
     g = sl.Graph()
     clean = g.run(src, name="clean")

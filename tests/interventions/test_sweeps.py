@@ -21,7 +21,7 @@ from steerlab.interventions.inputs import Inputs
 from tests.archs import tiny_model
 from tests.interventions._helpers import hidden_arg, wrapped
 from tests.reliability import (
-    CallType,
+    CALL_TYPES,
     Fault,
     InjectedFault,
     Scenario,
@@ -348,18 +348,7 @@ def test_multi_token_metric_token(smollm):
 
 
 # -------------------------------------------------------------------------- faults (RELIABILITY rows 1-2)
-def _call_sweep(sc: Scenario, f: Fault) -> torch.Tensor:
-    """A site sweep (an in-place site among them) and a head sweep, positions counted on each side."""
-    pos = f.positions(sc)  # the battery's per-example positions, one beyond example 1: as a list here
-    positions = [0, -1] if pos is None else [0, int(pos[1, 0])]
-    source = f.source_inputs(sc, sc.source)
-    metric = sl.metrics.logit_diff(5, 7)
-    a = sl.sweep(sc.lab, sc.base, source, sites=[sc.site(0, "resid_mid"), sc.site(1, "resid_post")], positions=positions, metric=metric, configs_per_forward=3)
-    b = sl.sweep(sc.lab, sc.base, source, sites=sc.site(1, "attn.z"), heads="all", positions=positions[-1:], metric=metric, configs_per_forward=3)
-    return torch.cat([a.per_example.flatten(), b.per_example.flatten()])
-
-
-SWEEP = CallType("sweep", _call_sweep, frozenset({"source", "positions"}))
+SWEEP = CALL_TYPES["sweep"]  # the battery's sweep call type (tests/reliability.py)
 
 
 @contextmanager

@@ -328,3 +328,40 @@ def test_smollm_padded_batch_equals_one_by_one(smollm, side):
             alone = lab.run(_rows(base, i), ivs(_rows(source, i))).logits
             real = base["attention_mask"][i].bool()
             torch.testing.assert_close(batched[i][real], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_one_positions_grammar_everywhere():
+    """``"last"`` / ``"first"`` mean ``"l1"`` / ``"f1"`` in every API (one parser): a run, a sweep, ReFT
+    prompt positions and configs, and a DAS encoder (where ``"l1"`` and a spec like ``"f1+l1"`` are
+    accepted beside its named positions)."""
+    import transformers as T
+
+    from steerlab import reft
+    from steerlab.alignment import PromptEncoder
+    from steerlab.models import embedded_path
+    from tests.archs import tiny_inputs, tiny_model
+
+    assert sl.Positions("last") == sl.Positions("l1") and sl.Positions("first") == sl.Positions("f1")
+    model = tiny_model("llama")
+    lab = sl.wrap(model)
+    x = tiny_inputs("llama", pad=2, side="left")
+    add = lambda p: sl.Add("blocks.1.resid_post", torch.ones(32), positions=p)  # noqa: E731
+    assert torch.equal(lab.run(x, [add("last")]).logits, lab.run(x, [add(-1)]).logits)
+    src = {k: v.flip(0) for k, v in x.items()}
+    metric = sl.metrics.logit_diff(3, 4)
+    a = sl.sweep(lab, x, src, sites="blocks.1.resid_post", positions="last", metric=metric)
+    b = sl.sweep(lab, x, src, sites="blocks.1.resid_post", positions=[-1], metric=metric)
+    assert torch.equal(a.per_example, b.per_example)
+    lab.unwrap()
+    assert torch.equal(reft.prompt_positions([3, 5], "last"), reft.prompt_positions([3, 5], "l1"))
+    assert reft.ReftConfig(layers=[0], positions="last").position_groups() == ["last"]
+    tok = T.AutoTokenizer.from_pretrained(embedded_path("smollm2-135m"))
+    enc = PromptEncoder(tok, "The {word} is", {0: " good", 1: " bad"})
+    settings = [{"word": "cat"}, {"word": "hippopotamus"}]
+    e = enc.encode(settings)
+    assert torch.equal(enc.positions("last", settings, e), enc.positions("l1", settings, e))
+    both = enc.positions("f1+l1", settings, e)
+    assert both[:, 0].tolist() == [0, 0] and torch.equal(both[:, 1:], enc.positions("last", settings, e))
+    assert enc.position_spec("l1") == "l1"
+    with pytest.raises(sl.ConfigError, match="unknown position 'middle'"):
+        enc.positions("middle", settings, e)

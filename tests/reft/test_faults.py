@@ -31,7 +31,7 @@ _one_thread = one_thread_fixture()
 
 def _call_reft_step(sc: Scenario, f: Fault) -> torch.Tensor:
     torch.manual_seed(0)
-    rm = reft.get_reft_model(sc.model, reft.ReftConfig(layers=[0, 1], rank=2, positions="f1+l1"))
+    rm = reft.get_reft_model(sc.model, reft.ReftConfig(layers=[0, 1], rank=2, positions="f1+l1"), stack=True)  # the scenario's lab wraps it too
     try:
         opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=0.1)
         lengths = sc.base["attention_mask"].sum(-1)
