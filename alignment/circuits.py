@@ -105,8 +105,8 @@ class Circuit:
 
 def _layout(lab, clean, corrupt) -> tuple[Inputs, Inputs]:
     """Both inputs, checked to share their batch and token layout (path patching aligns them position by position)."""
-    a = Inputs.of(clean, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
-    b = Inputs.of(corrupt, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
+    a = lab.facts.inputs(clean)
+    b = lab.facts.inputs(corrupt)
     if a.batch != b.batch:
         raise BatchMismatch(f"clean has {a.batch} examples and corrupt {b.batch}; expected one corrupted prompt per clean one")
     ia, ib = a.mask_info(), b.mask_info()
@@ -371,7 +371,7 @@ def head_means(lab, corrupt, *, groups: Tensor | None = None) -> dict[int, Float
     """Per layer, each example's mean-ablation value of every head: the mean of ``attn.z`` over
     the corrupted examples of its group (``groups``: a ``LongTensor[batch]``, default one
     group), position by position (a group's examples must share their token layout)."""
-    b = Inputs.of(corrupt, tokenizer=lab.tokenizer, device=lab.device, is_lm=lab.is_lm)
+    b = lab.facts.inputs(corrupt)
     B = b.batch
     g = torch.zeros(B, dtype=torch.long) if groups is None else groups
     if not isinstance(g, Tensor) or g.shape != (B,) or g.is_floating_point():

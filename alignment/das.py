@@ -493,7 +493,7 @@ class DAS:
                 if subs[v].size != sizes[v] or subs[v].width != width:
                     raise SubspaceSizeError(f"init[{v!r}] is {subs[v].size} x {subs[v].width}; expected {sizes[v]} x {width}")
             rows = torch.cat([subs[v].basis for v in variables])
-            first = ("given subspace", _orthonormal_rows(rows.T), seed)
+            first = ("given subspace", orthonormal_rows(rows.T), seed)
         return [first] + [(f"random (seed {seed + r})", None, seed + r) for r in range(1, self.restarts + 1)]
 
     def _train(self, run_train: Runner, run_test: Runner, sizes: dict[str, int], starts: list[tuple[str, Tensor | None, int]], *,
@@ -614,7 +614,7 @@ class BoundlessDAS(DAS):
             boundary = self.init_boundary if init is None else init.shape[0] / width
             iv = BoundlessSubspaceInterchange(self.site, width=width, init_boundary=boundary, temperature=self.temperature[0])
             if init is not None:  # the given rows first, completed to a rotation
-                full = _orthonormal_rows(torch.cat([init, torch.randn(width - init.shape[0], width)]).T)
+                full = orthonormal_rows(torch.cat([init, torch.randn(width - init.shape[0], width)]).T)
                 iv.rotation = Orthonormal(width, width, full)
         k0 = max(iv.size, 1)
         start_iia = evaluate(run_train, [SubspaceInterchange(self.site, size=k0, width=width, init=iv.rotation().detach()[:k0])],

@@ -327,6 +327,11 @@ def check_prefix(prefix: Prefix, nodes: list[PlanNode]) -> None:
 # -- execution ------------------------------------------------------------------------
 
 
+def _per_example(plan: Plan, read: Read) -> bool:
+    spec = plan.source_positions or read.sel.positions
+    return spec is not None and spec.kind == "tensor"
+
+
 class _Execution:
     """One call's running state: values read so far, results, and the nodes done."""
 
@@ -362,7 +367,7 @@ class _Execution:
         plan = self.plan
         groups: dict[tuple, list[PlanNode]] = defaultdict(list)
         for node in plan.nodes:
-            if not node.edits and not node.output and node.reads and all(r[1].kind != "tensor" for r in node.reads.values()):
+            if not node.edits and not node.output and node.reads and not any(_per_example(plan, r) for r in node.reads.values()):
                 groups[node.inputs.signature()].append(node)
         for members in groups.values():
             if len(members) == 1:

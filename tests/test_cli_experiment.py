@@ -234,7 +234,7 @@ def test_an_old_train_run_file_runs_as_the_train_step(capsys, tmp_path, minilm):
         ("[das]\nlayr = 20\n", "[das]: unknown key 'layr'; known: "),
         ("[das]\nlayer = 20\npositions = \"adjective\"\n", "position 'adjective'; expected one the task names (last, name, place)"),
         ("[das]\nsite = \"blocks.*.resid_post\"\n", "expected one site name (a pattern or list belongs in [search])"),
-        ("", "has no step to run: add one of [patch], [das], [search], [train]"),
+        ("", "has no step to run: add one of [patch], [das], [search], [attribution], [train], [steer_eval]"),
         ("[patch]\nbase = { NAME = \"John\", PLACE = \"park\" }\nsource = { NAME = \"Peter\", PLACE = \"park\" }\n",
          "base and source have the same answer 'he'; patching would show nothing"),
     ],

@@ -140,13 +140,14 @@ def test_noise_sits_on_the_subject_at_three_embedding_stds():
         res, seen = noised_embeddings(model, lab, lambda: trace(lab, [f], kinds=["hidden"], window=None, layers=[2], samples=64))
         ids = torch.tensor([tok(f.prompt).input_ids])
         emb = model.model.embed_tokens(ids)[0].detach()
+        scale = noise_scale(lab, [f])
     subject = f.subject_tokens(tok)
     assert [tok.decode([ids[0, i]]) for i in subject] == [" E", "iffel", " Tower"]
     eps = next(x for x in seen if x.shape[0] == 64) - emb  # the base run: 64 draws
     outside = [i for i in range(ids.shape[1]) if i not in subject]
     assert eps[:, outside].abs().max() == 0
     sigma = float(emb[subject].std())  # by hand: the std of the subject tokens' embeddings
-    assert noise_scale(lab, [f]) == pytest.approx(sigma, rel=1e-6)
+    assert scale == pytest.approx(sigma, rel=1e-6)
     assert res.noise_std == pytest.approx(3 * sigma, rel=1e-6)
     assert float(eps[:, subject].std()) == pytest.approx(3 * sigma, rel=0.05)  # 64 x 3 x 32 draws
     assert float(eps[:, subject].mean()).__abs__() < 0.05 * 3 * sigma
