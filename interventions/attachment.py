@@ -28,7 +28,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from torch import nn
 
@@ -43,6 +43,7 @@ from steerlab.interventions.plan import check_source_value
 from steerlab.interventions.units import Positions
 
 
+@runtime_checkable  # so that a runtime type checker (the test suite's) can check a lab argument
 class LabLike(Protocol):
     """What an attachment needs of the :class:`~steerlab.interventions.Lab` it attaches through."""
 

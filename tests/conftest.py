@@ -1,14 +1,56 @@
-"""Shared fixtures: tiny random models of every supported architecture, and the real embedded models."""
+"""Shared fixtures: tiny random models of every supported architecture, and the real embedded models.
+
+Before anything imports steerlab, the jaxtyping import hook is installed: every function and
+dataclass of every steerlab module is checked at runtime by beartype (standard hints and the
+jaxtyping shapes, with one dimension binding per call), so an annotation that lies fails a test.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+import tomllib
+from importlib.abc import MetaPathFinder
+from pathlib import Path
 
-import pytest
-import torch
+import jaxtyping
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHECKED_PACKAGES = ("steerlab",)
+
+
+class _PackageDirs(MetaPathFinder):
+    """Finds the packages pyproject maps to other folders (``steerlab.interventions`` is ``interventions/``).
+
+    jaxtyping's hook asks Python's path finder under the parent package's ``__path__``, where a
+    mapped package is not; this asks the hook itself under the folder the package lives in, so the
+    mapped packages' ``__init__`` modules are checked too (their submodules are then found by the hook).
+    """
+
+    def __init__(self, hook: MetaPathFinder, root: Path) -> None:
+        mapping = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+        self.hook = hook
+        self.parents: dict[str, str] = {}
+        for name, folder in mapping.items():
+            where = root / folder
+            if where.name != name.rpartition(".")[2]:
+                raise RuntimeError(f"{name} maps to {folder}: a folder named otherwise is not findable by the hook")
+            self.parents[name] = str(where.parent)
+
+    def find_spec(self, fullname, path=None, target=None):
+        parent = self.parents.get(fullname)
+        return None if parent is None else self.hook.find_spec(fullname, [parent], target)
+
+
+if any(name == p or name.startswith(p + ".") for name in sys.modules for p in CHECKED_PACKAGES):
+    raise RuntimeError("steerlab was imported before tests/conftest.py installed the jaxtyping hook")
+_hook = jaxtyping.install_import_hook(list(CHECKED_PACKAGES), "beartype.beartype")
+sys.meta_path.insert(0, _PackageDirs(_hook.hook, Path(__file__).resolve().parent.parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tests.archs import ARCHS, tiny_model  # noqa: E402
 
