@@ -29,7 +29,7 @@ import fnmatch
 import itertools
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -154,7 +154,7 @@ def random_init_lab(lab: Lab, *, seed: int = 0, scope: str | Sequence[str] = "al
     return random_init(lab, seed=seed, scope=scope).lab
 
 
-def count_assignments(width: int, sizes: Mapping[str, int]) -> int:
+def count_assignments(width: int, sizes: Mapping[Hashable, int]) -> int:
     """Ordered disjoint choices of ``sizes[v]`` coordinates per variable out of ``width``."""
     out, left = 1, width
     for k in sizes.values():

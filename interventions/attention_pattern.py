@@ -56,15 +56,15 @@ def _rotary_module(model):
 class AttentionGeometry:
     """How a layer turns its ``attn.q``/``attn.k`` site values into attention scores.
 
-    ``cos``/``sin``: ``[batch, pos, rot]`` (``None``: no rotary embedding);
+    ``cos``/``sin``: ``[batch, pos, d_rot]`` (``None``: no rotary embedding);
     ``visible[b, t, s]``: query ``t`` attends to key ``s`` (causal, real tokens).
     """
 
     layer: int
     scale: float
     group: int  # query heads per key-value head
-    cos: Float[Tensor, "batch pos rot"] | None
-    sin: Float[Tensor, "batch pos rot"] | None
+    cos: Float[Tensor, "batch pos d_rot"] | None
+    sin: Float[Tensor, "batch pos d_rot"] | None
     visible: Bool[Tensor, "batch pos pos"]
 
     @classmethod
@@ -104,9 +104,11 @@ class AttentionGeometry:
         return cls(layer, scale, group, cos, sin, visible)
 
     # -- scores -----------------------------------------------------------------
-    def rotate(self, x: Float[Tensor, "batch pos head d"], rows: Int[Tensor, "batch *k"] | None = None) -> Tensor:
-        """``x`` rotated as the model rotates it at its padded positions (``rows``: the
-        padded position of each ``x[b, j]`` when ``x`` is a gather ``[batch, k, head, d]``)."""
+    def rotate(
+        self, x: Float[Tensor, "batch *pos head d_head"], rows: Int[Tensor, "batch *pos"] | None = None
+    ) -> Float[Tensor, "batch *pos head d_head"]:
+        """``x`` rotated as the model rotates it at its padded positions: ``x`` is ``[batch, pos, head, d_head]``,
+        or a gather ``[batch, slot, k, head, d_head]`` with ``rows`` the padded position of each ``x[b, j, i]``."""
         x = x.double()
         if self.cos is None:
             return x
@@ -120,7 +122,7 @@ class AttentionGeometry:
         head, rest = x[..., :r], x[..., r:]
         return torch.cat((head * cos + _rotate_half(head) * sin, rest), dim=-1)
 
-    def expand_kv(self, k: Float[Tensor, "batch pos kv d"]) -> Float[Tensor, "batch pos head d"]:
+    def expand_kv(self, k: Float[Tensor, "batch pos kv_head d_head"]) -> Float[Tensor, "batch pos head d_head"]:
         """Key-value heads repeated for their query heads (head ``h`` reads kv head ``h // group``)."""
         return repeat(k, "b s g d -> b s (g r) d", r=self.group)
 
@@ -170,7 +172,7 @@ class AttentionGeometry:
 
     def key_effects(
         self, scores: Tensor, pattern: Tensor, grad_a: Tensor, q_rot: Tensor, dk_rot: Tensor, rows: Tensor, valid: Tensor
-    ) -> Float[Tensor, "batch slot kv"]:
+    ) -> Float[Tensor, "batch slot kv_head"]:
         """Patching the keys of each slot's rows (``dk_rot``: ``[batch, slot, k, kv, d]``, the
         source's rotated keys minus the base's at those rows); the effect per key-value head,
         summed over the query heads that read it. One-row slots use the closed form of a softmax

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from steerlab.interventions.attention_pattern import AttentionGeometry
 from steerlab.interventions.attribution_result import AttributionResult
-from steerlab.interventions.errors import BatchMismatch, ConfigError, ShapeMismatch, SiteNotFound, UnitError
+from steerlab.interventions.errors import BatchMismatch, ConfigError, ShapeMismatch, SiteNotFound, UnitError, checked_first
 from steerlab.interventions.gradients import Taps, check_metric, logit_window, metric_inputs
 from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.metrics import Metric, as_metric
@@ -184,9 +184,6 @@ def _plan(lab, base, source, sites, positions, heads, neurons, metric, qk_fix, g
         )
     if m.tokenizer is None:
         m = m.bind(lab)
-    for flag, name in ((qk_fix, "qk_fix"), (grad_drop, "grad_drop")):
-        if not isinstance(flag, bool):
-            raise ConfigError(f"{name}={flag!r}: expected True or False")
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise ConfigError(f"refine={refine!r}: expected the number of top cells to patch exactly (an int >= 0)")
     b = lab.facts.inputs(base)
@@ -435,6 +432,15 @@ def _labels(lab, plan: _Plan) -> list[str]:
     return [label(s) for s in plan.slots]
 
 
+def _flag(name: str):
+    def check(value: object) -> None:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r}: expected True or False")
+
+    return check
+
+
+@checked_first(qk_fix=_flag("qk_fix"), grad_drop=_flag("grad_drop"))
 def attribution_patching(
     lab,
     base,

@@ -11,7 +11,10 @@ half-modified.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import functools
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 __all__ = [
     "SteerlabError",
@@ -157,3 +160,38 @@ class CausalModelError(SteerlabError, ValueError):
 
 class NotFitted(SteerlabError, AttributeError):
     """A fitted attribute (``DAS.result``, ``.subspaces``, ...) read before ``fit``."""
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def checked_first(**checks: Callable[[Any], object]) -> Callable[[_F], _F]:
+    """Run steerlab's own checks of the named arguments before the decorated function is entered.
+
+    A public entry point takes what a notebook passes and refuses a wrong value with a named
+    error; its annotation states the contract (``qk_fix: bool``). The checks run first, so the
+    user gets steerlab's error whether or not a runtime type checker guards the annotated
+    function (the test suite's jaxtyping hook wraps it innermost, under this decorator). Each
+    check takes the argument's value and raises or returns; an argument left to its default is
+    not checked.
+    """
+
+    def decorate(fn: _F) -> _F:
+        names = list(inspect.signature(fn).parameters)
+        unknown = sorted(set(checks) - set(names))
+        if unknown:
+            raise TypeError(f"checked_first: {fn.__qualname__} has no parameter {', '.join(unknown)}")
+        where = [(name, names.index(name), check) for name, check in checks.items()]
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            for name, i, check in where:
+                if name in kwargs:
+                    check(kwargs[name])
+                elif i < len(args):
+                    check(args[i])
+            return fn(*args, **kwargs)
+
+        return call  # type: ignore[return-value]
+
+    return decorate

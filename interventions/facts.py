@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from steerlab.interventions.adapters import ROOT_SITES, map_model
-from steerlab.interventions.errors import NotAnIntervention, ShapeMismatch, SiteNotFound, UnitError
+from steerlab.interventions.errors import ShapeMismatch, SiteNotFound, UnitError, checked_first
 from steerlab.interventions.handlers import input_tensor, output_tensor
 from steerlab.interventions.inputs import Inputs
-from steerlab.interventions.ops import Intervention
+from steerlab.interventions.ops import Intervention, check_intervention
 from steerlab.interventions.orthonormal import Orthonormal
 from steerlab.interventions.sites import ResolvedSite, SiteCatalog, SiteResolver, canonical_names
 
@@ -49,15 +49,6 @@ class _Placement:
     device: torch.device
     tensors: list
     maps: list  # two threads building one intervention at once would make two sets of parameters
-
-
-def check_intervention(iv: Any, where: str = "interventions") -> Intervention:
-    """``iv`` if it is an :class:`Intervention`, else :class:`NotAnIntervention` naming what it is."""
-    if not isinstance(iv, Intervention):
-        raise NotAnIntervention(
-            f"{where} must be Intervention objects; got {type(iv).__name__} {iv!r:.60} (expected sl.Add, sl.Interchange, a ReFT intervention, ...)"
-        )
-    return iv
 
 
 def execution_device(module: nn.Module, default: torch.device | None = None) -> torch.device:
@@ -285,6 +276,7 @@ class ModelFacts:
         return feat
 
     # -- interventions ---------------------------------------------------------------
+    @checked_first(iv=check_intervention)
     def place(self, iv: Intervention) -> ResolvedSite:
         """Resolve ``iv``'s site, check its units, build it for the site's width and device.
 

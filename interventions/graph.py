@@ -27,8 +27,8 @@ from typing import Any
 from torch import Tensor
 
 from steerlab.interventions.activation_cache import ActivationCache
-from steerlab.interventions.errors import GraphError, NotAnIntervention, SourceError
-from steerlab.interventions.ops import Intervention
+from steerlab.interventions.errors import GraphError, SourceError, checked_first
+from steerlab.interventions.ops import Intervention, check_interventions
 
 __all__ = ["Graph", "Run", "SourceValue", "RunResult", "GraphResult"]
 
@@ -72,7 +72,8 @@ class Graph:
     def __init__(self):
         self.runs: list[Run] = []
 
-    def run(self, inputs: Any, interventions: Sequence[Intervention] = (), *, name: str | None = None, output: bool | None = None) -> Run:
+    @checked_first(interventions=lambda v: check_interventions(v, "a run's interventions"))
+    def run(self, inputs: Any, interventions: Sequence[Intervention] | Intervention = (), *, name: str | None = None, output: bool | None = None) -> Run:
         """Add a run of the model on ``inputs`` with ``interventions``.
 
         A sourced intervention whose ``source`` is not a :class:`Run` or a
@@ -81,11 +82,8 @@ class Graph:
         output even when other runs read from it (by default only runs that
         nobody reads from keep theirs).
         """
-        if isinstance(interventions, Intervention):
-            interventions = [interventions]
+        interventions = [interventions] if isinstance(interventions, Intervention) else list(interventions)
         for iv in interventions:
-            if not isinstance(iv, Intervention):
-                raise NotAnIntervention(f"a run's interventions must be Intervention objects; got {type(iv).__name__} {iv!r:.60}")
             if isinstance(iv.source, Run) and iv.source.graph is not self:
                 raise GraphError(f"{iv!r} reads from {iv.source!r}, which belongs to another graph")
         node = Run(self, len(self.runs), inputs, interventions, name, output)
@@ -155,15 +153,19 @@ class RunResult:
         return getattr(self.output, name)
 
 
+def _check_run(run: object) -> None:
+    if not isinstance(run, Run):  # a name would otherwise hit str.index and read as "kept no output"
+        raise GraphError(f"graph results are indexed by the Run that graph.run(...) returned; got {type(run).__name__} {run!r:.60}")
+
+
 class GraphResult:
     """Results of an executed graph, indexed by :class:`Run`."""
 
     def __init__(self, results: dict[int, RunResult]):
         self._results = results
 
+    @checked_first(run=_check_run)
     def __getitem__(self, run: Run) -> RunResult:
-        if not isinstance(run, Run):  # a name would otherwise hit str.index and read as "kept no output"
-            raise GraphError(f"graph results are indexed by the Run that graph.run(...) returned; got {type(run).__name__} {run!r:.60}")
         try:
             return self._results[run.index]
         except KeyError:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from steerlab.interventions.call import ForwardContext
-from steerlab.interventions.errors import SourceError, UnitError
+from steerlab.interventions.errors import ShapeMismatch, SourceError, UnitError
 from steerlab.interventions.ops import Collect, Intervention
 from steerlab.interventions.selection import Selection
 from steerlab.interventions.sites import ResolvedSite
@@ -73,7 +73,7 @@ class Edit:
             raise SourceError(f"{type(self.iv).__name__} at {self.site.name!r} was given no source value for this call")
         iv = self.iv
         # a site without a position axis is handled as [batch, 1, width]; its SourceValue is [batch, width]
-        fn = lambda part: iv(part, _aligned(src, part))  # noqa: E731
+        fn = lambda part: iv(part, _aligned(src, part, self))  # noqa: E731
         valid = ctx.call.valid.get(self)
         return fn if valid is None else _where_source(fn, valid)
 
@@ -124,9 +124,17 @@ def _where_source(fn: Callable[[Tensor], Tensor], valid: Tensor) -> Callable[[Te
     return edit
 
 
-def _aligned(src: Tensor, part: Tensor) -> Tensor:
+def _aligned(src: Tensor, part: Tensor, edit: Edit) -> Tensor:
+    """The source slice shaped as this forward's base slice (a batch of 1 broadcast); refused when its
+    other axes differ (an attached source over all positions is checked here, per forward, as only
+    then is the number of positions known: broadcasting one position over all would be silent)."""
     if src.dim() == part.dim() - 1:
         src = src.unsqueeze(1)
+    if src.shape[1:] != part.shape[1:] or src.shape[0] not in (1, part.shape[0]):
+        raise ShapeMismatch(
+            f"the source of {type(edit.iv).__name__} at {edit.site.name!r} has shape {tuple(src.shape)} but this forward's "
+            f"slice is {tuple(part.shape)}: a source value must hold the positions the intervention edits"
+        )
     return src.expand_as(part) if src.shape[0] == 1 else src
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from torch import Tensor, nn
 
@@ -30,11 +30,11 @@ from steerlab.interventions import caching
 from steerlab.interventions.activation_cache import ActivationCache
 from steerlab.interventions.attachment import Attachment, attachments_of
 from steerlab.interventions.engine import PreparedRun, engine_of
-from steerlab.interventions.errors import NotAModel, NotWrapped
+from steerlab.interventions.errors import NotAModel, NotWrapped, checked_first
 from steerlab.interventions.facts import ModelFacts
 from steerlab.interventions.generation import Generation, check_generation, generate, prompts
 from steerlab.interventions.graph import Graph, GraphResult, RunResult, SourceValue
-from steerlab.interventions.ops import Intervention
+from steerlab.interventions.ops import Intervention, check_interventions
 from steerlab.interventions.plan import Plan
 from steerlab.interventions.prefix import Prefix
 from steerlab.interventions.sites import ResolvedSite, SiteCatalog
@@ -43,20 +43,29 @@ from steerlab.interventions.wrapping import acquire, release
 __all__ = ["Lab", "wrap", "Generation"]
 
 
-def _list(interventions) -> list[Intervention]:
+def _list(interventions: Sequence[Intervention] | Intervention) -> list[Intervention]:
     return [interventions] if isinstance(interventions, Intervention) else list(interventions)
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module) and _nnsight_model(model) is None:
+        raise NotAModel(f"wrap() takes an nn.Module or an nnsight model; got {type(model).__name__}")
+
+
+#: what ``wrap`` accepts besides an ``nn.Module``: an nnsight model (``NNsight``, ``LanguageModel``)
+#: around one, recognised without importing nnsight (so checked as ``object``, then by ``wrap``)
+NNsightModel = Annotated[object, "an nnsight model around an nn.Module"]
 
 
 class Lab:
     """A wrapped model. Create with :func:`wrap`."""
 
-    def __init__(self, model: nn.Module, tokenizer=None, *, freeze: bool = True, example_input=None, stack: bool = False):
+    @checked_first(model=_check_model)
+    def __init__(self, model: nn.Module | NNsightModel, tokenizer=None, *, freeze: bool = True, example_input=None, stack: bool = False):
         envoy = _nnsight_model(model)
         if envoy is not None:  # the user's nnsight model: steerlab works on its module; engine="nnsight" uses it
             model = envoy._module
             tokenizer = tokenizer if tokenizer is not None else envoy.__dict__.get("tokenizer")
-        if not isinstance(model, nn.Module):
-            raise NotAModel(f"wrap() takes an nn.Module or an nnsight model; got {type(model).__name__}")
         self.facts = ModelFacts(model, tokenizer, example_input=example_input)
         self.facts.nnsight_model = envoy
         self._record = acquire(model, self, freeze=freeze, stack=stack)
@@ -127,6 +136,7 @@ class Lab:
             raise NotWrapped(f"{what}: this Lab was unwrapped (lab.unwrap()); wrap the model again: sl.wrap(model)")
 
     # -- per-call execution ---------------------------------------------------------
+    @checked_first(interventions=check_interventions)
     def run(
         self,
         inputs: Any,
@@ -172,6 +182,7 @@ class Lab:
         plan = Plan.build(self.facts, graph, positions=positions, source_positions=source_positions, validate=validate)
         return eng.execute(plan, prefix=prefix, model_kwargs=model_kwargs)
 
+    @checked_first(interventions=lambda v: check_interventions(v, "prepare()"))
     def prepare(self, interventions: Sequence[Intervention] | Intervention, *, validate: bool = True) -> PreparedRun:
         """``interventions`` validated and compiled once, for a loop that runs them on many batches
         (see :class:`~steerlab.interventions.engine.PreparedRun`)."""
@@ -206,6 +217,7 @@ class Lab:
         return caching.past(self.facts, inputs, start, prefix=prefix)
 
     # -- attached lifetime --------------------------------------------------------------
+    @checked_first(interventions=lambda v: check_interventions(v, "attach()"))
     def attach(self, interventions: Sequence[Intervention] | Intervention, *, decode: bool = False, positions=None) -> Attachment:
         """Install ``interventions`` until :meth:`Attachment.detach` (or the ``with`` block ends).
 
@@ -217,6 +229,7 @@ class Lab:
         """The attachments currently attached through this lab."""
         return attachments_of(self)
 
+    @checked_first(interventions=check_interventions)
     def generate(self, inputs: Any, interventions: Sequence[Intervention] | Intervention = (), *, decode: bool = False, positions=None, **generate_kwargs) -> Generation:
         """Generate with interventions at prompt positions (at prefill), and with
         ``decode=True`` also at each new token. Text prompts are left-padded.
@@ -272,7 +285,8 @@ def _nnsight_model(model) -> Any:
     return None
 
 
-def wrap(model: nn.Module, tokenizer=None, *, freeze: bool = True, example_input=None, stack: bool = False) -> Lab:
+@checked_first(model=_check_model)
+def wrap(model: nn.Module | NNsightModel, tokenizer=None, *, freeze: bool = True, example_input=None, stack: bool = False) -> Lab:
     """Wrap ``model`` (any ``nn.Module``; a Hugging Face model gets canonical sites).
 
     An nnsight model (``LanguageModel``, ``NNsight``) is accepted too: the lab

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from steerlab.interventions.errors import BatchMismatch, ConfigError, ShapeMismatch
+from steerlab.interventions.errors import BatchMismatch, ConfigError, ShapeMismatch, checked_first
 from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.units import MaskInfo, Positions
 
@@ -184,12 +184,16 @@ class Metric:
         return self.name
 
 
+def _check_position(position: object) -> None:
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise ConfigError(f"position={position!r}: expected one int (a real-token index, -1 = last)")
+
+
 class _TokenMetric(Metric):
     """A metric of the logits at one position and some tokens."""
 
+    @checked_first(position=_check_position)
     def __init__(self, kind: str, tokens: dict[str, TokenSpec], position: int, tokenizer=None):
-        if isinstance(position, bool) or not isinstance(position, int):
-            raise ConfigError(f"position={position!r}: expected one int (a real-token index, -1 = last)")
         self.kind = kind
         self.specs = tokens
         self.position = position
@@ -225,30 +229,33 @@ class _TokenMetric(Metric):
         return logp if self.kind == "logprob" else logp.exp()
 
 
+@checked_first(position=_check_position)
 def logit_diff(good: TokenSpec, bad: TokenSpec, *, position: int = -1, tokenizer=None) -> Metric:
     """``logits[good] - logits[bad]`` at real-token ``position`` (default the last)."""
     return _TokenMetric("logit_diff", {"good": good, "bad": bad}, position, tokenizer)
 
 
+@checked_first(position=_check_position)
 def logit(token: TokenSpec, *, position: int = -1, tokenizer=None) -> Metric:
     """``logits[token]`` at real-token ``position``."""
     return _TokenMetric("logit", {"token": token}, position, tokenizer)
 
 
+@checked_first(position=_check_position)
 def prob(token: TokenSpec, *, position: int = -1, tokenizer=None) -> Metric:
     """``softmax(logits)[token]`` at real-token ``position``."""
     return _TokenMetric("prob", {"token": token}, position, tokenizer)
 
 
+@checked_first(position=_check_position)
 def logprob(token: TokenSpec, *, position: int = -1, tokenizer=None) -> Metric:
     """``log_softmax(logits)[token]`` at real-token ``position``."""
     return _TokenMetric("logprob", {"token": token}, position, tokenizer)
 
 
 class _KL(Metric):
+    @checked_first(position=_check_position)
     def __init__(self, reference: Tensor | None, position: int, to_base: bool):
-        if isinstance(position, bool) or not isinstance(position, int):
-            raise ConfigError(f"position={position!r}: expected one int (a real-token index, -1 = last)")
         self.position = position
         self.tail = -position if position < 0 else None
         self.to_base = to_base
@@ -278,15 +285,20 @@ class _KL(Metric):
         return (ref.exp() * (ref - logp)).sum(-1)
 
 
-def kl(reference: Float[Tensor, "batch *seq vocab"], *, position: int = -1) -> Metric:
-    """``KL(p_ref || p)`` at real-token ``position``; ``reference`` holds logits,
-    ``[batch, vocab]`` (already at the position) or ``[batch, seq, vocab]`` (unpadded)."""
+def _check_reference(reference: object) -> None:
     if not isinstance(reference, Tensor) or reference.dim() not in (2, 3):
         got = tuple(reference.shape) if isinstance(reference, Tensor) else type(reference).__name__
-        raise ConfigError(f"kl(reference={got}): expected logits [batch, vocab] or [batch, seq, vocab]")
+        raise ConfigError(f"kl(reference={got}): expected logits [batch, vocab] or [batch, pos, vocab]")
+
+
+@checked_first(reference=_check_reference, position=_check_position)
+def kl(reference: Float[Tensor, "batch *pos vocab"], *, position: int = -1) -> Metric:
+    """``KL(p_ref || p)`` at real-token ``position``; ``reference`` holds logits,
+    ``[batch, vocab]`` (already at the position) or ``[batch, pos, vocab]`` (unpadded)."""
     return _KL(reference, position, False)
 
 
+@checked_first(position=_check_position)
 def kl_to_base(*, position: int = -1) -> Metric:
     """``KL(p_base || p)``: how far a patch moves the next-token distribution from the unpatched base run."""
     return _KL(None, position, True)

@@ -100,8 +100,9 @@ def _is_terminal(stream: Any) -> bool:
         return False
 
 
-def enabled(progress: bool | None = None) -> bool:
-    """Whether a call given ``progress`` shows a bar (see the module docstring)."""
+def enabled(progress: object = None) -> bool:
+    """Whether a call given ``progress`` (``True``, ``False`` or ``None``; this is where a call's
+    ``progress`` argument is checked, so it takes any value) shows a bar (see the module docstring)."""
     if progress is not None:
         if not isinstance(progress, bool):
             raise ConfigError(f"progress={progress!r}: expected True, False or None (None: a bar when the output is a terminal)")

@@ -52,7 +52,8 @@ class ResolvedSite:
     """
 
     name: str
-    module: nn.Module = field(repr=False, compare=False, hash=False)
+    # None only in the nnsight engine's program, which names modules through envoys (it may travel to a remote server)
+    module: nn.Module | None = field(repr=False, compare=False, hash=False)
     module_path: str
     port: Port
     layer: int | None

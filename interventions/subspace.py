@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor
 from steerlab.interventions import fileformat
 from steerlab.interventions.errors import FileFormatError, SteerlabError, SubspaceSizeError
 from steerlab.interventions.fileformat import TensorSpec, field_of
-from steerlab.interventions.units import Positions
+from steerlab.interventions.units import PositionSpec, Positions
 
 __all__ = ["Subspace"]
 
@@ -36,8 +37,8 @@ class Subspace:
 
     basis: Float[Tensor, "k d"]
     site: str
-    positions: Any = None
-    heads: tuple[int, ...] | None = None
+    positions: PositionSpec = None  # kept as its JSON form
+    heads: Sequence[int] | None = None  # kept as a tuple
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):

@@ -41,6 +41,7 @@ from steerlab.interventions.errors import PositionOutOfRange, UnitError
 
 __all__ = [
     "Positions",
+    "PositionSpec",
     "MaskInfo",
     "gather_positions",
     "scatter_positions",
@@ -279,6 +280,10 @@ class Positions:
             r = self.tensor.to(dev, non_blocking=True)
         valid = (r >= 0) & (r < n)
         return torch.where(valid, info.starts[:, None] + r, torch.full_like(r, -1))
+
+
+#: a position spec as written (the module docstring's grammar): parsed and checked by :class:`Positions`
+PositionSpec = int | Sequence[int] | slice | str | Int[Tensor, "batch k"] | Positions | None
 
 
 def _slice_positions(s: slice) -> tuple[int, ...]:

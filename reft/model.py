@@ -39,14 +39,25 @@ from torch import Tensor, nn
 
 from steerlab.interventions import Attachment, Lab, Prefix, wrap
 from steerlab.interventions.prefix import resume_from
-from steerlab.interventions.errors import ConfigError, LifetimeError, NotWrapped, UnitError, Unsupported
-from steerlab.interventions.facts import check_intervention
+from steerlab.interventions.errors import ConfigError, LifetimeError, NotWrapped, UnitError, Unsupported, checked_first
+from steerlab.interventions.ops import check_interventions
 from steerlab.reft._base import ReftIntervention
 from steerlab.reft.config import ReftConfig
 from steerlab.reft.interventions import INTERVENTION_TYPES
 from steerlab.reft.serialize import KIND, load_reft_model, load_weights, save_reft_model
 
 __all__ = ["ReftModel", "get_reft_model", "KIND"]
+
+
+def _check_reft_interventions(value: object) -> None:
+    for iv in check_interventions(value, "a ReftModel's interventions"):
+        if not isinstance(iv, ReftIntervention):
+            raise ConfigError(f"ReftModel takes ReFT interventions (LoReFT, DiReFT, ...); got {type(iv).__name__}")
+
+
+def _check_config(config: object) -> None:
+    if not isinstance(config, ReftConfig):
+        _check_reft_interventions(config)
 
 
 class ReftModel(nn.Module):
@@ -63,6 +74,7 @@ class ReftModel(nn.Module):
         modules_to_save: base modules to train with the interventions.
     """
 
+    @checked_first(interventions=_check_reft_interventions)
     def __init__(
         self,
         model: nn.Module,
@@ -85,10 +97,6 @@ class ReftModel(nn.Module):
     def _setup(self, model, lab, ivs, tokenizer, config, groups, modules_to_save) -> None:
         if not ivs:
             raise ConfigError("a ReftModel needs at least one intervention")
-        for iv in ivs:
-            check_intervention(iv, "a ReftModel's interventions")
-            if not isinstance(iv, ReftIntervention):
-                raise ConfigError(f"ReftModel takes ReFT interventions (LoReFT, DiReFT, ...); got {type(iv).__name__}")
         groups = [list(range(len(ivs)))] if groups is None else [list(g) for g in groups]
         if sorted(i for g in groups for i in g) != list(range(len(ivs))):
             raise ConfigError(f"groups={groups} must partition the {len(ivs)} interventions")
@@ -427,6 +435,7 @@ def build_interventions(config: ReftConfig, lab: Lab) -> tuple[list[ReftInterven
     return ivs, groups
 
 
+@checked_first(config=_check_config)
 def get_reft_model(
     model: nn.Module,
     config: ReftConfig | Sequence[ReftIntervention] | ReftIntervention,

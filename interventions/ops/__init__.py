@@ -1,6 +1,6 @@
 """Intervention types, one module each, registered by name."""
 
-from steerlab.interventions.ops._base import Intervention, intervention_class, register, registered
+from steerlab.interventions.ops._base import Intervention, check_intervention, check_interventions, intervention_class, register, registered
 from steerlab.interventions.ops._edit import compute_dtype, subspace_edit
 from steerlab.interventions.ops.ablation import Mean, Noise, Zero
 from steerlab.interventions.ops.add import Add
@@ -16,6 +16,8 @@ __all__ = [
     "register",
     "registered",
     "intervention_class",
+    "check_intervention",
+    "check_interventions",
     "subspace_edit",
     "compute_dtype",
     "Interchange",

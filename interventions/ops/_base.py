@@ -27,10 +27,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from steerlab.interventions.errors import ConfigError, SourceError, UnknownInterventionType
+from steerlab.interventions.errors import ConfigError, NotAnIntervention, SourceError, UnknownInterventionType
 from steerlab.interventions.units import Positions, parse_dims, parse_heads
 
-__all__ = ["Intervention", "register", "registered", "intervention_class"]
+__all__ = ["Intervention", "register", "registered", "intervention_class", "check_intervention", "check_interventions"]
 
 _REGISTRY: dict[str, type[Intervention]] = {}
 
@@ -151,6 +151,24 @@ class Intervention(nn.Module):
             bits.append(f"dims=<{len(self.dims)}>")
         bits += [f"{k}={v!r}" for k, v in self.arguments().items() if not isinstance(v, (list, dict))]
         return ", ".join(bits)
+
+
+def check_intervention(iv: object, where: str = "interventions") -> Intervention:
+    """``iv`` if it is an :class:`Intervention`, else :class:`NotAnIntervention` naming what it is."""
+    if not isinstance(iv, Intervention):
+        raise NotAnIntervention(
+            f"{where} must be Intervention objects; got {type(iv).__name__} {iv!r:.60} (expected sl.Add, sl.Interchange, a ReFT intervention, ...)"
+        )
+    return iv
+
+
+def check_interventions(value: object, where: str = "interventions") -> list[Intervention]:
+    """``value`` (an intervention or an iterable of them) as a list, each checked by :func:`check_intervention`."""
+    if isinstance(value, Intervention):
+        return [value]
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        check_intervention(value, where)
+    return [check_intervention(iv, where) for iv in value]  # type: ignore[union-attr]
 
 
 def _jsonable(v):

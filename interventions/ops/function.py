@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 
@@ -27,5 +28,7 @@ class Lambda(Intervention):
         super().__init__(site, **placement)
         self.fn = fn
 
-    def forward(self, base: Tensor, source: Tensor | None = None) -> Tensor:
+    def forward(self, base: Tensor, source: Tensor | None = None) -> Any:
+        # whatever the user's function returns: the engine checks it (a tensor of the slice's shape)
+        # and names the intervention when it is not
         return self.fn(base, source) if self.sourced else self.fn(base)

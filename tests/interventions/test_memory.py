@@ -156,7 +156,7 @@ def test_a_lab_its_attachments_and_the_model_are_freed():
     steer = sl.Add("blocks.1.resid_post", torch.ones(32), positions=[-1])
     das = sl.SubspaceInterchange("blocks.0.resid_post", size=2, positions=[-1], source=x)
     lab.run(x, [steer, das])
-    att = lab.attach([steer, sl.SubspaceInterchange("blocks.2.resid_post", size=2, width=32, source=lab.source_value(das))])
+    att = lab.attach([steer, sl.SubspaceInterchange("blocks.2.resid_post", size=2, width=32, positions=[-1], source=lab.source_value(das))])
     with torch.no_grad():
         model(**x)
     att.detach()
