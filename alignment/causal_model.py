@@ -31,7 +31,7 @@ import random
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
-from steerlab.interventions.errors import CausalModelError
+from steerlab.interventions.errors import CausalModelError, checked_first
 
 __all__ = ["CausalModel", "Setting"]
 
@@ -61,6 +61,7 @@ class CausalModel:
         name: used in messages and reprs.
     """
 
+    @checked_first(values=lambda values: _check_values(values))  # defined below
     def __init__(
         self,
         values: Mapping[str, Sequence[Hashable]],
@@ -345,7 +346,7 @@ def _quotas(order: list, n: int, rng: random.Random) -> dict:
     return {c: base + (i in lucky) for i, c in enumerate(order)}
 
 
-def _check_values(values: Mapping[str, Sequence[Hashable]]) -> dict[str, tuple]:
+def _check_values(values: object) -> dict[str, tuple]:  # the validator: takes anything
     if not isinstance(values, Mapping) or not values:
         raise CausalModelError("values: expected a non-empty mapping {variable: [its values]}")
     out: dict[str, tuple] = {}

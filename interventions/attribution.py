@@ -44,7 +44,7 @@ from torch import Tensor
 
 from steerlab.interventions.attention_pattern import AttentionGeometry
 from steerlab.interventions.attribution_result import AttributionResult
-from steerlab.interventions.errors import BatchMismatch, ConfigError, ShapeMismatch, SiteNotFound, UnitError, checked_first
+from steerlab.interventions.errors import BatchMismatch, ConfigError, ShapeMismatch, SiteNotFound, UnitError, checked_first, flag
 from steerlab.interventions.gradients import Taps, check_metric, logit_window, metric_inputs
 from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.metrics import Metric, as_metric
@@ -432,15 +432,7 @@ def _labels(lab, plan: _Plan) -> list[str]:
     return [label(s) for s in plan.slots]
 
 
-def _flag(name: str):
-    def check(value: object) -> None:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r}: expected True or False")
-
-    return check
-
-
-@checked_first(qk_fix=_flag("qk_fix"), grad_drop=_flag("grad_drop"))
+@checked_first(qk_fix=flag("qk_fix"), grad_drop=flag("grad_drop"))
 def attribution_patching(
     lab,
     base,

@@ -195,3 +195,13 @@ def checked_first(**checks: Callable[[Any], object]) -> Callable[[_F], _F]:
         return call  # type: ignore[return-value]
 
     return decorate
+
+
+def flag(name: str) -> Callable[[object], None]:
+    """A :func:`checked_first` check that argument ``name`` is ``True`` or ``False`` (not a truthy string)."""
+
+    def check(value: object) -> None:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r}: expected True or False")
+
+    return check

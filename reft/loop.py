@@ -12,6 +12,7 @@ the same batches and the same losses.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,7 @@ def _batches(model: ReftModel, dataset: Dataset, collator, cache_prefix: bool, b
 
 def train(
     model: ReftModel,
-    dataset: Dataset,
+    dataset: Dataset | Sequence[Mapping[str, Any]],
     *,
     epochs: int = 1,
     lr: float = 4e-3,

@@ -46,7 +46,8 @@ class _PackageDirs(MetaPathFinder):
 
 if any(name == p or name.startswith(p + ".") for name in sys.modules for p in CHECKED_PACKAGES):
     raise RuntimeError("steerlab was imported before tests/conftest.py installed the jaxtyping hook")
-_hook = jaxtyping.install_import_hook(list(CHECKED_PACKAGES), "beartype.beartype")
+# PEP 484's numeric tower: an int is a float (``alpha: float`` takes ``alpha=2``), as static checkers read it
+_hook = jaxtyping.install_import_hook(list(CHECKED_PACKAGES), "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
 sys.meta_path.insert(0, _PackageDirs(_hook.hook, Path(__file__).resolve().parent.parent))
 
 import pytest  # noqa: E402

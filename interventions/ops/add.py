@@ -6,7 +6,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from steerlab.interventions.errors import ShapeMismatch
+from steerlab.interventions.errors import ShapeMismatch, checked_first, flag
 from steerlab.interventions.ops._base import Intervention, register
 
 __all__ = ["Add"]
@@ -22,6 +22,7 @@ class Add(Intervention):
 
     _arguments = ("alpha", "trainable")
 
+    @checked_first(trainable=flag("trainable"))  # "false" would otherwise read as True
     def __init__(self, site: str, vector: Tensor | None = None, *, alpha: float = 1.0, trainable: bool = False, width: int | None = None, **placement):
         super().__init__(site, **placement)
         self.alpha, self.trainable_vector = float(alpha), bool(trainable)

@@ -13,6 +13,11 @@ step, with the user's own hooks in place).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -297,21 +302,6 @@ def test_engine_arguments_are_checked():
 # -- the remote path, without a network ------------------------------------------------------
 
 
-@pytest.fixture
-def transformers_model():
-    """A tiny LLaMA wrapped by the user in nnsight's TransformersModel (remotable)."""
-    import nnsight
-    from transformers import AutoTokenizer
-
-    from steerlab.models import embedded_path
-
-    model = tiny_model("llama")
-    tok = AutoTokenizer.from_pretrained(embedded_path("smollm2-135m"))
-    lm = nnsight.TransformersModel(model, tokenizer=tok)
-    yield model, lm
-    _strip_nnsight(model)
-
-
 def _remote_graph():
     base, src = tiny_inputs("llama", pad=2, side="left"), tiny_inputs("llama", seed=4)
     g = sl.Graph()
@@ -322,16 +312,36 @@ def _remote_graph():
     return g, out
 
 
-def test_remote_rehearsal_serialises_the_whole_program(transformers_model):
-    """``remote='local'``: nnsight serialises each trace as for NDIF, hides steerlab (absent on a
-    server), rebuilds the program from the request alone, and runs it."""
-    model, lm = transformers_model
+def _rehearse_remote() -> None:
+    import nnsight
+    from transformers import AutoTokenizer
+
+    from steerlab.models import embedded_path
+
+    model = tiny_model("llama")
+    lm = nnsight.TransformersModel(model, tokenizer=AutoTokenizer.from_pretrained(embedded_path("smollm2-135m")))
     g, out = _remote_graph()
     with wrapped(model) as lab:
         expected = lab.execute(g)[out]
         got = lab.execute(g, engine=sl.NNsightEngine(lm, remote="local"))[out]
     torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.cache["blocks.2.resid_post"], expected.cache["blocks.2.resid_post"], rtol=1e-5, atol=1e-5)
+
+
+def test_remote_rehearsal_serialises_the_whole_program():
+    """``remote='local'``: nnsight serialises each trace as for NDIF, hides steerlab (absent on a
+    server), rebuilds the program from the request alone, and runs it.
+
+    In a fresh interpreter: steerlab's code travels by value, and in this process every steerlab
+    function is wrapped by the suite's runtime type checker (tests/conftest.py), whose wrappers
+    hold weak references that no pickler can ship; a user's steerlab has no such wrappers."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run(
+        [sys.executable, "-c", "from tests.interventions.test_nnsight_engine import _rehearse_remote; _rehearse_remote()"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 
 # -- RELIABILITY rows 1-2: the fault battery, through the nnsight engine ------------------------
