@@ -106,10 +106,10 @@ class ActivationStore:
     def device(self) -> torch.device:
         return self.lab.device
 
-    def inputs_for(self, rows: Int[Tensor, " b"]) -> Any:
+    def inputs_for(self, rows: Int[Tensor, " batch"]) -> Any:
         return _rows(self.encoded, rows)
 
-    def prefix(self, site: str, rows: Int[Tensor, " b"], start: int = 0) -> Prefix | None:
+    def prefix(self, site: str, rows: Int[Tensor, " batch"], start: int = 0) -> Prefix | None:
         """The cached prefix of ``site``'s block for inputs ``rows``; with ``start``, also
         the KV cache of their first ``start`` positions (see :meth:`start_for`)."""
         layer = self.layers[self.lab.resolve(site).name]
@@ -145,12 +145,12 @@ class ActivationStore:
             )
         return start if self._pasts[start] is not None else 0
 
-    def suffix_inputs(self, rows: Int[Tensor, " b"], start: int) -> dict:
+    def suffix_inputs(self, rows: Int[Tensor, " batch"], start: int) -> dict:
         """Inputs of ``rows`` from position ``start`` on, with the full attention mask."""
         enc = self.encoded
         return {k: (v[rows] if k == "attention_mask" else v[rows][:, start:]) for k, v in enc.items()}
 
-    def suffix_positions(self, spec, start: int) -> Int[Tensor, "n k"]:
+    def suffix_positions(self, spec, start: int) -> Int[Tensor, "example k"]:
         """``spec``'s real-token indices counted from the first real token at or after ``start``."""
         _, padded = self.positions(spec)
         mask = self.encoded.get("attention_mask") if isinstance(self.encoded, dict) else None
@@ -158,7 +158,7 @@ class ActivationStore:
         first = torch.zeros_like(self.lengths) if mask is None else mask.long().argmax(-1)
         return torch.where(padded < 0, padded, padded - first.clamp_min(start)[:, None])
 
-    def positions(self, spec) -> tuple[Int[Tensor, "n k"] | None, Int[Tensor, "n k"] | None]:
+    def positions(self, spec) -> tuple[Int[Tensor, "example k"] | None, Int[Tensor, "example k"] | None]:
         """``(real-token indices, padded indices)`` of ``spec`` for every input (``None, None``: all positions)."""
         key = tuple(spec) if isinstance(spec, list) else spec
         if key not in self._positions:
@@ -171,7 +171,7 @@ class ActivationStore:
                 self._positions[key] = (real, Positions(real).resolve(info))
         return self._positions[key]
 
-    def slice(self, site: str, rows: Int[Tensor, " b"], spec) -> Float[Tensor, "b ..."]:
+    def slice(self, site: str, rows: Int[Tensor, " batch"], spec) -> Float[Tensor, "batch ..."]:
         """The value at ``site`` of inputs ``rows`` at positions ``spec``: ``[b, k, d]`` (``[b, d]`` without positions)."""
         v = self.values[self.lab.resolve(site).name][rows]
         _, padded = self.positions(spec)
@@ -218,27 +218,27 @@ class Runner:
     def __len__(self) -> int:
         return self.table.base.shape[0]
 
-    def base_rows(self, rows: Int[Tensor, " b"]) -> Int[Tensor, " b"]:
+    def base_rows(self, rows: Int[Tensor, " batch"]) -> Int[Tensor, " batch"]:
         return self._map[self.table.base[rows]]
 
-    def source_rows(self, rows: Int[Tensor, " b"], j: int) -> Int[Tensor, " b"]:
+    def source_rows(self, rows: Int[Tensor, " batch"], j: int) -> Int[Tensor, " batch"]:
         src = self.table.sources[rows, j]
         return self._map[torch.where(src >= 0, src, self.table.base[rows])]
 
-    def source_slice(self, rows: Int[Tensor, " b"], j: int) -> Tensor:
+    def source_slice(self, rows: Int[Tensor, " batch"], j: int) -> Tensor:
         return self.store.slice(self.site, self.source_rows(rows, j), self.spec)
 
-    def base_slice(self, rows: Int[Tensor, " b"]) -> Tensor:
+    def base_slice(self, rows: Int[Tensor, " batch"]) -> Tensor:
         return self.store.slice(self.site, self.base_rows(rows), self.spec)
 
     def run(
         self,
-        rows: Int[Tensor, " b"],
+        rows: Int[Tensor, " batch"],
         ivs: Sequence[Intervention],
         sources: Sequence[Tensor] | None = None,
         *,
         repeat: int = 1,
-    ) -> Float[Tensor, "rb labels"]:
+    ) -> Float[Tensor, "repeat_batch labels"]:
         """Scores of the bases ``rows`` (each repeated ``repeat`` times, copy-major)
         with ``ivs``; ``sources[i]`` is the slice the ``i``-th sourced intervention reads
         (``[repeat * b, ...]``), default: variable ``i``'s cached slice.
@@ -277,11 +277,11 @@ class Runner:
         self._runs = [(key, run), *self._runs[:7]]
         return run
 
-    def labels(self, rows: Int[Tensor, " b"]) -> Int[Tensor, " b"]:
+    def labels(self, rows: Int[Tensor, " batch"]) -> Int[Tensor, " batch"]:
         return self.table.labels[rows]
 
 
-def _index_map(inputs: list, store_inputs: list) -> Int[Tensor, " n"]:
+def _index_map(inputs: list, store_inputs: list) -> Int[Tensor, " example"]:
     if inputs is store_inputs:
         return torch.arange(len(inputs))
     where = {tuple(sorted(s.items())): i for i, s in enumerate(store_inputs)}

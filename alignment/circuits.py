@@ -367,7 +367,7 @@ class PathPatching:
 # -- faithfulness ------------------------------------------------------------------------
 
 
-def head_means(lab, corrupt, *, groups: Tensor | None = None) -> dict[int, Float[Tensor, "batch seq head d_head"]]:
+def head_means(lab, corrupt, *, groups: Tensor | None = None) -> dict[int, Float[Tensor, "batch pos head d_head"]]:
     """Per layer, each example's mean-ablation value of every head: the mean of ``attn.z`` over
     the corrupted examples of its group (``groups``: a ``LongTensor[batch]``, default one
     group), position by position (a group's examples must share their token layout)."""

@@ -247,7 +247,7 @@ def localist_alignment(
     return LocalistAlignment(dims, iia, method, float(score[best]), cands, score, rows)
 
 
-def _score(runner: Runner, rows: Tensor, masks: Bool[Tensor, "c vars d"], max_rows: int) -> Tensor:
+def _score(runner: Runner, rows: Tensor, masks: Bool[Tensor, "candidate var width"], max_rows: int) -> Tensor:
     """Selection accuracy of every candidate mask (packed into as few forwards as fit)."""
     t = runner.table
     base = runner.base_slice(rows)  # [b, (k,) d]

@@ -55,14 +55,14 @@ class CounterfactualTable:
     """A dataset as index tensors over its distinct inputs (see the module docstring)."""
 
     inputs: list[Setting]
-    base: Int[Tensor, " n"]
-    sources: Int[Tensor, "n vars"]
-    labels: Int[Tensor, " n"]
-    base_labels: Int[Tensor, " n"]
+    base: Int[Tensor, " example"]
+    sources: Int[Tensor, "example var"]
+    labels: Int[Tensor, " example"]
+    base_labels: Int[Tensor, " example"]
     variables: tuple[str, ...]
 
     @property
-    def intervened(self) -> Bool[Tensor, "n vars"]:
+    def intervened(self) -> Bool[Tensor, "example var"]:
         return self.sources >= 0
 
 
@@ -78,7 +78,7 @@ class CounterfactualBatch:
     source_positions: dict[str, Int[Tensor, "batch k"] | None]
     labels: Int[Tensor, " batch"]
     base_labels: Int[Tensor, " batch"]
-    intervened: Bool[Tensor, "batch vars"]
+    intervened: Bool[Tensor, "batch var"]
     variables: tuple[str, ...]
     extra: dict = field(default_factory=dict)
 

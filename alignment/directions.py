@@ -190,7 +190,7 @@ def probe(
     return _direction(v, lab.resolve(site).name, "probe", scale=gap, norm=norm, train_accuracy=acc, bias=float(b) / float(w.norm()))
 
 
-def logistic_regression(x: Float[Tensor, "batch d"], y: Float[Tensor, " batch"], *, weight_decay: float, max_iter: int = 200) -> tuple[Tensor, Tensor]:
+def logistic_regression(x: Float[Tensor, "batch width"], y: Float[Tensor, " batch"], *, weight_decay: float, max_iter: int = 200) -> tuple[Tensor, Tensor]:
     """``(w, b)`` minimising ``mean BCE(x w + b, y) + weight_decay |w|²`` (L-BFGS from zero).
 
     Features are standardised for the optimisation and the solution mapped

@@ -40,7 +40,7 @@ class Encoder:
     def encode(self, settings: Sequence[Mapping[str, Any]]) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def positions(self, name: str | int | Sequence[int] | None, settings: Sequence[Mapping[str, Any]], encoded: Any) -> Int[Tensor, "n k"] | None:
+    def positions(self, name: str | int | Sequence[int] | None, settings: Sequence[Mapping[str, Any]], encoded: Any) -> Int[Tensor, "example k"] | None:
         """Real-token indices ``[n, k]`` of the named (or given) positions; ``None`` for all positions."""
         if name is None:
             return None
@@ -64,7 +64,7 @@ class Encoder:
         except ValueError:
             raise DataError(f"label {value!r} is not one of the encoder's labels {list(self.labels)}") from None
 
-    def lengths(self, encoded: Any) -> Int[Tensor, " n"] | None:
+    def lengths(self, encoded: Any) -> Int[Tensor, " example"] | None:
         """Real-token count of each encoded input (``None`` when there is no position axis)."""
         return None
 
@@ -89,7 +89,7 @@ class VectorEncoder(Encoder):
         if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
             raise ConfigError(f"labels={list(labels)!r}: expected two or more distinct label values")
 
-    def encode(self, settings: Sequence[Mapping[str, Any]]) -> Float[Tensor, "n d"]:
+    def encode(self, settings: Sequence[Mapping[str, Any]]) -> Float[Tensor, "example width"]:
         return torch.stack([torch.as_tensor(self.fn(s), dtype=torch.float32) for s in settings])
 
     def scores(self, output: Any) -> Float[Tensor, "batch labels"]:
@@ -187,7 +187,7 @@ class PromptEncoder(Encoder):
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def lengths(self, encoded: dict[str, Tensor]) -> Int[Tensor, " n"]:
+    def lengths(self, encoded: dict[str, Tensor]) -> Int[Tensor, " example"]:
         return encoded["attention_mask"].sum(-1)
 
     def _field_end(self, setting: Mapping[str, Any], field: str) -> int:
@@ -203,7 +203,7 @@ class PromptEncoder(Encoder):
                 return pos
         raise DataError(f"field {field!r} is not in the template")  # pragma: no cover - checked in __init__
 
-    def positions(self, name, settings, encoded) -> Int[Tensor, "n k"] | None:
+    def positions(self, name, settings, encoded) -> Int[Tensor, "example k"] | None:
         if name is None:
             return None
         lengths = self.lengths(encoded)
@@ -257,7 +257,7 @@ def _grammar(name: str, named: list[str]) -> Positions:
     return spec
 
 
-def _grammar_positions(spec: Positions, lengths: Tensor, name: str) -> Int[Tensor, "n k"]:
+def _grammar_positions(spec: Positions, lengths: Tensor, name: str) -> Int[Tensor, "example k"]:
     """Real-token indices of ``spec`` for prompts of ``lengths`` tokens (every slot must exist)."""
     n = lengths.long().cpu()
     info = MaskInfo(torch.zeros_like(n), n, int(n.max()), 0, tuple(int(x) for x in n))

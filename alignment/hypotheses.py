@@ -101,7 +101,7 @@ class HypothesisResult:
     hypotheses: list[str]
     iia: dict[str, IIA]
     pairs: list[PairedComparison]
-    correct: dict[str, Bool[Tensor, " n"]]
+    correct: dict[str, Bool[Tensor, " example"]]
     answers: Tensor
     predictions: dict[str, Tensor]
     intervention: str

@@ -70,13 +70,13 @@ def set_key(variables: tuple[str, ...], mask: Tensor) -> str:
 
 
 def evaluate_iia(
-    predict: Callable[[Int[Tensor, " b"]], Float[Tensor, "b labels"]],
-    labels: Int[Tensor, " n"],
+    predict: Callable[[Int[Tensor, " batch"]], Float[Tensor, "batch labels"]],
+    labels: Int[Tensor, " example"],
     intervened: Tensor,
     variables: tuple[str, ...],
     *,
     batch_size: int = 256,
-    rows: Int[Tensor, " m"] | None = None,
+    rows: Int[Tensor, " batch"] | None = None,
 ) -> dict[str, IIA]:
     """IIA of ``predict`` (rows -> label scores) over ``rows`` (default: all),
     per set of intervened variables (``"WX"``, ``"WX+YZ"``) and over ``"all"``."""

@@ -41,7 +41,7 @@ __all__ = ["Objective", "CrossEntropy", "SmoothZeroOne", "CrossEntropyThenSmooth
            "default_objective"]
 
 
-def label_margin(scores: Float[Tensor, "b labels"], labels: Int[Tensor, " b"]) -> Float[Tensor, " b"]:
+def label_margin(scores: Float[Tensor, "batch labels"], labels: Int[Tensor, " batch"]) -> Float[Tensor, " batch"]:
     """``z_y − max_{j≠y} z_j`` per example: positive exactly where the prediction is right."""
     zy = scores.gather(1, labels[:, None]).squeeze(1)
     other = scores.masked_fill(F.one_hot(labels, scores.shape[1]).bool(), float("-inf")).amax(1)
@@ -53,7 +53,7 @@ class Objective:
 
     name = "objective"
 
-    def __call__(self, scores: Float[Tensor, "b labels"], labels: Int[Tensor, " b"], progress: float = 0.0) -> Tensor:
+    def __call__(self, scores: Float[Tensor, "batch labels"], labels: Int[Tensor, " batch"], progress: float = 0.0) -> Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def to_json(self) -> dict[str, Any]:

@@ -100,11 +100,11 @@ def _check_curve(d: Any, where: str) -> None:
 class Projection:
     """Base representations projected onto a found subspace (for plotting)."""
 
-    coords: Float[Tensor, "n k"]
+    coords: Float[Tensor, "example rank"]
     values: list
     text: list[str]
     variable: str
-    jitter: Float[Tensor, " n"]
+    jitter: Float[Tensor, " example"]
 
 
 @dataclass

@@ -43,7 +43,7 @@ class ActivationCache(Mapping[str, Tensor]):
     def __setitem__(self, name: str, value: Tensor) -> None:
         self._values[name] = value
 
-    def stack(self, pattern: str) -> Float[Tensor, "n ..."]:
+    def stack(self, pattern: str) -> Float[Tensor, "site ..."]:
         """Stack the values whose names match ``pattern`` (layer order)."""
         names = [n for n in self._values if fnmatch.fnmatchcase(n, pattern)]
         if not names:

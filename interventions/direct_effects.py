@@ -56,7 +56,7 @@ def _kind(name: str) -> str:
     return name.split(".", 2)[2] if name.startswith("blocks.") else name
 
 
-def _written(lab, subspace: Subspace) -> Float[Tensor, "k d"]:
+def _written(lab, subspace: Subspace) -> Float[Tensor, "rank d_model"]:
     """Each basis direction as the residual-stream vector it writes."""
     site = lab.resolve(subspace.site)
     kind = _kind(site.name)
@@ -94,7 +94,7 @@ class DirectionLogits:
     suppressed: list[list[tuple[str, float]]]
     site: str
     scale: float
-    logits: Float[Tensor, "k vocab"] | None = None
+    logits: Float[Tensor, "rank vocab"] | None = None
     metric: str | None = None
     metric_effects: list[float] | None = None
     subspace: dict = field(default_factory=dict)
@@ -169,7 +169,7 @@ def direction_logits(lab, subspace: Subspace, *, inputs=None, position: int = -1
     return DirectionLogits(promoted, suppressed, lab.resolve(subspace.site).name, float(sigma), logits.cpu(), name, effects, meta, lab.tokenizer)
 
 
-def _metric_pullback(lab, read: ReadOut, inp: Inputs, logits: Tensor, metric, position: int) -> Float[Tensor, "batch d"]:
+def _metric_pullback(lab, read: ReadOut, inp: Inputs, logits: Tensor, metric, position: int) -> Float[Tensor, "batch d_model"]:
     """``W_Uᵀ ∂metric/∂logits`` at real-token ``position``, per example."""
     m = as_metric(metric)
     m = m.bind(lab) if m.tokenizer is None else m
@@ -272,13 +272,13 @@ class DirectionEffects:
     positions along the direction (``along``) and in norm (``norm``), and the change of the
     metric (``metric_change``, ``[direction, batch]``, when a metric was given)."""
 
-    along: Float[Tensor, "k site batch"]
-    norm: Float[Tensor, "k site batch"]
+    along: Float[Tensor, "rank site batch"]
+    norm: Float[Tensor, "rank site batch"]
     sites: list[str]
     layers: list[int | None]
-    coefficient: Float[Tensor, "k batch"]
+    coefficient: Float[Tensor, "rank batch"]
     metric: str | None = None
-    metric_change: Float[Tensor, "k batch"] | None = None
+    metric_change: Float[Tensor, "rank batch"] | None = None
     mode: str = "interchange"
 
     def table(self, digits: int = 3) -> str:

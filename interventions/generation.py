@@ -35,7 +35,7 @@ class Generation:
     """Output of a generation: ``sequences`` (prompt + new tokens, the prompt left-padded to
     ``prompt_length``) and the decoded new ``texts``."""
 
-    sequences: Int[Tensor, "batch total"]
+    sequences: Int[Tensor, "batch pos"]
     prompt_length: int
     texts: list[str] | None
 

@@ -68,14 +68,14 @@ class ReadOut:
     def centre(self, x: Tensor) -> Tensor:
         return x - x.mean(-1, keepdim=True) if self.centres else x
 
-    def logits(self, h: Float[Tensor, "*b d"]) -> Float[Tensor, "*b vocab"]:
+    def logits(self, h: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch vocab"]:
         """``W_U · norm(h)``: the model's own read-out."""
         x = h.to(self.dtype)
         if self.norm is not None:
             x = self.norm.forward(x)
         return self.head.forward(x).float()
 
-    def scale(self, h: Float[Tensor, "*b d"]) -> Float[Tensor, "*b 1"]:
+    def scale(self, h: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch 1"]:
         """``σ(h)`` such that ``norm(h) = γ ⊙ c(h)/σ + β`` (least squares; checked)."""
         if self.norm is None:
             return torch.ones(*h.shape[:-1], 1, device=h.device)
@@ -91,15 +91,15 @@ class ReadOut:
             )
         return sigma
 
-    def frozen(self, x: Float[Tensor, "*b d"], sigma: Tensor) -> Float[Tensor, "*b d"]:
+    def frozen(self, x: Float[Tensor, "*batch d_model"], sigma: Tensor) -> Float[Tensor, "*batch d_model"]:
         """The norm's linear map at a frozen scale: ``γ ⊙ c(x) / σ`` (no ``β``)."""
         return self.gain * self.centre(x.float()) / sigma
 
-    def unembed(self, x: Float[Tensor, "*b d"]) -> Float[Tensor, "*b vocab"]:
+    def unembed(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch vocab"]:
         """``W_U x`` without the head's bias."""
         return self.head.forward(x.to(self.dtype)).float() - self.head_bias
 
-    def pullback(self, g: Float[Tensor, "*b vocab"]) -> Float[Tensor, "*b d"]:
+    def pullback(self, g: Float[Tensor, "*batch vocab"]) -> Float[Tensor, "*batch d_model"]:
         """``W_Uᵀ g``: a gradient on the logits as a vector of the norm's output space."""
         x = torch.zeros(*g.shape[:-1], self.d, device=g.device, dtype=torch.float32, requires_grad=True)
         with torch.enable_grad():
@@ -135,8 +135,8 @@ class LogitLens:
 
     sites: list[str]
     layers: list[int | None]
-    top_ids: Int[Tensor, "layer batch pos k"]
-    top_probs: Float[Tensor, "layer batch pos k"]
+    top_ids: Int[Tensor, "layer batch pos top"]
+    top_probs: Float[Tensor, "layer batch pos top"]
     top_tokens: list  # [layer][batch][pos] -> list of k strings
     tokens: list[list[str]]
     metric: str | None = None

@@ -81,7 +81,7 @@ def _token_id(tok, tokenizer, what: str) -> int:
     return int(ids[0])
 
 
-def _resolve_tokens(spec: TokenSpec, tokenizer, what: str) -> Int[Tensor, "*n"]:
+def _resolve_tokens(spec: TokenSpec, tokenizer, what: str) -> Int[Tensor, "*token"]:
     """A 0-d tensor (one token for every example) or ``[n]`` (one per example)."""
     if isinstance(spec, Tensor):
         if spec.dtype.is_floating_point or spec.dim() > 1:

@@ -47,7 +47,7 @@ RTable = dict
 _TABLES: dict[int, RTable] = {}
 
 
-def orthonormal_rows(a: Float[Tensor, "*n d k"]) -> Float[Tensor, "*n k d"]:
+def orthonormal_rows(a: Float[Tensor, "*map width rank"]) -> Float[Tensor, "*map rank width"]:
     """Rows of ``Q(a)ᵀ`` (reduced QR, signs fixed so that ``diag(U) > 0``): orthonormal, a
     continuous function of ``a``, and unchanged when ``a`` is scaled by a positive factor."""
     q, u = torch.linalg.qr(a, mode="reduced")
@@ -115,7 +115,7 @@ class Orthonormal(nn.Module):
         w = self.weight
         return (w.data_ptr(), w._version, w.device, torch.is_grad_enabled() and w.requires_grad)
 
-    def forward(self) -> Float[Tensor, "k d"]:
+    def forward(self) -> Float[Tensor, "rank width"]:
         table = _TABLES.get(threading.get_ident()) if _TABLES else None
         if table is not None:
             hit = table.get(self)

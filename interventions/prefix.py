@@ -37,7 +37,7 @@ class Prefix:
     """The residual stream entering block ``layer`` (``[batch, seq, d]``) for a fixed batch of inputs."""
 
     layer: int
-    hidden: Float[Tensor, "batch seq d"]
+    hidden: Float[Tensor, "batch pos d_model"]
     tuple_len: int = 0  # 0: blocks return a tensor; n: a tuple of n items
     #: per layer, (keys, values) ``[batch, kv_heads, start, d_head]`` of the first ``start`` positions
     past: tuple[tuple[Tensor, Tensor], ...] | None = None

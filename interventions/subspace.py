@@ -35,7 +35,7 @@ class Subspace:
     ``metadata`` holds JSON data (``variable``, ``iia``, ``method``, ...).
     """
 
-    basis: Float[Tensor, "k d"]
+    basis: Float[Tensor, "rank width"]
     site: str
     positions: PositionSpec = None  # kept as its JSON form
     heads: Sequence[int] | None = None  # kept as a tuple
@@ -69,11 +69,11 @@ class Subspace:
     def width(self) -> int:
         return self.basis.shape[1]
 
-    def project(self, h: Float[Tensor, "*b d"]) -> Float[Tensor, "*b k"]:
+    def project(self, h: Float[Tensor, "*batch width"]) -> Float[Tensor, "*batch rank"]:
         """Coordinates of ``h`` in the subspace: ``h Rᵀ``."""
         return h.to(torch.float32) @ self.basis.to(h.device).T
 
-    def projector(self) -> Float[Tensor, "d d"]:
+    def projector(self) -> Float[Tensor, "width width"]:
         """``Rᵀ R``, the orthogonal projection onto the subspace."""
         return self.basis.T @ self.basis
 

@@ -92,7 +92,7 @@ class SubspaceAttribution:
 
     inside: Float[Tensor, "layer pos batch"]
     outside: Float[Tensor, "layer pos batch"]
-    directions: Float[Tensor, "layer pos k batch"]
+    directions: Float[Tensor, "layer pos rank batch"]
     sites: list[str]
     layers: list[int | None]
     tokens: list[list[str]]  # per example, its real tokens
@@ -200,7 +200,7 @@ class IntegratedGradients:
     ``exact``: ``metric(α=1) − metric(α=0)`` per example; ``residual``: ``Σ IG − exact``.
     """
 
-    attributions: Float[Tensor, "batch pos k"]
+    attributions: Float[Tensor, "batch pos rank"]
     base_metric: Float[Tensor, " batch"]
     interchanged_metric: Float[Tensor, " batch"]
     steps: int
@@ -223,7 +223,7 @@ class IntegratedGradients:
         return self.total - self.exact
 
     @property
-    def per_direction(self) -> Float[Tensor, " k"]:
+    def per_direction(self) -> Float[Tensor, " rank"]:
         return self.attributions.sum(1).mean(0)
 
     def completeness(self) -> float:

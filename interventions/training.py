@@ -134,7 +134,7 @@ class _Order:
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self._epoch, self._perm, self._gen = -1, torch.arange(n), torch.Generator().manual_seed(seed)
 
-    def epoch(self, e: int) -> Int[Tensor, " n"]:
+    def epoch(self, e: int) -> Int[Tensor, " example"]:
         if not self.shuffle:
             return torch.arange(self.n)
         if e < self._epoch:  # going back: restart the stream
@@ -152,7 +152,7 @@ def _groups(perm: Tensor, s: LoopSettings) -> list[list[Tensor]]:
     return [micro[i : i + a] for i in range(0, len(micro), a)]
 
 
-def batch_order(n: int, settings: LoopSettings) -> Iterator[tuple[int, int, list[Int[Tensor, " b"]]]]:
+def batch_order(n: int, settings: LoopSettings) -> Iterator[tuple[int, int, list[Int[Tensor, " batch"]]]]:
     """``(epoch, step, micro-batches)`` of every optimiser step :func:`run_loop` takes over ``n`` examples:
     the example indices each micro-batch holds, in order."""
     order, spe, total = _Order(n, settings.seed, settings.shuffle), settings.steps_per_epoch(n), settings.total_steps(n)
@@ -376,7 +376,7 @@ def _take_step(group: list[Tensor], batch_of, loss_of, optimizer: torch.optim.Op
 
 def run_loop(
     n: int,
-    batch_of: Callable[[Int[Tensor, " b"]], Any],
+    batch_of: Callable[[Int[Tensor, " batch"]], Any],
     loss_of: Callable[[Any], Tensor],
     optimizer: torch.optim.Optimizer,
     settings: LoopSettings,

@@ -312,7 +312,7 @@ def position_index(idx: Int[Tensor, "batch k"], rest: tuple[int, ...], *, clamp:
 
 
 def gather_positions(
-    x: Float[Tensor, "batch seq *rest"], idx: Int[Tensor, "batch k"], *, index: Tensor | None = None
+    x: Float[Tensor, "batch pos *rest"], idx: Int[Tensor, "batch k"], *, index: Tensor | None = None
 ) -> Float[Tensor, "batch k *rest"]:
     """``x[i, idx[i, j]]`` for every slot (an empty slot reads position 0). ``index``: the
     :func:`position_index` of ``idx`` for ``x``, when already built."""
@@ -320,7 +320,7 @@ def gather_positions(
 
 
 def scatter_positions(
-    x: Float[Tensor, "batch seq *rest"],
+    x: Float[Tensor, "batch pos *rest"],
     idx: Int[Tensor, "batch k"],
     values: Float[Tensor, "batch k *rest"],
     *,
@@ -328,7 +328,7 @@ def scatter_positions(
     inplace: bool = False,
     original: Float[Tensor, "batch k *rest"] | None = None,
     index: Tensor | None = None,
-) -> Float[Tensor, "batch seq *rest"]:
+) -> Float[Tensor, "batch pos *rest"]:
     """Write ``values`` into ``x`` at ``idx``; empty slots leave ``x`` unchanged.
 
     Empty slots are redirected to the example's first filled slot (same index,

@@ -120,17 +120,17 @@ class ReftIntervention(Intervention):
         return rot
 
     # -- maths ---------------------------------------------------------------
-    def learned_source(self, h: Float[Tensor, "*b d"], weight: Tensor, bias: Tensor) -> Float[Tensor, "*b r"]:
+    def learned_source(self, h: Float[Tensor, "*batch width"], weight: Tensor, bias: Tensor) -> Float[Tensor, "*batch rank"]:
         """``act(W h + b)``, in fp32 when ``h`` or ``W`` is half precision (as the rest of the edit:
         rounding ``W h + b`` to bf16 first moved a bf16 edit by up to ``2⁻⁸ |W h + b|``)."""
         dt = torch.promote_types(_compute_dtype(h.dtype), _compute_dtype(weight.dtype))
         t = F.linear(h.to(dt), weight.to(dt), bias.to(dt))
         return t if self._act is None else self._act(t)
 
-    def edit(self, h: Float[Tensor, "*b d"]) -> Float[Tensor, "*b d"]:  # pragma: no cover - abstract
+    def edit(self, h: Float[Tensor, "*batch width"]) -> Float[Tensor, "*batch width"]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, base: Float[Tensor, "*b d"], source: Tensor | None = None) -> Float[Tensor, "*b d"]:
+    def forward(self, base: Float[Tensor, "*batch width"], source: Tensor | None = None) -> Float[Tensor, "*batch width"]:
         out = self.edit(base)
         return out if self._drop is None else self._drop(out)
 

@@ -37,5 +37,5 @@ class ConsReFT(ReftIntervention):
         self.rotation = self._rotation(width, None, self.train_rotation)
         self.bias = nn.Parameter(torch.rand(self.rank).to(self.param_dtype))
 
-    def edit(self, h: Float[Tensor, "*b d"]) -> Float[Tensor, "*b d"]:
+    def edit(self, h: Float[Tensor, "*batch width"]) -> Float[Tensor, "*batch width"]:
         return subspace_edit(h, self.rotation(), self.bias.expand(*h.shape[:-1], self.rank))

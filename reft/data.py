@@ -227,7 +227,7 @@ class ReftDataCollator:
         self.pad_to_multiple_of, self.label_pad_token_id = pad_to_multiple_of, label_pad_token_id
         self.return_position_ids = return_position_ids
 
-    def _pad(self, rows: list[list[int]], value: int, length: int) -> Int[Tensor, "batch seq"]:
+    def _pad(self, rows: list[list[int]], value: int, length: int) -> Int[Tensor, "batch pos"]:
         out = torch.full((len(rows), length), value, dtype=torch.long)
         for i, r in enumerate(rows):
             if self.padding_side == "right":

@@ -58,7 +58,7 @@ class DiReFT(ReftIntervention):
             nn.init.kaiming_uniform_(w2, a=math.sqrt(5))
             self.out_weight = nn.Parameter(w2.to(self.param_dtype))
 
-    def edit(self, h: Float[Tensor, "*b d"]) -> Float[Tensor, "*b d"]:
+    def edit(self, h: Float[Tensor, "*batch width"]) -> Float[Tensor, "*batch width"]:
         dt = compute_dtype(h)
         out = self.rotation() if self.orthogonal else self.out_weight
         t = self.learned_source(h, self.weight, self.bias)

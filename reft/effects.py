@@ -102,7 +102,7 @@ def _prompt_ids(rm: ReftModel, prompt: str, chat_template: bool) -> list[int]:
     return list(tok(prompt)["input_ids"])  # as generate() tokenises a plain prompt
 
 
-def _logprobs(logits: Float[Tensor, "1 seq vocab"], ids: Int[Tensor, "1 seq"], start: int) -> list[float]:
+def _logprobs(logits: Float[Tensor, "1 pos vocab"], ids: Int[Tensor, "1 pos"], start: int) -> list[float]:
     """``log p(ids[t] | ids[<t])`` for ``t >= start``."""
     lp = F.log_softmax(logits[0, start - 1 : -1].float(), dim=-1)
     return lp.gather(-1, ids[0, start:, None]).squeeze(-1).tolist()

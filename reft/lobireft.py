@@ -37,6 +37,6 @@ class LobiReFT(ReftIntervention):
         self.rotation = self._rotation(width, None, self.train_rotation)
         self.bias = nn.Parameter(torch.rand(self.rank).to(self.param_dtype))
 
-    def edit(self, h: Float[Tensor, "*b d"]) -> Float[Tensor, "*b d"]:
+    def edit(self, h: Float[Tensor, "*batch width"]) -> Float[Tensor, "*batch width"]:
         dt = compute_dtype(h)
         return (h.to(dt) + self.bias.to(dt) @ self.rotation().to(dt)).to(h.dtype)

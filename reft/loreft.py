@@ -79,11 +79,11 @@ class LoReFT(ReftIntervention):
         self.weight, self.bias = self._linear(width)
 
     @property
-    def R(self) -> Float[Tensor, "r d"]:
+    def R(self) -> Float[Tensor, "rank width"]:
         """The current ``R`` (orthonormal rows, float32)."""
         return self.rotation()
 
-    def edit(self, h: Float[Tensor, "*b d"]) -> Float[Tensor, "*b d"]:
+    def edit(self, h: Float[Tensor, "*batch width"]) -> Float[Tensor, "*batch width"]:
         if self._act is not None:
             return subspace_edit(h, self.rotation(), self.learned_source(h, self.weight, self.bias))
         # without an activation the same edit fuses: t - R h = (W - R) h + b, so

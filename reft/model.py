@@ -291,8 +291,8 @@ class ReftModel(nn.Module):
 
     def forward(
         self,
-        input_ids: Int[Tensor, "batch seq"] | None = None,
-        attention_mask: Int[Tensor, "batch seq"] | None = None,
+        input_ids: Int[Tensor, "batch pos"] | None = None,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
         labels: Tensor | None = None,
         intervention_positions: Int[Tensor, "batch group k"] | None = None,
         prefix: Prefix | None = None,
@@ -327,7 +327,7 @@ class ReftModel(nn.Module):
         with self.disabled():
             return self.lab.run(inputs, ivs, positions=overrides or None, engine=engine, **kwargs)
 
-    def prefix(self, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"] | None = None) -> Prefix:
+    def prefix(self, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None = None) -> Prefix:
         """The residual stream entering :attr:`lowest_layer` for these inputs, for ``forward(prefix=...)``.
 
         Exact as long as the base model has no active dropout below that

@@ -35,5 +35,5 @@ class NoReFT(ReftIntervention):
         nn.init.kaiming_uniform_(w2, a=math.sqrt(5))
         self.proj_weight = nn.Parameter(w2.to(self.param_dtype))
 
-    def edit(self, h: Float[Tensor, "*b d"]) -> Float[Tensor, "*b d"]:
+    def edit(self, h: Float[Tensor, "*batch width"]) -> Float[Tensor, "*batch width"]:
         return subspace_edit(h, self.proj_weight, self.learned_source(h, self.weight, self.bias))

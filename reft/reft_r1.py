@@ -60,15 +60,15 @@ class ReFTr1(ReftIntervention):
         self.weight = nn.Parameter(w.to(self.param_dtype))
 
     @property
-    def v(self) -> Float[Tensor, " d"]:
+    def v(self) -> Float[Tensor, " width"]:
         w = self.weight[0].float()
         return w / w.norm().clamp_min(1e-12)
 
-    def latent(self, h: Float[Tensor, "*b d"]) -> Float[Tensor, "*b"]:
+    def latent(self, h: Float[Tensor, "*batch width"]) -> Float[Tensor, "*batch"]:
         """``ReLU(h · v)``: the detection latent."""
         return torch.relu(h.float() @ self.v)
 
-    def edit(self, h: Float[Tensor, "batch k d"]) -> Float[Tensor, "batch k d"]:
+    def edit(self, h: Float[Tensor, "batch k width"]) -> Float[Tensor, "batch k width"]:
         z = self.latent(h)  # [batch, k]
         k = min(self.topk, z.shape[-1])
         strength = z.topk(k, dim=-1).values.mean(-1, keepdim=True)  # [batch, 1]

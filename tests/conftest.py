@@ -44,11 +44,15 @@ class _PackageDirs(MetaPathFinder):
         return None if parent is None else self.hook.find_spec(fullname, [parent], target)
 
 
-if any(name == p or name.startswith(p + ".") for name in sys.modules for p in CHECKED_PACKAGES):
-    raise RuntimeError("steerlab was imported before tests/conftest.py installed the jaxtyping hook")
-# PEP 484's numeric tower: an int is a float (``alpha: float`` takes ``alpha=2``), as static checkers read it
-_hook = jaxtyping.install_import_hook(list(CHECKED_PACKAGES), "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
-sys.meta_path.insert(0, _PackageDirs(_hook.hook, Path(__file__).resolve().parent.parent))
+#: ``STEERLAB_TYPECHECK=0`` runs without the checker, only to measure what it costs
+#: (tests/test_typechecking.py then fails: the suite is meant to run checked)
+TYPECHECK = os.environ.get("STEERLAB_TYPECHECK", "1") != "0"
+if TYPECHECK:
+    if any(name == p or name.startswith(p + ".") for name in sys.modules for p in CHECKED_PACKAGES):
+        raise RuntimeError("steerlab was imported before tests/conftest.py installed the jaxtyping hook")
+    # PEP 484's numeric tower: an int is a float (``alpha: float`` takes ``alpha=2``), as static checkers read it
+    _hook = jaxtyping.install_import_hook(list(CHECKED_PACKAGES), "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
+    sys.meta_path.insert(0, _PackageDirs(_hook.hook, Path(__file__).resolve().parent.parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -51,7 +51,7 @@ class EqualityMLP(nn.Module):
         )
         self.head = nn.Linear(hidden, n_classes)
 
-    def forward(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch classes"]:
+    def forward(self, x: Float[Tensor, "batch width"]) -> Float[Tensor, "batch labels"]:
         for layer in self.layers:
             x = layer(x)
         return self.head(x)
@@ -90,7 +90,7 @@ class HierarchicalEquality:
             raise ConfigError(f"n_entities={n_entities}, dim={dim}: expected at least 8 entities of dimension >= 1")
         g = torch.Generator().manual_seed(seed)
         self.dim = dim
-        self.entities: Float[Tensor, "n dim"] = torch.rand(n_entities, dim, generator=g) * 2 - 1
+        self.entities: Float[Tensor, "entity width"] = torch.rand(n_entities, dim, generator=g) * 2 - 1
         order = torch.randperm(n_entities, generator=g).tolist()
         half = n_entities // 2
         self.splits = {"train": order[:half], "test": order[half:]}
@@ -126,7 +126,7 @@ class HierarchicalEquality:
         return draw
 
     # -- factual data and the network -------------------------------------------------
-    def factual(self, n: int, *, split: str = "train", seed: int = 0) -> tuple[Float[Tensor, "n d"], Int[Tensor, " n"]]:
+    def factual(self, n: int, *, split: str = "train", seed: int = 0) -> tuple[Float[Tensor, "example width"], Int[Tensor, " example"]]:
         """``n`` inputs of ``split`` (each pair equal half of the time) and their labels (1 = True),
         drawn as :meth:`sampler` draws them, vectorised."""
         if split not in self.splits:

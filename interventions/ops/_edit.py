@@ -24,8 +24,8 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def subspace_edit(
-    h: Float[Tensor, "*batch d"], rotation: Float[Tensor, "k d"], target: Float[Tensor, "*batch k"]
-) -> Float[Tensor, "*batch d"]:
+    h: Float[Tensor, "*batch width"], rotation: Float[Tensor, "rank width"], target: Float[Tensor, "*batch rank"]
+) -> Float[Tensor, "*batch width"]:
     """``h + (target - h Rᵀ) R`` (row-vector form of the formula above)."""
     dt = compute_dtype(h)
     h32 = h.to(dt)

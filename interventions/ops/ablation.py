@@ -16,7 +16,7 @@ __all__ = ["Zero", "Mean", "Noise"]
 class Zero(Intervention):
     """``h' = 0`` (zero ablation)."""
 
-    def forward(self, base: Float[Tensor, "*b d"], source: Tensor | None = None) -> Float[Tensor, "*b d"]:
+    def forward(self, base: Float[Tensor, "*batch width"], source: Tensor | None = None) -> Float[Tensor, "*batch width"]:
         return torch.zeros_like(base)
 
 
@@ -41,7 +41,7 @@ class Mean(Intervention):
         self.register_buffer("mean", self._mean if self._mean is not None else torch.zeros(width))
         self._mean = None
 
-    def forward(self, base: Float[Tensor, "*b d"], source: Tensor | None = None) -> Float[Tensor, "*b d"]:
+    def forward(self, base: Float[Tensor, "*batch width"], source: Tensor | None = None) -> Float[Tensor, "*batch width"]:
         return self.mean.to(base.dtype).expand_as(base).clone()
 
 
@@ -58,7 +58,7 @@ class Noise(Intervention):
             raise ConfigError(f"std={std!r}: expected a non-negative standard deviation")
         self.std, self.seed = float(std), int(seed)
 
-    def forward(self, base: Float[Tensor, "*b d"], source: Tensor | None = None) -> Float[Tensor, "*b d"]:
+    def forward(self, base: Float[Tensor, "*batch width"], source: Tensor | None = None) -> Float[Tensor, "*batch width"]:
         gen = torch.Generator(device=base.device).manual_seed(self.seed)
         eps = torch.randn(base.shape, generator=gen, device=base.device, dtype=torch.float32)
         return base + (self.std * eps).to(base.dtype)

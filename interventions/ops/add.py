@@ -50,7 +50,7 @@ class Add(Intervention):
         else:
             self.register_buffer("vector", v)
 
-    def forward(self, base: Float[Tensor, "*b d"], source: Tensor | None = None) -> Float[Tensor, "*b d"]:
+    def forward(self, base: Float[Tensor, "*batch width"], source: Tensor | None = None) -> Float[Tensor, "*batch width"]:
         v = self.vector
         v = v if v.dtype == base.dtype else v.to(base.dtype)
         return base + v if self.alpha == 1.0 else base + self.alpha * v  # one op fewer per call at alpha 1 (same result)

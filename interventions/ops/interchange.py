@@ -23,6 +23,6 @@ class Interchange(Intervention):
 
     sourced = True
 
-    def forward(self, base: Float[Tensor, "*b d"], source: Float[Tensor, "*b d"] | None = None) -> Float[Tensor, "*b d"]:
+    def forward(self, base: Float[Tensor, "*batch width"], source: Float[Tensor, "*batch width"] | None = None) -> Float[Tensor, "*batch width"]:
         source = self.require_source(source)
         return source.to(base.dtype)

@@ -20,5 +20,5 @@ class Scale(Intervention):
         super().__init__(site, **placement)
         self.factor = float(factor)
 
-    def forward(self, base: Float[Tensor, "*b d"], source: Tensor | None = None) -> Float[Tensor, "*b d"]:
+    def forward(self, base: Float[Tensor, "*batch width"], source: Tensor | None = None) -> Float[Tensor, "*batch width"]:
         return base * self.factor

@@ -35,10 +35,10 @@ class SigmoidMask(Intervention):
     def set_temperature(self, temperature: float) -> None:
         self.temperature = float(temperature)
 
-    def mask(self) -> Float[Tensor, " d"]:
+    def mask(self) -> Float[Tensor, " width"]:
         return torch.sigmoid(self.logits / self.temperature)
 
-    def forward(self, base: Float[Tensor, "*b d"], source: Float[Tensor, "*b d"] | None = None) -> Float[Tensor, "*b d"]:
+    def forward(self, base: Float[Tensor, "*batch width"], source: Float[Tensor, "*batch width"] | None = None) -> Float[Tensor, "*batch width"]:
         source = self.require_source(source)
         m = self.mask().to(base.dtype)
         return base + m * (source.to(base.dtype) - base)

@@ -59,11 +59,11 @@ class SubspaceInterchange(Intervention):
         self._init = None
 
     @property
-    def R(self) -> Float[Tensor, "k d"]:
+    def R(self) -> Float[Tensor, "rank width"]:
         """The current ``R`` (``[size, width]``, orthonormal rows, fp32)."""
         return self.rotation()
 
-    def forward(self, base: Float[Tensor, "*b d"], source: Float[Tensor, "*b d"] | None = None) -> Float[Tensor, "*b d"]:
+    def forward(self, base: Float[Tensor, "*batch width"], source: Float[Tensor, "*batch width"] | None = None) -> Float[Tensor, "*batch width"]:
         source = self.require_source(source)
         r = self.rotation()
         return subspace_edit(base, r, source.to(compute_dtype(base)) @ r.to(compute_dtype(base)).T)
@@ -113,7 +113,7 @@ class BoundlessSubspaceInterchange(Intervention):
     def set_temperature(self, temperature: float) -> None:
         self.temperature = float(temperature)
 
-    def mask(self) -> Float[Tensor, " d"]:
+    def mask(self) -> Float[Tensor, " width"]:
         beta = self.boundary.clamp(0.0, 1.0) * self.width
         return torch.sigmoid((beta - self._index) / self.temperature)
 
@@ -121,7 +121,7 @@ class BoundlessSubspaceInterchange(Intervention):
     def size(self) -> int:
         return int(round(float(self.boundary.detach().clamp(0, 1)) * (self.width or 0)))
 
-    def forward(self, base: Float[Tensor, "*b d"], source: Float[Tensor, "*b d"] | None = None) -> Float[Tensor, "*b d"]:
+    def forward(self, base: Float[Tensor, "*batch width"], source: Float[Tensor, "*batch width"] | None = None) -> Float[Tensor, "*batch width"]:
         source = self.require_source(source)
         dt = compute_dtype(base)
         r = self.rotation().to(dt)
