@@ -50,7 +50,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steerlab.interventions import Lab, Subspace
-from steerlab.interventions.errors import ConfigError, DataError
+from steerlab.interventions.errors import ConfigError, DataError, checked_first
 
 __all__ = [
     "token_activations",
@@ -243,13 +243,19 @@ def ab_questions(
     return items
 
 
-def caa(lab: Lab, site: str, items: Sequence[tuple[str, str, str]], *, batch_size: int = 32) -> Subspace:
+def _check_items(items: object) -> None:
+    if not items or not isinstance(items, Sequence) or not all(
+        isinstance(it, (tuple, list)) and len(it) == 3 and all(isinstance(s, str) for s in it) for it in items
+    ):
+        raise DataError(f"caa items: expected a non-empty list of (prompt, matching answer, other answer) strings; got {items!r:.80}")
+
+
+@checked_first(items=_check_items)
+def caa(lab: Lab, site: str, items: Sequence[tuple[str, str, str] | list[str]], *, batch_size: int = 32) -> Subspace:
     """``v ∝ mean_i [h(prompt_i + matching_i) − h(prompt_i + other_i)]`` at the answer's last token.
 
     ``items``: ``(prompt, matching answer, other answer)``, e.g. from :func:`ab_questions`.
     """
-    if not items or not all(isinstance(it, (tuple, list)) and len(it) == 3 and all(isinstance(s, str) for s in it) for it in items):
-        raise DataError(f"caa items: expected a non-empty list of (prompt, matching answer, other answer) strings; got {items!r:.80}")
     match = _last_token(lab, [p + m for p, m, _ in items], site, batch_size)
     other = _last_token(lab, [p + o for p, _, o in items], site, batch_size)
     diff = (match - other).mean(0)

@@ -13,6 +13,7 @@ import tomllib
 from importlib.abc import MetaPathFinder
 from pathlib import Path
 
+import beartype  # noqa: F401 - now: imported after pyvene, beartype's import fails (pyvene patches a builtin type)
 import jaxtyping
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
