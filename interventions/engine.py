@@ -22,19 +22,20 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from steerlab.interventions.call import Bindings, EarlyExit, running
-from steerlab.interventions.errors import ConfigError, SourceError
+from steerlab.interventions.errors import ConfigError, SourceError, checked_first
 from steerlab.interventions.facts import ModelFacts, check_intervention
 from steerlab.interventions.graph import GraphResult, RunResult, SourceValue
 from steerlab.interventions.handlers import Edit
 from steerlab.interventions.hooks import HookSet
 from steerlab.interventions.ops import Intervention
 from steerlab.interventions.plan import (
+    Engine,
     Forward,
     Plan,
     PlanNode,
@@ -46,7 +47,7 @@ from steerlab.interventions.plan import (
 )
 from steerlab.interventions.prefix import Prefix, resume_from
 
-__all__ = ["HookEngine", "PreparedRun", "HOOKS"]
+__all__ = ["HookEngine", "PreparedRun", "HOOKS", "EngineSpec", "engine_of"]
 
 
 class HookEngine:
@@ -174,16 +175,23 @@ class PreparedRun:
         return f"PreparedRun({len(self.interventions)} interventions)"
 
 
-def engine_of(engine: Any):
-    """An engine object from ``"hooks"``, ``"nnsight"`` or an object with ``execute(plan, ...)``."""
-    if isinstance(engine, str):
-        if engine == "hooks":
-            return HOOKS
-        if engine == "nnsight":
-            from steerlab.interventions.nnsight_engine import NNsightEngine
+#: what a call's ``engine=`` takes: a name, or an object implementing :class:`~steerlab.interventions.plan.Engine`
+EngineSpec = Literal["hooks", "nnsight"] | Engine
 
-            return NNsightEngine()
-    elif callable(getattr(engine, "execute", None)):
-        return engine
-    raise ConfigError(f"engine={engine!r}: expected 'hooks', 'nnsight' or an engine object such as NNsightEngine(model, remote=True)")
+
+def check_engine(engine: object) -> None:
+    if not (engine in ("hooks", "nnsight") if isinstance(engine, str) else callable(getattr(engine, "execute", None))):
+        raise ConfigError(f"engine={engine!r}: expected 'hooks', 'nnsight' or an engine object such as NNsightEngine(model, remote=True)")
+
+
+@checked_first(engine=check_engine)
+def engine_of(engine: EngineSpec) -> Engine:
+    """An engine object from ``"hooks"``, ``"nnsight"`` or an object with ``execute(plan, ...)``."""
+    if engine == "hooks":
+        return HOOKS
+    if engine == "nnsight":
+        from steerlab.interventions.nnsight_engine import NNsightEngine
+
+        return NNsightEngine()
+    return engine
 

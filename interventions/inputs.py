@@ -8,8 +8,9 @@ ids, or, for a plain ``nn.Module``, a tensor or tuple of positional arguments.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,7 +18,7 @@ from torch import Tensor
 from steerlab.interventions.errors import BatchMismatch, DataError
 from steerlab.interventions.units import MaskInfo
 
-__all__ = ["Inputs", "tokenize", "is_texts"]
+__all__ = ["Inputs", "ModelInputs", "tokenize", "is_texts", "check_inputs"]
 
 
 def is_texts(x) -> bool:
@@ -41,6 +42,15 @@ def tokenize(tokenizer, texts, *, padding_side: str | None = None, what: str = "
         )
     side = {} if padding_side is None else {"padding_side": padding_side}
     return dict(tokenizer(texts, return_tensors="pt", padding=True, **side, **kwargs))
+
+
+def check_inputs(x: object) -> None:
+    """Refuse (:class:`DataError`) what :meth:`Inputs.of` cannot use as model inputs (see :data:`ModelInputs`)."""
+    if not (isinstance(x, (Inputs, str, Mapping, Tensor, tuple)) or is_texts(x)):
+        raise DataError(
+            f"cannot use {type(x).__name__} as model inputs; expected text, a dict of tensors "
+            "(input_ids, attention_mask, ...), a LongTensor of token ids or a tensor"
+        )
 
 
 @dataclass
@@ -71,10 +81,7 @@ class Inputs:
         elif isinstance(x, tuple):
             inp = Inputs(tuple(x), {})
         else:
-            raise DataError(
-                f"cannot use {type(x).__name__} as model inputs; expected text, a dict of tensors "
-                "(input_ids, attention_mask, ...), a LongTensor of token ids or a tensor"
-            )
+            check_inputs(x)  # raises: nothing else is model inputs
         return inp.to(device) if device is not None else inp
 
     # -- shape ----------------------------------------------------------
@@ -142,3 +149,9 @@ class Inputs:
         args = tuple(torch.cat([p.args[i] for p in parts]) if isinstance(a, Tensor) else a for i, a in enumerate(first.args))
         kwargs = {k: torch.cat([p.kwargs[k] for p in parts]) if isinstance(v, Tensor) else v for k, v in first.kwargs.items()}
         return Inputs(args, kwargs)
+
+
+#: what a call runs the model on: text or a list of texts (tokenised with the lab's tokenizer), a dict /
+#: ``BatchEncoding`` of keyword arguments, a LongTensor of token ids, a tensor or a tuple of positional
+#: arguments (a plain module), or :class:`Inputs`
+ModelInputs = str | Sequence[str] | Mapping[str, Any] | Tensor | tuple[Any, ...] | Inputs

@@ -20,7 +20,7 @@ leaves the model's hook registries as it found them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,15 +29,17 @@ from torch import Tensor, nn
 from steerlab.interventions import caching
 from steerlab.interventions.activation_cache import ActivationCache
 from steerlab.interventions.attachment import Attachment, attachments_of
-from steerlab.interventions.engine import PreparedRun, engine_of
+from steerlab.interventions.engine import EngineSpec, PreparedRun, check_engine, engine_of
 from steerlab.interventions.errors import NotAModel, NotWrapped, checked_first
 from steerlab.interventions.facts import ModelFacts
 from steerlab.interventions.generation import Generation, check_generation, generate, prompts
+from steerlab.interventions.inputs import ModelInputs, check_inputs
 from steerlab.interventions.graph import Graph, GraphResult, RunResult, SourceValue
 from steerlab.interventions.ops import Intervention, check_interventions
 from steerlab.interventions.plan import Plan
 from steerlab.interventions.prefix import Prefix
 from steerlab.interventions.sites import ResolvedSite, SiteCatalog
+from steerlab.interventions.units import PositionSpec
 from steerlab.interventions.wrapping import acquire, release
 
 __all__ = ["Lab", "wrap", "Generation"]
@@ -136,17 +138,17 @@ class Lab:
             raise NotWrapped(f"{what}: this Lab was unwrapped (lab.unwrap()); wrap the model again: sl.wrap(model)")
 
     # -- per-call execution ---------------------------------------------------------
-    @checked_first(interventions=check_interventions)
+    @checked_first(inputs=check_inputs, interventions=check_interventions, engine=check_engine)
     def run(
         self,
-        inputs: Any,
+        inputs: ModelInputs,
         interventions: Sequence[Intervention] | Intervention = (),
         *,
-        positions=None,
-        source_positions=None,
+        positions: PositionSpec | Mapping[Intervention, PositionSpec] = None,
+        source_positions: PositionSpec = None,
         prefix: Prefix | None = None,
         validate: bool = True,
-        engine: Any = "hooks",
+        engine: EngineSpec = "hooks",
         **model_kwargs,
     ) -> RunResult:
         """Run the model on ``inputs`` with ``interventions`` (hooks for this call only).
@@ -160,15 +162,16 @@ class Lab:
         base = g.run(inputs, _list(interventions), name="base")
         return self.execute(g, positions=positions, source_positions=source_positions, prefix=prefix, validate=validate, engine=engine, **model_kwargs)[base]
 
+    @checked_first(engine=check_engine)
     def execute(
         self,
         graph: Graph,
         *,
-        positions=None,
-        source_positions=None,
+        positions: PositionSpec | Mapping[Intervention, PositionSpec] = None,
+        source_positions: PositionSpec = None,
         prefix: Prefix | None = None,
         validate: bool = True,
-        engine: Any = "hooks",
+        engine: EngineSpec = "hooks",
         **model_kwargs,
     ) -> GraphResult:
         """Execute a run graph (see :mod:`steerlab.interventions.graph`).
@@ -190,35 +193,41 @@ class Lab:
         return PreparedRun(self.facts, interventions, validate=validate)
 
     # -- activation caching -----------------------------------------------------------
-    def collect(self, inputs: Any, sites: str | Sequence[str], *, positions=None, heads=None, detach: bool = True) -> ActivationCache:
+    @checked_first(inputs=check_inputs)
+    def collect(
+        self, inputs: ModelInputs, sites: str | Sequence[str], *, positions: PositionSpec = None, heads: int | Sequence[int] | None = None, detach: bool = True
+    ) -> ActivationCache:
         """Collect the values at ``sites`` (names or patterns like ``blocks.*.resid_post``)
         in one forward that stops after the last of them."""
         self.check_wrapped("collect()")
         return caching.collect(self.facts, inputs, sites, positions=positions, heads=heads, detach=detach)
 
-    def source_value(self, iv: Intervention, inputs: Any = None) -> SourceValue:
+    def source_value(self, iv: Intervention, inputs: ModelInputs | None = None) -> SourceValue:
         """The slice ``iv`` would read from ``inputs`` (default: its ``source``), as a reusable :class:`SourceValue`."""
         self.check_wrapped("source_value()")
         return caching.source_value(self.facts, iv, inputs)
 
-    def prefix(self, inputs: Any, layer: int) -> Prefix:
+    @checked_first(inputs=check_inputs)
+    def prefix(self, inputs: ModelInputs, layer: int) -> Prefix:
         """The residual stream entering block ``layer`` for ``inputs``, computed once."""
         self.check_wrapped("prefix()")
         return caching.prefix(self.facts, inputs, layer)
 
-    def prefixes(self, inputs: Any, layers: Sequence[int], *, sites: Sequence[str] = ()) -> tuple[dict[int, Prefix], ActivationCache]:
+    @checked_first(inputs=check_inputs)
+    def prefixes(self, inputs: ModelInputs, layers: Sequence[int], *, sites: Sequence[str] = ()) -> tuple[dict[int, Prefix], ActivationCache]:
         """A :class:`Prefix` for each of ``layers`` and the values at ``sites``, from one forward."""
         self.check_wrapped("prefixes()")
         return caching.prefixes(self.facts, inputs, layers, sites=sites)
 
-    def past(self, inputs: Any, start: int, *, prefix: Prefix | None = None) -> tuple[tuple[Tensor, Tensor], ...]:
+    @checked_first(inputs=check_inputs)
+    def past(self, inputs: ModelInputs, start: int, *, prefix: Prefix | None = None) -> tuple[tuple[Tensor, Tensor], ...]:
         """Keys and values of the first ``start`` positions at every layer, for :meth:`Prefix.after`."""
         self.check_wrapped("past()")
         return caching.past(self.facts, inputs, start, prefix=prefix)
 
     # -- attached lifetime --------------------------------------------------------------
     @checked_first(interventions=lambda v: check_interventions(v, "attach()"))
-    def attach(self, interventions: Sequence[Intervention] | Intervention, *, decode: bool = False, positions=None) -> Attachment:
+    def attach(self, interventions: Sequence[Intervention] | Intervention, *, decode: bool = False, positions: PositionSpec = None) -> Attachment:
         """Install ``interventions`` until :meth:`Attachment.detach` (or the ``with`` block ends).
 
         Attached interventions act on every forward of the model, in every thread."""
@@ -229,8 +238,10 @@ class Lab:
         """The attachments currently attached through this lab."""
         return attachments_of(self)
 
-    @checked_first(interventions=check_interventions)
-    def generate(self, inputs: Any, interventions: Sequence[Intervention] | Intervention = (), *, decode: bool = False, positions=None, **generate_kwargs) -> Generation:
+    @checked_first(inputs=check_inputs, interventions=check_interventions)
+    def generate(
+        self, inputs: ModelInputs, interventions: Sequence[Intervention] | Intervention = (), *, decode: bool = False, positions: PositionSpec = None, **generate_kwargs
+    ) -> Generation:
         """Generate with interventions at prompt positions (at prefill), and with
         ``decode=True`` also at each new token. Text prompts are left-padded.
         The interventions act on this call's forwards only (this thread)."""

@@ -47,21 +47,24 @@ Two generalisations keep the same contract:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from steerlab.interventions.errors import BatchMismatch, ConfigError, ShapeMismatch, SourceError, UnitError
+from steerlab.interventions.errors import BatchMismatch, ConfigError, ShapeMismatch, SourceError, UnitError, checked_first
 from steerlab.interventions.graph import SourceValue
-from steerlab.interventions.inputs import Inputs
+from steerlab.interventions.lab import Lab
+from steerlab.interventions.inputs import Inputs, ModelInputs, check_inputs
 from steerlab.interventions.metrics import Metric, as_metric
 from steerlab.interventions.ops import Collect, Intervention
 from steerlab.interventions.prefix import Prefix
 from steerlab.interventions.progress import track
 from steerlab.interventions.sites import ResolvedSite
 from steerlab.interventions.sweep_result import SweepResult
-from steerlab.interventions.units import MaskInfo, Positions
+from steerlab.interventions.units import MaskInfo, Positions, PositionSpec
 
 __all__ = ["sweep", "SweepResult"]
 
@@ -221,6 +224,31 @@ def _heads(lab, sites: list[ResolvedSite], heads) -> list[int] | None:
     return list(hs)
 
 
+def _check_positions(positions: object) -> None:
+    """A sweep's ``positions`` as written: 'all', None, a spec like 'l5', an int, or a list of positions
+    and groups of positions."""
+    if positions is None or positions is _DEFAULT:
+        return
+    if isinstance(positions, str):
+        if positions != "all" and Positions(positions).kind != "firstlast":  # Positions raises on a malformed spec
+            raise UnitError(f"positions={positions!r}: expected 'all', None, a spec like 'l5' or 'f3+l3', or a list")
+    elif isinstance(positions, (list, tuple, range)) and positions:
+        for p in positions:
+            if not (_is_int(p) or (isinstance(p, (list, tuple)) and p and all(_is_int(x) for x in p))):
+                raise UnitError(f"positions={positions!r}: each entry is a position (int) or a group of positions (list of ints)")
+    elif not _is_int(positions):
+        raise UnitError(f"positions={positions!r}: expected 'all', None, an int, a list of ints (or of groups) or a spec like 'l5'")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_base_interventions(ivs: object) -> None:
+    if not isinstance(ivs, Intervention) and (not isinstance(ivs, (list, tuple)) or not all(isinstance(iv, Intervention) for iv in ivs)):
+        raise ConfigError(f"base_interventions={ivs!r:.80}: expected a list of Intervention objects")
+
+
 def _slots(positions, base_info: MaskInfo, source_info: MaskInfo, heads) -> list[tuple[int, ...] | None]:
     """One slot per swept position (or group of positions patched together)."""
     nb, ns = _lengths(base_info), _lengths(source_info)
@@ -233,24 +261,14 @@ def _slots(positions, base_info: MaskInfo, source_info: MaskInfo, heads) -> list
         if positions is None:
             return [None]
         return [(p,) for p in range(max(nb))]
+    _check_positions(positions)
     if isinstance(positions, str):
-        spec = Positions(positions)  # raises on a malformed spec
-        if spec.kind != "firstlast":
-            raise UnitError(f"positions={positions!r}: expected 'all', None, a spec like 'l5' or 'f3+l3', or a list")
+        spec = Positions(positions)
         slots: list = [(p,) for p in range(spec.first)] + [(p,) for p in range(-spec.last, 0)]
-    elif isinstance(positions, int) and not isinstance(positions, bool):
+    elif isinstance(positions, int):
         slots = [(positions,)]
-    elif isinstance(positions, (list, tuple, range)) and positions:
-        slots = []
-        for p in positions:
-            if isinstance(p, int) and not isinstance(p, bool):
-                slots.append((p,))
-            elif isinstance(p, (list, tuple)) and p and all(isinstance(x, int) and not isinstance(x, bool) for x in p):
-                slots.append(tuple(p))
-            else:
-                raise UnitError(f"positions={positions!r}: each entry is a position (int) or a group of positions (list of ints)")
     else:
-        raise UnitError(f"positions={positions!r}: expected 'all', None, an int, a list of ints (or of groups) or a spec like 'l5'")
+        slots = [(p,) if isinstance(p, int) else tuple(p) for p in positions]
     flat = [p for s in slots for p in s]
     Positions(flat).validate(base_info, "positions")
     Positions(flat).validate(source_info, "positions (in the source)")
@@ -302,11 +320,8 @@ def _chunks(plan: _Plan, lab) -> list[list[tuple[int, int, int]]]:
 
 def _base_interventions(lab, ivs, batch: int) -> list[Intervention]:
     """Check ``base_interventions``: sourceless, or reading a :class:`SourceValue` of the base's batch (or 1)."""
-    if isinstance(ivs, Intervention):
-        ivs = [ivs]
-    out = list(ivs) if isinstance(ivs, (list, tuple)) else None
-    if out is None or not all(isinstance(iv, Intervention) for iv in out):
-        raise ConfigError(f"base_interventions={ivs!r:.80}: expected a list of Intervention objects")
+    _check_base_interventions(ivs)
+    out = [ivs] if isinstance(ivs, Intervention) else list(ivs)
     for iv in out:
         src = iv.source
         if iv.sourced and not isinstance(src, SourceValue):
@@ -431,16 +446,17 @@ def _base_and_source(lab, plan: _Plan, starts: set[int]):
     return metric, base_metric, source_metric, {site.name: s.cache[site.name] for site in plan.sites}, prefixes
 
 
+@checked_first(base=check_inputs, source=check_inputs, metric=as_metric, positions=_check_positions, base_interventions=_check_base_interventions)
 def sweep(
-    lab,
-    base,
-    source,
+    lab: Lab,
+    base: ModelInputs,
+    source: ModelInputs,
     *,
-    metric,
-    sites="blocks.*.resid_post",
-    positions=_DEFAULT,
-    heads=None,
-    base_interventions=(),
+    metric: Metric | Callable[[Any, Inputs], Tensor],
+    sites: str | Sequence[str | Sequence[str]] = "blocks.*.resid_post",
+    positions: PositionSpec | Sequence[int | Sequence[int]] | _Default = _DEFAULT,
+    heads: Literal["all"] | int | Sequence[int] | None = None,
+    base_interventions: Sequence[Intervention] | Intervention = (),
     configs_per_forward: int | None = None,
     progress: bool | None = None,
 ) -> SweepResult:
