@@ -45,6 +45,7 @@ from steerlab.interventions.orthonormal import Orthonormal, orthonormal_rows
 from steerlab.interventions.progress import Bar, bar
 from steerlab.interventions.subspace import Subspace
 from steerlab.interventions.training import LoopSettings, run_loop
+from steerlab.interventions.units import PositionSpec
 
 __all__ = ["DAS", "BoundlessDAS", "TrainConfig"]
 
@@ -346,7 +347,7 @@ class DAS:
         site: str,
         size: int | Mapping[str, int] = 8,
         variables: str | Sequence[str] | None = None,
-        positions=None,
+        positions: PositionSpec = None,
         epochs: int = 5,
         batch_size: int = 64,
         lr: float = 1e-2,
@@ -357,7 +358,7 @@ class DAS:
         localist_samples: int = 64,
         selection_size: int = 512,
         eval_size: int | None = 512,
-        objective: str | Objective | None = None,
+        objective: str | Objective | dict[str, Any] | None = None,
         init: str | Subspace | Mapping[str, Subspace] = "random",
         restarts: int = 0,
         select: str = "train_iia",
@@ -564,7 +565,7 @@ class BoundlessDAS(DAS):
         *,
         site: str,
         variables: str | Sequence[str] | None = None,
-        positions=None,
+        positions: PositionSpec = None,
         init_boundary: float = 0.5,
         temperature: tuple[float, float] = (50.0, 0.1),
         boundary_penalty: float = 1.0,

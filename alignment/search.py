@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -34,16 +34,30 @@ from steerlab.alignment.das import (
     subspaces_of,
     train_selected,
 )
+from steerlab.alignment.objectives import Objective
 from steerlab.alignment.objectives import objective as make_objective
 from steerlab.alignment.results import DASResult, format_table, labelled_localist
 from steerlab.alignment.selection import SELECT_RULES
 from steerlab.interventions import fileformat
-from steerlab.interventions.errors import ConfigError, DataError, FileFormatError
+from steerlab.interventions.errors import ConfigError, DataError, FileFormatError, checked_first
 from steerlab.interventions.fileformat import field_of
 from steerlab.interventions.lab import Lab
 from steerlab.interventions.progress import Bar, bar
+from steerlab.interventions.units import PositionSpec
 
-__all__ = ["search", "SearchResult"]
+__all__ = ["search", "SearchResult", "CounterfactualTask"]
+
+
+@runtime_checkable
+class CounterfactualTask(Protocol):
+    """A task that draws train and test counterfactuals for a model (the tasks of ``sl.alignment.tasks``)."""
+
+    def datasets(self, lab: Lab, *, n_train: int, n_test: int, seed: int) -> tuple[CounterfactualDataset, CounterfactualDataset]: ...
+
+
+def _check_train(train: object) -> None:
+    if not isinstance(train, CounterfactualDataset) and not hasattr(train, "datasets"):
+        raise DataError(f"search() takes a CounterfactualDataset or a task; got {type(train).__name__}")
 
 
 @dataclass
@@ -159,13 +173,14 @@ def _sites(lab: Lab, sites: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+@checked_first(train=_check_train)
 def search(
     lab: Lab,
-    train: CounterfactualDataset | Any,
+    train: CounterfactualDataset | CounterfactualTask,
     test: CounterfactualDataset | None = None,
     *,
     sites: str | Sequence[str],
-    positions: Any = (None,),
+    positions: PositionSpec | Sequence[PositionSpec] = (None,),
     sizes: Sequence[int] = (1, 4, 16),
     controls: bool = True,
     random_init_scope: str | Sequence[str] = "all",
@@ -179,7 +194,7 @@ def search(
     localist_samples: int = 32,
     selection_size: int = 256,
     eval_size: int | None = 256,
-    objective=None,
+    objective: str | Objective | dict[str, Any] | None = None,
     init: str = "random",
     restarts: int = 0,
     select: str = "train_iia",
@@ -237,8 +252,6 @@ def search(
 def _datasets(lab: Lab, train, test, n_train: int, n_test: int, seed: int) -> tuple[CounterfactualDataset, CounterfactualDataset]:
     """``(train, test)``: given, or drawn from a task; test defaults to the task's held-out split, else train."""
     if not isinstance(train, CounterfactualDataset):
-        if not hasattr(train, "datasets"):
-            raise DataError(f"search() takes a CounterfactualDataset or a task; got {type(train).__name__}")
         train, task_test = train.datasets(lab, n_train=n_train, n_test=n_test, seed=seed)
         test = test if test is not None else task_test
     return train, test if test is not None else train

@@ -38,6 +38,7 @@ from jaxtyping import Int
 from torch import Tensor, nn
 
 from steerlab.interventions import Attachment, Lab, Prefix, wrap
+from steerlab.interventions.engine import EngineSpec, check_engine
 from steerlab.interventions.prefix import resume_from
 from steerlab.interventions.errors import ConfigError, LifetimeError, NotWrapped, UnitError, Unsupported, checked_first
 from steerlab.interventions.ops import check_interventions
@@ -289,14 +290,15 @@ class ReftModel(nn.Module):
                     stack.enter_context(Attachment(self.lab, ivs, decode=True, positions=p, thread=ident))
             yield self
 
+    @checked_first(engine=lambda engine: engine is None or check_engine(engine))
     def forward(
         self,
         input_ids: Int[Tensor, "batch pos"] | None = None,
         attention_mask: Int[Tensor, "batch pos"] | None = None,
         labels: Tensor | None = None,
-        intervention_positions: Int[Tensor, "batch group k"] | None = None,
+        intervention_positions: Int[Tensor, "batch group k"] | Int[Tensor, "batch k"] | None = None,
         prefix: Prefix | None = None,
-        engine: Any = None,
+        engine: EngineSpec | None = None,
         **kwargs,
     ):
         """The base model's forward with the interventions at ``intervention_positions``
