@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, no_type_check
 
 from torch import Tensor, nn
 
@@ -73,6 +73,7 @@ class Bindings:
             return self
         pending = [reads]
 
+        @no_type_check  # a closure made per call: the suite's runtime checker would decorate it on every call
         def on_read() -> None:
             pending[0] -= 1
             if pending[0] == 0:

@@ -12,13 +12,13 @@ the same batches and the same losses.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
@@ -113,7 +113,7 @@ class TrainResult:
         return reft_training_curve(self)
 
 
-def _batches(model: ReftModel, dataset: Dataset, collator, cache_prefix: bool, batch_size: int):
+def _batches(model: ReftModel, dataset: Dataset | Sequence[Mapping[str, Any]], collator: Callable[[list[Any]], Mapping[str, Tensor]], cache_prefix: bool, batch_size: int):
     """``batch_of(rows)`` for the loop: collate on the host, find the loss positions there, move once."""
     device = model.lab.device
     wants_positions = _takes_logits_to_keep(model.model)
@@ -145,7 +145,7 @@ def train(
     weight_decay: float = 0.0,
     gradient_accumulation_steps: int = 1,
     max_steps: int | None = None,
-    collator=None,
+    collator: Callable[[list[Any]], Mapping[str, Tensor]] | None = None,
     shuffle: bool = True,
     seed: int = 0,
     warmup_ratio: float = 0.0,
