@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from steerlab.interventions.errors import ConfigError, DataError
+from steerlab.interventions.errors import ConfigError, DataError, checked_first
 from steerlab.interventions.orthonormal import is_no_decay
 from steerlab.reft.data import ReftDataCollator
 from steerlab.reft.model import ReftModel
@@ -34,12 +34,16 @@ from steerlab.reft.model import ReftModel
 __all__ = ["ReftTrainer", "ReftTrainerForCausalLM", "ReftTrainerForSequenceClassification"]
 
 
+def _check_model(model: object) -> None:
+    if not isinstance(model, ReftModel):
+        raise ConfigError(f"a ReFT trainer trains a steerlab ReftModel (get_reft_model(...)); got {type(model).__name__}")
+
+
 class ReftTrainer(Trainer):
     """``transformers.Trainer`` for a :class:`~steerlab.reft.ReftModel`."""
 
-    def __init__(self, model: ReftModel | None = None, args=None, data_collator=None, *pos, **kwargs):
-        if not isinstance(model, ReftModel):
-            raise ConfigError(f"{type(self).__name__} trains a steerlab ReftModel (get_reft_model(...)); got {type(model).__name__}")
+    @checked_first(model=_check_model)
+    def __init__(self, model: ReftModel | None = None, args=None, data_collator=None, *pos, **kwargs):  # None: refused (Trainer's order)
         if data_collator is None:
             tok = kwargs.get("processing_class") or model.tokenizer
             if tok is None:
