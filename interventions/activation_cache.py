@@ -21,7 +21,7 @@ class ActivationCache(Mapping[str, Tensor]):
     """Site name -> collected value ``[batch, k, ...]`` (``k`` the collected positions).
 
     ``cache["blocks.3.resid_post"]``, ``cache.stack("blocks.*.resid_post")``
-    (``[layer, batch, k, d]`` in layer order), ``cache.to(device)``.
+    (``[layer, batch, k, width]`` in layer order), ``cache.to(device)``.
     """
 
     def __init__(self, values: dict[str, Tensor] | None = None, *, positions: dict[str, object] | None = None):

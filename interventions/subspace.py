@@ -1,6 +1,6 @@
 """``Subspace``: an orthonormal basis at a site — what DAS finds and ReFT can start from.
 
-A subspace is ``k`` orthonormal rows ``R`` (``[k, d]``, fp32) of the space of
+A subspace is ``rank`` orthonormal rows ``R`` (``[rank, width]``, fp32) of the space of
 one site's value, with the units it lives at (positions, heads) and free
 metadata (the causal variable, the IIA it reached, the method that found
 it). It is the hand-off between the locating and steering layers: DAS
@@ -29,7 +29,7 @@ __all__ = ["Subspace"]
 
 @dataclass
 class Subspace:
-    """An orthonormal basis ``basis`` (``[k, d]``, rows orthonormal) at ``site``.
+    """An orthonormal basis ``basis`` (``[rank, width]``, rows orthonormal) at ``site``.
 
     ``positions`` and ``heads`` say which units of the site it was found at;
     ``metadata`` holds JSON data (``variable``, ``iia``, ``method``, ...).
@@ -43,10 +43,10 @@ class Subspace:
 
     def __post_init__(self):
         if not isinstance(self.basis, Tensor):
-            raise SubspaceSizeError(f"a Subspace basis is a [k, d] tensor; got {type(self.basis).__name__}")
+            raise SubspaceSizeError(f"a Subspace basis is a [rank, width] tensor; got {type(self.basis).__name__}")
         b = self.basis.detach().to(torch.float32)
         if b.dim() != 2 or b.shape[0] < 1 or b.shape[0] > b.shape[1]:
-            raise SubspaceSizeError(f"a Subspace basis is [k, d] with 1 <= k <= d; got shape {tuple(b.shape)}")
+            raise SubspaceSizeError(f"a Subspace basis is [rank, width] with 1 <= rank <= width; got shape {tuple(b.shape)}")
         bad = int((~torch.isfinite(b)).sum())
         if bad:
             raise SubspaceSizeError(f"the basis holds {bad} NaN or infinite value(s); expected finite orthonormal rows "

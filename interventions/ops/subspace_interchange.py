@@ -26,7 +26,7 @@ class SubspaceInterchange(Intervention):
     :class:`~steerlab.interventions.orthonormal.Orthonormal` map: exact,
     materialised once per forward, in fp32 whatever the model's dtype, never
     shrunk by weight decay. With ``size == d`` this is :class:`Interchange`
-    (up to rounding). ``init`` seeds ``R`` (``[size, d]``), e.g. from a
+    (up to rounding). ``init`` seeds ``R`` (``[size, width]``), e.g. from a
     :class:`~steerlab.interventions.subspace.Subspace`.
 
     Args:
