@@ -28,6 +28,7 @@ from torch import Tensor
 
 from steerlab.interventions.activation_cache import ActivationCache
 from steerlab.interventions.errors import GraphError, SourceError, checked_first
+from steerlab.interventions.inputs import ModelInputs, check_inputs
 from steerlab.interventions.ops import Intervention, check_interventions
 
 __all__ = ["Graph", "Run", "SourceValue", "RunResult", "GraphResult"]
@@ -72,8 +73,8 @@ class Graph:
     def __init__(self):
         self.runs: list[Run] = []
 
-    @checked_first(interventions=lambda v: check_interventions(v, "a run's interventions"))
-    def run(self, inputs: Any, interventions: Sequence[Intervention] | Intervention = (), *, name: str | None = None, output: bool | None = None) -> Run:
+    @checked_first(inputs=check_inputs, interventions=lambda v: check_interventions(v, "a run's interventions"))
+    def run(self, inputs: ModelInputs, interventions: Sequence[Intervention] | Intervention = (), *, name: str | None = None, output: bool | None = None) -> Run:
         """Add a run of the model on ``inputs`` with ``interventions``.
 
         A sourced intervention whose ``source`` is not a :class:`Run` or a
