@@ -60,7 +60,7 @@ class Recipe:
     """Sizes and training settings of a comparison (the knobs that scale it up on a GPU)."""
 
     layer: int = 12
-    factors: tuple[float, ...] = DEFAULT_FACTORS
+    factors: Sequence[float] = DEFAULT_FACTORS  # kept as a tuple
     positions: str = "both"
     n_train: int = 32
     n_test_examples: int = 64
