@@ -173,7 +173,7 @@ assert r.full_vector["WX"].value >= 0.97 and not any(row["above_full_vector"] fo
 # wrong on about 30% of counterfactuals but *confidently*, and cross-entropy prefers a rotation
 # that is wrong on more of them but mildly — so minimising it lowers IIA, below the localist
 # control and below chance. steerlab's default starts with cross-entropy (which moves a random
-# start fast) and hands over, by half-way, to `sigmoid(−margin / τ)`, a smooth count of errors
+# start fast) and hands over, by 10% of training, to `sigmoid(−margin / τ)`, a smooth count of errors
 # (the label margin is the correct label's score minus the other's; `τ` falls from 3 to 0.1);
 # and it reports the state with the best IIA on training counterfactuals, its start included. Here at layer 2, from the same random start, on the same data: the paper's recipe,
 # the default, the default started at the localist subspace, and the localist control. The full
