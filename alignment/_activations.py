@@ -29,7 +29,8 @@ from torch import Tensor
 
 from steerlab.alignment.counterfactuals import CounterfactualDataset, CounterfactualTable, check_equal_lengths
 from steerlab.alignment.encoders import Encoder
-from steerlab.interventions.errors import ConfigError
+from steerlab.interventions.errors import ConfigError, UnitError
+from steerlab.interventions.sites import ResolvedSite
 from steerlab.interventions.engine import PreparedRun
 from steerlab.interventions.lab import Lab
 from steerlab.interventions.ops import Intervention
@@ -185,6 +186,13 @@ def _seq(encoded: Any) -> int:
     return t.shape[1]
 
 
+def check_positions_at(lab, site: ResolvedSite, positions) -> None:
+    """Positions given for a site whose value has no position axis are a mistake, never ignored."""
+    if positions is not None and not lab.facts.has_positions(site):
+        raise UnitError(f"positions={positions!r} at {site.name!r}, whose value has no position axis ([batch, width]); "
+                        "give positions=None there")
+
+
 class Runner:
     """Intervened runs of a dataset's examples at one site and position spec.
 
@@ -202,6 +210,7 @@ class Runner:
         self.table: CounterfactualTable = dataset.table()
         self.site = site
         self.spec = positions
+        check_positions_at(self.lab, self.lab.resolve(site), positions)
         self.kwargs = model_kwargs_for(self.lab, self.encoder)
         # the dataset's examples index into its own table; map them onto the store's inputs
         self._map = _index_map(self.table.inputs, store.inputs)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from steerlab.alignment._activations import ActivationStore, Runner
+from steerlab.alignment._activations import ActivationStore, Runner, check_positions_at
 from steerlab.alignment.controls import full_vector_bound
 from steerlab.alignment.counterfactuals import CounterfactualDataset
 from steerlab.alignment.iia import IIA, evaluate_iia
@@ -377,7 +377,9 @@ class DAS:
             raise ConfigError(f"checks_per_epoch={checks_per_epoch!r}: expected a positive int")
         self.init, self.restarts, self.select, self.checks_per_epoch = init, restarts, select, checks_per_epoch
         self.lab = lab
-        self.site = lab.resolve(site).name
+        resolved = lab.resolve(site)
+        self.site = resolved.name
+        check_positions_at(lab, resolved, positions)
         self.size = size
         self.variables = [variables] if isinstance(variables, str) else (None if variables is None else list(variables))
         self.positions = list(positions) if isinstance(positions, tuple) else positions

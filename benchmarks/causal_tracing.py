@@ -90,7 +90,7 @@ def serial(lab, fact, res, samples: int, seed: int) -> tuple[float, float]:
             rows[kind] += 1
             for t in range(ids.shape[1]):
                 patches = [sl.Interchange(s, positions=[t], source=sl.SourceValue(clean[s][:, t : t + 1])) for s in sites]
-                p = metric(lab.run({"input_ids": ids}, [noise, *patches], **lab.no_cache).output, None).mean()
+                p = metric(lab.run({"input_ids": ids}, [noise, *patches], **lab.facts.no_cache).output, None).mean()
                 worst = max(worst, abs(float(p) - float(res.scores[kind][0][j, t])))
     return time.perf_counter() - t0, worst
 

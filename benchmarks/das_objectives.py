@@ -118,7 +118,7 @@ def _row(task, where, name, r, secs, lab, train, test, site, positions, size) ->
 
         store = store_for(lab, [train, test], [site])
         rt, re_ = Runner(store, train, site, positions), Runner(store, test, site, positions)
-        width = lab.site_shape(lab.resolve(site))[0]
+        width = lab.facts.site_shape(lab.resolve(site))[0]
         _LOCALIST[key] = localist_alignment(rt, re_, dict(r.sizes), width, samples=8 if width > 16 else 64,
                                             selection_size=min(len(train), 512)).iia["all"].value
     full = [v.value for v in r.full_vector.values()]

@@ -41,8 +41,8 @@ from steerlab.alignment.tasks import ioi  # noqa: E402
 
 def behaviour(lab, name: str, data) -> None:
     with torch.no_grad():
-        clean = data.metric(lab.run(data.encode(), **lab.no_cache).output, data.encode())
-        bad = data.metric(lab.run(data.encode(corrupted=True), **lab.no_cache).output, data.encode(corrupted=True))
+        clean = data.metric(lab.run(data.encode(), **lab.facts.no_cache).output, data.encode())
+        bad = data.metric(lab.run(data.encode(corrupted=True), **lab.facts.no_cache).output, data.encode(corrupted=True))
     print(f"| {name} | {len(data)} | {clean.mean():.2f} ± {clean.std() / len(clean) ** 0.5:.2f} | {(clean > 0).float().mean():.0%} | {bad.mean():.2f} |")
 
 

@@ -467,6 +467,8 @@ def attribution_patching(
     method = "AtP*" if qk_fix and grad_drop else "AtP+QK" if qk_fix else "AtP+GradDrop" if grad_drop else "AtP"
     result = AttributionResult(
         per_example=(est + base_metric.to(est.device)).cpu(),
+        # every cell is estimated for every example: a NaN estimate is a NaN mean, never dropped
+        filled=torch.ones(est.shape, dtype=torch.bool),
         base_metric=base_metric.cpu(),
         source_metric=source_metric.cpu(),
         sites=[s.name for s in plan.sites],

@@ -111,13 +111,13 @@ class AttributionResult(SweepResult):
     def ranking(self) -> Float[Tensor, "*grid"]:
         """What ``top`` and ``refine`` rank by: GradDrop's score where computed, else ``|estimate|``."""
         if self.score is not None:
-            return self._shape(self.score.nanmean(-1))
+            return self._shape(self.score.mean(-1))
         return self.effect.abs()
 
     @property
     def exact_values(self) -> Float[Tensor, "*grid"] | None:
         """The exactly patched metric of the refined cells (mean over examples; NaN elsewhere)."""
-        return None if self.exact is None else self._shape(self.exact.nanmean(-1))
+        return None if self.exact is None else self._shape(self.exact.mean(-1))
 
     @property
     def exact_effect(self) -> Float[Tensor, "*grid"] | None:
@@ -126,7 +126,7 @@ class AttributionResult(SweepResult):
 
     def top_cells(self, k: int = 5) -> list[tuple[int, int, int]]:
         """Indices ``(site, slot, unit)`` of the ``k`` highest-ranked cells."""
-        full = self.score.nanmean(-1) if self.score is not None else (self.per_example.nanmean(-1) - self.base_value).abs()
+        full = self.score.mean(-1) if self.score is not None else (self.per_example.mean(-1) - self.base_value).abs()
         flat = full.flatten().nan_to_num(-1.0)
         order = flat.argsort(descending=True)[: max(0, k)]
         s, u = full.shape[1], full.shape[2]
@@ -134,7 +134,7 @@ class AttributionResult(SweepResult):
 
     def top(self, k: int = 5, *, normalised: bool = False) -> list[tuple[str, str, float]]:
         """The ``k`` highest-ranked cells: ``(site, column, estimated effect)``."""
-        est = self.per_example.nanmean(-1) - self.base_value
+        est = self.per_example.mean(-1) - self.base_value
         gap = self.source_value - self.base_value
         out = []
         for i, j, u in self.top_cells(k):
@@ -155,8 +155,8 @@ class AttributionResult(SweepResult):
         """One row per exactly patched cell: site, column, estimated and exact effect."""
         if self.exact is None:
             return []
-        est = self.per_example.nanmean(-1) - self.base_value
-        ex = self.exact.nanmean(-1) - self.base_value
+        est = self.per_example.mean(-1) - self.base_value
+        ex = self.exact.mean(-1) - self.base_value
         rows = []
         for i, j, u in torch.nonzero(~ex.isnan()).tolist():
             rows.append({"site": self.sites[i], "column": self._cell_column(j, u), "estimate": float(est[i, j, u]), "exact": float(ex[i, j, u])})
@@ -274,8 +274,8 @@ class Comparison:
         for i, s in enumerate(self.estimate.sites):
             fams.setdefault(_family(s), []).append(i)
         for fam, idx in fams.items():
-            e, x = _nontrivial(self.estimate.per_example[idx].nanmean(-1) - self.estimate.base_value,
-                               self.exact.per_example[idx].nanmean(-1) - self.exact.base_value)
+            e, x = _nontrivial(self.estimate.per_example[idx].mean(-1) - self.estimate.base_value,
+                               self.exact.per_example[idx].mean(-1) - self.exact.base_value)
             self._rows.append({
                 "family": fam + (" (heads)" if self.estimate.heads is not None and self.estimate.unit == "head" else ""),
                 "cells": int((~x.isnan()).sum()), "spearman": rank_correlation(e, x), "pearson": _pearson(*_finite(e, x)),
@@ -288,8 +288,8 @@ class Comparison:
     def failures(self, k: int = 5) -> list[dict]:
         """The ``k`` cells where the estimate misses the exact effect most: site, column,
         estimate, exact effect and the error (where the linear estimate fails)."""
-        est = self.estimate.per_example.nanmean(-1) - self.estimate.base_value
-        ex = self.exact.per_example.nanmean(-1) - self.exact.base_value
+        est = self.estimate.per_example.mean(-1) - self.estimate.base_value
+        ex = self.exact.per_example.mean(-1) - self.exact.base_value
         err = (est - ex).abs().nan_to_num(-1.0)
         u = err.shape[2]
         out = []

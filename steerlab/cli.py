@@ -36,6 +36,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from steerlab.cli_models import load_lab as _load_lab
 from steerlab.interventions.errors import ConfigError, SteerlabError
 
 __all__ = ["main", "build_parser"]
@@ -54,30 +55,6 @@ def _model_arguments(p: argparse.ArgumentParser, *, task: bool = True) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")
 
 
-def _load_lab(args: argparse.Namespace):
-    """``wrap(*load(MODEL))``, with the reasons a model cannot be found said in one line."""
-    import torch
-
-    import steerlab as sl
-    from steerlab.models import resolve_model
-
-    name = args.model
-    resolve_model(name)  # a name that cannot be found fails here, at once, with the near match
-    from transformers.utils import logging as hf_logging
-
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a weight-loading bar per command is noise on a terminal
-    try:
-        model, tok = sl.load(name, dtype=getattr(torch, args.dtype), device=args.device, task=getattr(args, "task", None))
-    except SteerlabError:
-        raise
-    except (OSError, ValueError) as e:  # transformers' "not a valid model identifier" and friends: several lines, keep the first
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise ConfigError(f"cannot load model {name!r}: {first.strip()}") from e
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
-    return sl.wrap(model, tok)
 
 
 def _check_out(out: str | None) -> None:

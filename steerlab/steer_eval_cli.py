@@ -102,7 +102,7 @@ def _settings(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     import steerlab as sl
     from steerlab.steering import Recipe, compare
-    from steerlab.cli import _load_lab
+    from steerlab.cli_models import load_lab
 
     from steerlab.reft.concepts import BUILDERS
     from steerlab.steering import check_methods
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"concepts {unknown}: the shipped concepts are {sorted(BUILDERS)}")
     args.model = model
     args.dtype, args.device = getattr(args, "dtype", "float32"), getattr(args, "device", None)
-    lab = _load_lab(args)
+    lab = load_lab(args)
     embedder = sl.wrap(*sl.load("minilm-l6"))
     kw = {k: cfg[k] for k in ("concepts", "methods", "seeds") if k in cfg}
     result = compare(lab, recipe=recipe, embedder=embedder, progress=False if getattr(args, "no_progress", False) else None,

@@ -105,9 +105,11 @@ def _train_data(lab: Lab, split, positions: str):
 
 
 def _reft_model(lab: Lab, ivs):
-    from steerlab.reft import ReftModel
+    from steerlab.reft import get_reft_model
 
-    return ReftModel(lab.model, ivs, tokenizer=lab.tokenizer)
+    # the comparison's lab holds the model for the whole run: each trained method stacks on it, on purpose,
+    # and is unwrapped (in any order) when its generations are done
+    return get_reft_model(lab.model, list(ivs), tokenizer=lab.tokenizer, stack=True)
 
 
 def _train_reft(lab: Lab, kind: str, split, recipe: Recipe, seed: int, das: Subspace | None = None):

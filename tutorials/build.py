@@ -227,7 +227,15 @@ def main(argv: list[str]) -> int:
             measure_full(src)
         return 0
     for src in _selected(names):
-        nb = build(src, run="--no-execute" not in flags)
+        try:
+            nb = build(src, run="--no-execute" not in flags)
+        except Exception as e:  # noqa: BLE001 - only a PNG renderer's failure is retried
+            # kaleido's headless Chromium sometimes fails to start its page on a loaded machine
+            # ("kaleido_scopes is not defined"): a renderer's hiccup, not the tutorial's; once more
+            if "kaleido" not in str(e) and "JavascriptError" not in str(e):
+                raise
+            print(f"{src.name}: the PNG renderer failed ({type(e).__name__}); building it once more", file=sys.stderr)
+            nb = build(src, run="--no-execute" not in flags)
         src.with_suffix(".ipynb").write_text(render(nb))
         print(f"wrote {src.with_suffix('.ipynb').name}")
     return 0

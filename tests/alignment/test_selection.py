@@ -4,6 +4,7 @@ alignment is known: VA is coordinate 2, VB coordinate 0), and the objectives' ma
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -127,4 +128,24 @@ def test_cross_entropy_hands_over_to_the_smooth_loss():
     assert blend(z, y, 0.25).item() == pytest.approx(0.5 * ce + 0.5 * SmoothZeroOne(3.0, 0.1)(z, y, 0.25).item())
     assert blend(z, y, 0.8).item() == pytest.approx(SmoothZeroOne(3.0, 0.1)(z, y, 0.8).item())
     assert objective(blend.to_json()).to_json() == blend.to_json()
-    assert default_objective().to_json() == blend.to_json()
+    assert default_objective().to_json() == CrossEntropyThenSmooth(0.1, 3.0, 0.1).to_json()
+
+
+def test_positions_at_a_site_without_a_position_axis_are_refused_not_ignored():
+    """Issue 9 item 10: ``DAS(positions=50)`` on an MLP's hidden layer (value ``[batch, width]``) was
+    silently ignored; DAS, search and every runner now refuse it before any compute."""
+    from steerlab.alignment import DAS, tasks
+    from steerlab.alignment._activations import Runner
+    from steerlab.alignment.das import store_for
+    from steerlab.interventions.errors import UnitError
+
+    task = tasks.hierarchical_equality()
+    lab = sl.wrap(task.model(seed=0), example_input=task.example_input())
+    for positions in (50, [0], "last"):
+        with pytest.raises(UnitError, match=re.escape(f"positions={positions!r} at ") + ".*no position axis"):
+            DAS(lab, site=task.site(1), size=8, positions=positions)
+    train, _ = task.datasets(n_train=16, n_test=8, seed=0)
+    store = store_for(lab, [train], [task.site(1)])
+    with pytest.raises(UnitError, match="no position axis"):
+        Runner(store, train, task.site(1), 3)
+    DAS(lab, site=task.site(1), size=8, positions=None)  # the whole vector: fine

@@ -422,3 +422,18 @@ def test_long_calls_draw_their_bars_on_stderr_only(capsys):
     captured = capsys.readouterr()
     assert "GradDrop: 100%" in captured.err and "refine: exact patches: 100%" in captured.err
     assert "integrated gradients: 100%" in captured.err and captured.out == ""
+
+
+def test_a_nan_estimate_is_a_nan_cell_never_dropped():
+    """The sibling of SweepResult's NaN rule: an example whose estimate is NaN makes its cell's mean,
+    ranking and top entries NaN instead of silently averaging the other examples."""
+    import math
+
+    from steerlab.interventions.attribution_result import AttributionResult
+
+    per = torch.tensor([[[[1.0, 3.0]], [[2.0, float("nan")]]]])  # site 1 x slot 2 x unit 1 x batch 2
+    r = AttributionResult(per_example=per, base_metric=torch.zeros(2), source_metric=torch.ones(2), sites=["s"], layers=[0],
+                          positions=[[0], [1]], tokens=["a", "b"], heads=None, metric="logit_diff", forwards=2,
+                          configs_per_forward=0, filled=torch.ones(per.shape, dtype=torch.bool))
+    assert r.values.flatten()[0].item() == 2.0 and math.isnan(r.values.flatten()[1].item())
+    assert math.isnan(r.ranking.flatten()[1].item())

@@ -24,11 +24,11 @@ PACKAGES = {"steerlab": "steerlab", "interventions": "steerlab.interventions", "
 LAYERS = ("steerlab.interventions", "steerlab.alignment", "steerlab.reft", "steerlab.viz")
 #: breaches known and left to their modules' owners, each named (remove an entry with its fix; a new
 #: breach fails): the steering evaluation's data and judges read the dataset cache of the top-level
-#: package; the steer-eval command borrows the CLI's private loader (and the CLI imports it back)
+#: package
 KNOWN_LAYER = {("steerlab.reft.concepts", "steerlab.data"), ("steerlab.reft.judges", "steerlab.data"),
                ("steerlab.reft.judges", "steerlab.cache")}
-KNOWN_PRIVATE = {("steerlab.steer_eval_cli", "_load_lab")}
-KNOWN_CYCLES = [["steerlab.cli", "steerlab.steer_eval_cli"]]
+KNOWN_PRIVATE: set = set()
+KNOWN_CYCLES: list = []
 
 
 @dataclass(frozen=True)

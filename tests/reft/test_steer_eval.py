@@ -134,3 +134,30 @@ def test_bad_input_and_a_clean_model_after(labs):
     ids = lab.tokenizer(["Hello there"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(lab.model(input_ids=ids).logits, lab.run(ids).logits)
+
+
+def test_the_comparison_trains_reft_methods_on_the_model_its_lab_holds():
+    """``steering.compare`` keeps one lab for the whole run and trains ReFT-r1 / LoReFT on the same model:
+    each ReftModel stacks on the lab (the benchmark's full run raised AlreadyWrapped before), and unwrapping
+    it gives the model back to the lab exactly as it was."""
+    from steerlab.reft import LoReFT
+    from steerlab.steering import _reft_model
+    from tests.archs import tiny_model
+    from tests.reliability import snapshot
+
+    model = tiny_model("llama")
+    before = snapshot(model)
+    lab = sl.wrap(model)
+    ids = torch.tensor([[3, 5, 7, 9]])
+    plain = lab.run({"input_ids": ids}).logits
+    rm = _reft_model(lab, [LoReFT("blocks.1.resid_post", rank=2, positions="l1")])
+    with torch.no_grad():
+        for p in rm.interventions[0].parameters():
+            p.normal_()
+    assert not torch.equal(rm(input_ids=ids).logits, plain)
+    rm.unwrap()
+    assert torch.equal(lab.run({"input_ids": ids}).logits, plain)
+    lab.unwrap()
+    from tests.reliability import assert_unchanged
+
+    assert_unchanged(model, before, what="a ReftModel stacked on the comparison's lab, then both unwrapped")
