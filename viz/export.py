@@ -24,7 +24,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from steerlab.interventions.errors import ConfigError
+from steerlab.interventions.errors import ConfigError, checked_first
 
 __all__ = ["save_html", "save_png", "check_png", "save", "report", "Section", "Pre", "find_browser"]
 
@@ -46,15 +46,15 @@ def _write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     return path
 
 
-def _check_figure(fig: Any, what: str = "fig") -> go.Figure:
+def _check_figure(fig: object, what: str = "fig") -> go.Figure:
     if not isinstance(fig, go.Figure):
         raise ConfigError(f"{what}: expected a plotly.graph_objects.Figure; got {type(fig).__name__}")
     return fig
 
 
+@checked_first(fig=_check_figure)
 def save_html(fig: go.Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` as a standalone HTML page (plotly.js embedded: works offline)."""
-    _check_figure(fig)
     return _write_atomic(path, fig.to_html(full_html=True, include_plotlyjs=True))
 
 
@@ -91,9 +91,9 @@ def check_png(path: str | os.PathLike = "figure.png") -> None:
         )
 
 
+@checked_first(fig=_check_figure)
 def save_png(fig: go.Figure, path: str | os.PathLike, *, width: int | None = None, height: int | None = None, scale: float = 2.0) -> Path:
     """Write ``fig`` as a PNG through kaleido (needs the ``kaleido`` package and Chrome/Chromium; see :func:`check_png`)."""
-    _check_figure(fig)
     check_png(path)
     try:
         data = fig.to_image(format="png", width=width, height=height, scale=scale)
@@ -103,6 +103,7 @@ def save_png(fig: go.Figure, path: str | os.PathLike, *, width: int | None = Non
     return _write_atomic(path, data)
 
 
+@checked_first(fig=_check_figure)
 def save(fig: go.Figure, path: str | os.PathLike, **kwargs) -> Path:
     """Write ``fig`` by the suffix of ``path``: ``.html`` or ``.png``."""
     suffix = Path(path).suffix.lower()
@@ -205,6 +206,12 @@ def _is_table(x: Any) -> bool:
     return isinstance(x, list | tuple) and bool(x) and all(isinstance(r, Mapping) for r in x)
 
 
+def _check_report_sections(sections: object) -> None:
+    if isinstance(sections, Sequence):  # an iterator is checked as the body reads it (checking would consume it)
+        _sections([], sections)
+
+
+@checked_first(figures=lambda figures: _sections(figures, []), sections=_check_report_sections)
 def report(
     figures: go.Figure | Sequence[go.Figure] | Mapping[str, go.Figure],
     path: str | os.PathLike,

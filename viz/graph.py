@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import plotly.graph_objects as go
 
 from steerlab.interventions.adapters import BLOCK_SITES
-from steerlab.interventions.errors import ConfigError, SteerlabError
+from steerlab.interventions.errors import ConfigError, SteerlabError, checked_first
 from steerlab.interventions.graph import Graph, Run, SourceValue
+from steerlab.interventions.lab import Lab
 from steerlab.interventions.ops import Intervention
 
 __all__ = ["run_graph"]
@@ -119,7 +120,13 @@ class _Rows:
         return self._implicit.get(id(iv.source)) if iv.source is not None else None
 
 
-def run_graph(graph: Graph, lab=None, *, title: str | None = None) -> go.Figure:
+def _check_graph(graph: object) -> None:
+    if not isinstance(graph, Graph):
+        raise ConfigError(f"run_graph takes a steerlab Graph; got {type(graph).__name__}")
+
+
+@checked_first(graph=_check_graph)
+def run_graph(graph: Graph, lab: Lab | None = None, *, title: str | None = None) -> go.Figure:
     """A figure of which sites each run of ``graph`` touches, and the edges between runs.
 
     ``lab`` (optional) resolves site names to layers (``blocks.-1.…``, raw
@@ -130,8 +137,6 @@ def run_graph(graph: Graph, lab=None, *, title: str | None = None) -> go.Figure:
     value is read) and ``"edges"`` (a line per read → intervention), with one
     arrow annotation per edge.
     """
-    if not isinstance(graph, Graph):
-        raise ConfigError(f"run_graph takes a steerlab Graph; got {type(graph).__name__}")
     if not len(graph):
         raise ConfigError("run_graph: the graph has no runs (add them with graph.run(inputs, interventions))")
     n_layers = lab.n_layers if lab is not None else None
