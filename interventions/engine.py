@@ -20,7 +20,7 @@ positions and prefix (a DAS fit's steps)::
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any, Literal
 
@@ -111,7 +111,7 @@ class PreparedRun:
     host sync).
     """
 
-    def __init__(self, facts: ModelFacts, interventions: Sequence[Intervention] | Intervention, *, validate: bool = True):
+    def __init__(self, facts: ModelFacts, interventions: Iterable[Intervention] | Intervention, *, validate: bool = True):
         ivs = [interventions] if isinstance(interventions, Intervention) else list(interventions)
         self.facts = facts
         self.validate = validate

@@ -20,7 +20,7 @@ a run as soon as everything read from it has been read.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, no_type_check
 
@@ -74,7 +74,7 @@ class Graph:
         self.runs: list[Run] = []
 
     @checked_first(inputs=check_inputs, interventions=lambda v: check_interventions(v, "a run's interventions"))
-    def run(self, inputs: ModelInputs, interventions: Sequence[Intervention] | Intervention = (), *, name: str | None = None, output: bool | None = None) -> Run:
+    def run(self, inputs: ModelInputs, interventions: Iterable[Intervention] | Intervention = (), *, name: str | None = None, output: bool | None = None) -> Run:
         """Add a run of the model on ``inputs`` with ``interventions``.
 
         A sourced intervention whose ``source`` is not a :class:`Run` or a
@@ -83,7 +83,7 @@ class Graph:
         output even when other runs read from it (by default only runs that
         nobody reads from keep theirs).
         """
-        interventions = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+        interventions = check_interventions(list(interventions) if isinstance(interventions, Iterator) else interventions, "a run's interventions")
         for iv in interventions:
             if isinstance(iv.source, Run) and iv.source.graph is not self:
                 raise GraphError(f"{iv!r} reads from {iv.source!r}, which belongs to another graph")

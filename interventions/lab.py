@@ -20,7 +20,7 @@ leaves the model's hook registries as it found them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -45,8 +45,9 @@ from steerlab.interventions.wrapping import acquire, release
 __all__ = ["Lab", "wrap", "Generation"]
 
 
-def _list(interventions: Sequence[Intervention] | Intervention) -> list[Intervention]:
-    return [interventions] if isinstance(interventions, Intervention) else list(interventions)
+def _list(interventions: Iterable[Intervention] | Intervention) -> list[Intervention]:
+    """As a list, checked (a one-shot iterator is checked here, once read: ``checked_first`` leaves it unread)."""
+    return check_interventions(list(interventions) if isinstance(interventions, Iterator) else interventions)
 
 
 def _check_model(model: object) -> None:
@@ -142,7 +143,7 @@ class Lab:
     def run(
         self,
         inputs: ModelInputs,
-        interventions: Sequence[Intervention] | Intervention = (),
+        interventions: Iterable[Intervention] | Intervention = (),
         *,
         positions: PositionSpec | Mapping[Intervention, PositionSpec] = None,
         source_positions: PositionSpec = None,
@@ -186,7 +187,7 @@ class Lab:
         return eng.execute(plan, prefix=prefix, model_kwargs=model_kwargs)
 
     @checked_first(interventions=lambda v: check_interventions(v, "prepare()"))
-    def prepare(self, interventions: Sequence[Intervention] | Intervention, *, validate: bool = True) -> PreparedRun:
+    def prepare(self, interventions: Iterable[Intervention] | Intervention, *, validate: bool = True) -> PreparedRun:
         """``interventions`` validated and compiled once, for a loop that runs them on many batches
         (see :class:`~steerlab.interventions.engine.PreparedRun`)."""
         self.check_wrapped("prepare()")
@@ -227,7 +228,7 @@ class Lab:
 
     # -- attached lifetime --------------------------------------------------------------
     @checked_first(interventions=lambda v: check_interventions(v, "attach()"))
-    def attach(self, interventions: Sequence[Intervention] | Intervention, *, decode: bool = False, positions: PositionSpec = None) -> Attachment:
+    def attach(self, interventions: Iterable[Intervention] | Intervention, *, decode: bool = False, positions: PositionSpec = None) -> Attachment:
         """Install ``interventions`` until :meth:`Attachment.detach` (or the ``with`` block ends).
 
         Attached interventions act on every forward of the model, in every thread."""
@@ -240,7 +241,7 @@ class Lab:
 
     @checked_first(inputs=check_inputs, interventions=check_interventions)
     def generate(
-        self, inputs: ModelInputs, interventions: Sequence[Intervention] | Intervention = (), *, decode: bool = False, positions: PositionSpec = None, **generate_kwargs
+        self, inputs: ModelInputs, interventions: Iterable[Intervention] | Intervention = (), *, decode: bool = False, positions: PositionSpec = None, **generate_kwargs
     ) -> Generation:
         """Generate with interventions at prompt positions (at prefill), and with
         ``decode=True`` also at each new token. Text prompts are left-padded.

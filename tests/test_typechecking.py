@@ -79,6 +79,8 @@ def test_steerlabs_own_check_comes_first():
     lab = sl.wrap(torch.nn.Linear(4, 4), example_input=torch.randn(1, 4))
     with pytest.raises(sl.NotAnIntervention, match="got str"):
         lab.run(torch.randn(1, 4), ["blocks.0.resid_post"])
+    with pytest.raises(sl.NotAnIntervention, match="got str"):  # a one-shot iterator: checked once read, not consumed first
+        lab.run(torch.randn(1, 4), (name for name in ["blocks.0.resid_post"]))
     with pytest.raises(sl.NotAModel, match="got str"):
         sl.wrap("gpt2")
     lab.unwrap()

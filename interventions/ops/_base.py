@@ -22,6 +22,7 @@ looks the name up in the registry, never importing from a string.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -163,9 +164,14 @@ def check_intervention(iv: object, where: str = "interventions") -> Intervention
 
 
 def check_interventions(value: object, where: str = "interventions") -> list[Intervention]:
-    """``value`` (an intervention or an iterable of them) as a list, each checked by :func:`check_intervention`."""
+    """``value`` (an intervention or an iterable of them) as a list, each checked by :func:`check_intervention`.
+
+    A one-shot iterator is not read here (a check before the call would consume it): the call checks
+    the list it makes of it."""
     if isinstance(value, Intervention):
         return [value]
+    if isinstance(value, Iterator):
+        return []
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         check_intervention(value, where)
     return [check_intervention(iv, where) for iv in value]  # type: ignore[union-attr]
