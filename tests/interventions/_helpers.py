@@ -84,3 +84,23 @@ def hook_counts(model: nn.Module) -> tuple:
 
 
 _ = torch
+
+
+def in_fresh_interpreter(call: str) -> None:
+    """Run ``call`` (``"module:function"`` of the tests package) in a fresh interpreter, where
+    steerlab is imported without the suite's runtime type checker (tests/conftest.py).
+
+    For the tests where nnsight ships steerlab's code by value, as to NDIF: in the suite's process every
+    steerlab function is wrapped by the checker, whose wrappers hold weak references no pickler can
+    ship; a user's steerlab has no such wrappers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    module, function = call.split(":")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-c", f"from {module} import {function}; {function}()"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -13,18 +13,13 @@ step, with the user's own hooks in place).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import steerlab as sl
 from steerlab.interventions import hooks as hooks_mod
 from tests.archs import tiny_inputs, tiny_model
-from tests.interventions._helpers import wrapped
+from tests.interventions._helpers import in_fresh_interpreter, wrapped
 from tests.reliability import (
     CALL_TYPES,
     NO_FAULT,
@@ -330,18 +325,9 @@ def _rehearse_remote() -> None:
 
 def test_remote_rehearsal_serialises_the_whole_program():
     """``remote='local'``: nnsight serialises each trace as for NDIF, hides steerlab (absent on a
-    server), rebuilds the program from the request alone, and runs it.
-
-    In a fresh interpreter: steerlab's code travels by value, and in this process every steerlab
-    function is wrapped by the suite's runtime type checker (tests/conftest.py), whose wrappers
-    hold weak references that no pickler can ship; a user's steerlab has no such wrappers."""
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run(
-        [sys.executable, "-c", "from tests.interventions.test_nnsight_engine import _rehearse_remote; _rehearse_remote()"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    server), rebuilds the program from the request alone, and runs it (in a fresh interpreter:
+    steerlab's code travels by value, see ``in_fresh_interpreter``)."""
+    in_fresh_interpreter("tests.interventions.test_nnsight_engine:_rehearse_remote")
 
 
 # -- RELIABILITY rows 1-2: the fault battery, through the nnsight engine ------------------------

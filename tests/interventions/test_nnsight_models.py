@@ -25,7 +25,7 @@ import zstandard
 import steerlab as sl
 from steerlab.reft import LoReFT, ReftConfig, get_reft_model
 from tests.archs import tiny_inputs, tiny_model
-from tests.interventions._helpers import wrapped
+from tests.interventions._helpers import in_fresh_interpreter, wrapped
 from tests.interventions.test_nnsight_engine import _out, _strip_nnsight
 from tests.reliability import assert_unchanged, one_thread_fixture, snapshot
 
@@ -300,70 +300,75 @@ def _ivs_of(program) -> list:
     return [h.iv for hs in (program.first, *(s.handlers for s in program.steps)) for h in hs]
 
 
-def test_remote_request_carries_model_key_code_weights_and_saves(monkeypatch):
+def test_remote_request_carries_model_key_code_weights_and_saves():
     """``remote=True`` goes through nnsight's RemoteBackend; at the network boundary
     (``RemoteBackend.request``) the payload is opened as NDIF would: it names the model by key,
     carries steerlab's code by value (it runs with steerlab unimportable) and the interventions'
     weights as copies, and saves only the box of results; the answer returns through nnsight's own
-    ``finalize`` and equals the hook engine's."""
-    import nnsight
-    from nnsight.intervention.backends import remote as remote_mod
-    from nnsight.intervention.serialization import loads
-    from nnsight.schema.request import RequestModel
-    from nnsight.tracing.tracer import _saves
+    ``finalize`` and equals the hook engine's. In a fresh interpreter (see ``in_fresh_interpreter``)."""
+    in_fresh_interpreter("tests.interventions.test_nnsight_models:_remote_request_roundtrip")
 
-    model = tiny_model("llama")
-    lm = nnsight.TransformersModel(model, tokenizer=_tokenizer())
-    key = "nnsight.modeling.transformers.TransformersModel:tiny-llama"
-    monkeypatch.setattr(type(lm), "to_model_key", lambda self: key)
-    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", "my-ndif-key")
-    sent = []
 
-    def ndif(self, request, tracer):
-        blob = self._serialize(tracer)  # the bytes RemoteBackend would POST
-        raw = zstandard.ZstdDecompressor().decompress(blob) if self.compress else blob
-        persistent = lm._remoteable_persistent_objects()
-        with _as_on_a_server(lm, tracer.info.frame.f_code.co_filename):
-            _, (source, _, variables) = loads(raw, persistent)
-            restored = RequestModel.deserialize(blob, persistent, compress=self.compress)
-            restored.execute(restored.info.code)
-            saved = {k: v for k, v in restored.info.frame.f_locals.items() if id(v) in _saves()}
-        sent.append({"key": request.model_key, "api_key": self.api_key, "raw": raw, "source": source, "variables": variables, "saved": saved})
-        buf = io.BytesIO()
-        torch.save(saved, buf)
-        data = buf.getvalue()
-        return self.finalize(zstandard.ZstdCompressor().compress(data) if self.compress else data)
+def _remote_request_roundtrip() -> None:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        import nnsight
+        from nnsight.intervention.backends import remote as remote_mod
+        from nnsight.intervention.serialization import loads
+        from nnsight.schema.request import RequestModel
+        from nnsight.tracing.tracer import _saves
 
-    monkeypatch.setattr(remote_mod.RemoteBackend, "request", ndif)
-    base, src = tiny_inputs("llama", pad=2, side="left"), tiny_inputs("llama", seed=4)
-    torch.manual_seed(0)
-    loreft = LoReFT("blocks.0.resid_post", rank=2, width=32, positions="l1")
-    g = sl.Graph()
-    clean = g.run(src, name="clean")
-    out = g.run(base, [sl.Interchange("blocks.1.resid_post", positions=-1, source=clean),
-                       sl.SubspaceInterchange("blocks.0.resid_mid", size=4, width=32, positions="l2", source=clean),
-                       loreft, sl.Collect("blocks.2.resid_post")], name="out")
-    try:
-        lab = sl.wrap(lm)
+        model = tiny_model("llama")
+        lm = nnsight.TransformersModel(model, tokenizer=_tokenizer())
+        key = "nnsight.modeling.transformers.TransformersModel:tiny-llama"
+        monkeypatch.setattr(type(lm), "to_model_key", lambda self: key)
+        monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", "my-ndif-key")
+        sent = []
+
+        def ndif(self, request, tracer):
+            blob = self._serialize(tracer)  # the bytes RemoteBackend would POST
+            raw = zstandard.ZstdDecompressor().decompress(blob) if self.compress else blob
+            persistent = lm._remoteable_persistent_objects()
+            with _as_on_a_server(lm, tracer.info.frame.f_code.co_filename):
+                _, (source, _, variables) = loads(raw, persistent)
+                restored = RequestModel.deserialize(blob, persistent, compress=self.compress)
+                restored.execute(restored.info.code)
+                saved = {k: v for k, v in restored.info.frame.f_locals.items() if id(v) in _saves()}
+            sent.append({"key": request.model_key, "api_key": self.api_key, "raw": raw, "source": source, "variables": variables, "saved": saved})
+            buf = io.BytesIO()
+            torch.save(saved, buf)
+            data = buf.getvalue()
+            return self.finalize(zstandard.ZstdCompressor().compress(data) if self.compress else data)
+
+        monkeypatch.setattr(remote_mod.RemoteBackend, "request", ndif)
+        base, src = tiny_inputs("llama", pad=2, side="left"), tiny_inputs("llama", seed=4)
+        torch.manual_seed(0)
+        loreft = LoReFT("blocks.0.resid_post", rank=2, width=32, positions="l1")
+        g = sl.Graph()
+        clean = g.run(src, name="clean")
+        out = g.run(base, [sl.Interchange("blocks.1.resid_post", positions=-1, source=clean),
+                           sl.SubspaceInterchange("blocks.0.resid_mid", size=4, width=32, positions="l2", source=clean),
+                           loreft, sl.Collect("blocks.2.resid_post")], name="out")
         try:
-            expected = lab.execute(g)[out]
-            got = lab.execute(g, engine=sl.NNsightEngine(remote=True))[out]
+            lab = sl.wrap(lm)
+            try:
+                expected = lab.execute(g)[out]
+                got = lab.execute(g, engine=sl.NNsightEngine(remote=True))[out]
+            finally:
+                lab.unwrap()
         finally:
-            lab.unwrap()
-    finally:
-        _strip_nnsight(model)
-    assert [(s["key"], s["api_key"]) for s in sent] == [(key, "my-ndif-key")] * 2  # the source run, then the base
-    for s in sent:
-        assert "program.run(tracer)" in s["source"] and "nnsight.save(box)" in s["source"]
-        assert set(s["variables"]) == {"program", "tracer", "nnsight"}
-        assert set(s["saved"]) == {"box"}  # only the box of results comes back
-    assert set(sent[0]["saved"]["box"]["store"]) and "output" not in sent[0]["saved"]["box"]  # a source run: its reads only
-    code = sent[1]["raw"]
-    assert b"def subspace_edit" in code and b"def learned_source" in code and b"LoReFT" in code  # steerlab's source, shipped by value
-    shipped = [iv for iv in _ivs_of(sent[1]["variables"]["program"]) if type(iv).__name__ == "LoReFT"]
-    assert len(shipped) == 1
-    for name, w in loreft.state_dict().items():
-        there = shipped[0].state_dict()[name]
-        assert torch.equal(there, w) and there.data_ptr() != w.data_ptr(), name  # the trained weights, as a copy
-    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got.cache["blocks.2.resid_post"], expected.cache["blocks.2.resid_post"], rtol=1e-5, atol=1e-5)
+            _strip_nnsight(model)
+        assert [(s["key"], s["api_key"]) for s in sent] == [(key, "my-ndif-key")] * 2  # the source run, then the base
+        for s in sent:
+            assert "program.run(tracer)" in s["source"] and "nnsight.save(box)" in s["source"]
+            assert set(s["variables"]) == {"program", "tracer", "nnsight"}
+            assert set(s["saved"]) == {"box"}  # only the box of results comes back
+        assert set(sent[0]["saved"]["box"]["store"]) and "output" not in sent[0]["saved"]["box"]  # a source run: its reads only
+        code = sent[1]["raw"]
+        assert b"def subspace_edit" in code and b"def learned_source" in code and b"LoReFT" in code  # steerlab's source, shipped by value
+        shipped = [iv for iv in _ivs_of(sent[1]["variables"]["program"]) if type(iv).__name__ == "LoReFT"]
+        assert len(shipped) == 1
+        for name, w in loreft.state_dict().items():
+            there = shipped[0].state_dict()[name]
+            assert torch.equal(there, w) and there.data_ptr() != w.data_ptr(), name  # the trained weights, as a copy
+        torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.cache["blocks.2.resid_post"], expected.cache["blocks.2.resid_post"], rtol=1e-5, atol=1e-5)
