@@ -16,10 +16,13 @@ import shutil
 import tomllib
 from pathlib import Path
 
+from mkdocs.plugins import event_priority
+
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = ROOT / "build" / "docs-packages"
 
 
+@event_priority(100)  # before mkdocstrings' own on_config, which drops a search path that does not exist yet
 def on_config(config, **kwargs):
     mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     shutil.rmtree(TARGET, ignore_errors=True)
