@@ -29,7 +29,7 @@ from jaxtyping import Int
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from steerlab.interventions.errors import ConfigError, DataError
+from steerlab.interventions.errors import ConfigError, DataError, checked_first
 from steerlab.reft.positions import check_positions, prompt_positions
 
 __all__ = [
@@ -115,6 +115,10 @@ class InstructionDataset(_Examples):
             alone reaches it is an error.
     """
 
+    # a list's items are checked first (the suite's type checker samples one item, so it may miss the bad one
+    # or pre-empt the named error); an iterator is left to the body, which reads it once
+    @checked_first(prompts=lambda v: isinstance(v, (list, tuple)) and _strings("prompts", v),
+                   responses=lambda v: isinstance(v, (list, tuple)) and _strings("responses", v))
     def __init__(
         self,
         tokenizer,
