@@ -410,26 +410,10 @@ def _refine(lab, plan: _Plan, result: AttributionResult, k: int, progress: bool 
 
 # -- labels ---------------------------------------------------------------------------------------------
 def _labels(lab, plan: _Plan) -> list[str]:
-    """One label per slot: the token there in the longest base example (as a sweep labels it)."""
-    lengths = _lengths(plan.base_info)
-    ref = lengths.index(max(lengths))
-    ids = plan.base.kwargs.get("input_ids")
-    tok = lab.tokenizer
-    start = int(plan.base_info.starts[ref])
+    """One label per slot, as a sweep labels it."""
+    from steerlab.interventions.sweeps import slot_labels
 
-    def one(p: int) -> str:
-        r = p + lengths[ref] if p < 0 else p
-        if ids is None or tok is None or not 0 <= r < lengths[ref]:
-            return str(p)
-        return tok.decode([int(ids[ref, start + r])])
-
-    def label(slot) -> str:
-        if slot is None:
-            return "all"
-        contiguous = all(b == a + 1 for a, b in zip(slot, slot[1:], strict=False))
-        return ("" if contiguous else "+").join(one(p) for p in slot)
-
-    return [label(s) for s in plan.slots]
+    return slot_labels(lab.tokenizer, plan.base, plan.base_info, plan.slots)
 
 
 @checked_first(qk_fix=flag("qk_fix"), grad_drop=flag("grad_drop"))

@@ -540,12 +540,15 @@ def _group_layer(plan: _Plan, g: int) -> int | None:
 
 
 def _labels(lab, plan: _Plan) -> list[str]:
-    """One label per slot: the token there in the longest base example."""
-    lengths = _lengths(plan.base_info)
+    return slot_labels(lab.tokenizer, plan.base, plan.base_info, plan.slots)
+
+
+def slot_labels(tok, base: Inputs, info: MaskInfo, slots: Sequence[Sequence[int] | None]) -> list[str]:
+    """One label per slot: the token there in the longest base example (shared by sweeps and attribution)."""
+    lengths = _lengths(info)
     ref = lengths.index(max(lengths))
-    ids = plan.base.kwargs.get("input_ids")
-    tok = lab.tokenizer
-    start = int(plan.base_info.starts[ref])
+    ids = base.kwargs.get("input_ids")
+    start = int(info.starts[ref])
 
     def one(p: int) -> str:
         r = p + lengths[ref] if p < 0 else p
@@ -553,10 +556,10 @@ def _labels(lab, plan: _Plan) -> list[str]:
             return str(p)
         return tok.decode([int(ids[ref, start + r])])
 
-    def label(slot: tuple[int, ...] | None) -> str:
+    def label(slot: Sequence[int] | None) -> str:
         if slot is None:
             return "all"
         contiguous = all(b == a + 1 for a, b in zip(slot, slot[1:], strict=False))
         return ("" if contiguous else "+").join(one(p) for p in slot)
 
-    return [label(s) for s in plan.slots]
+    return [label(s) for s in slots]
