@@ -30,7 +30,7 @@ from steerlab.interventions import caching
 from steerlab.interventions.activation_cache import ActivationCache
 from steerlab.interventions.attachment import Attachment, attachments_of
 from steerlab.interventions.engine import EngineSpec, PreparedRun, check_engine, engine_of
-from steerlab.interventions.errors import NotAModel, NotWrapped, checked_first
+from steerlab.interventions.errors import NotAModel, NotWrapped, checked_first, flag
 from steerlab.interventions.facts import ModelFacts
 from steerlab.interventions.generation import Generation, check_generation, generate, prompts
 from steerlab.interventions.inputs import ModelInputs, check_inputs
@@ -227,7 +227,7 @@ class Lab:
         return caching.past(self.facts, inputs, start, prefix=prefix)
 
     # -- attached lifetime --------------------------------------------------------------
-    @checked_first(interventions=lambda v: check_interventions(v, "attach()"))
+    @checked_first(interventions=lambda v: check_interventions(v, "attach()"), decode=flag("decode"))
     def attach(self, interventions: Iterable[Intervention] | Intervention, *, decode: bool = False, positions: PositionSpec = None) -> Attachment:
         """Install ``interventions`` until :meth:`Attachment.detach` (or the ``with`` block ends).
 
@@ -297,7 +297,7 @@ def _nnsight_model(model) -> Any:
     return None
 
 
-@checked_first(model=_check_model)
+@checked_first(model=_check_model, freeze=flag("freeze"), stack=flag("stack"))
 def wrap(model: nn.Module | NNsightModel, tokenizer=None, *, freeze: bool = True, example_input=None, stack: bool = False) -> Lab:
     """Wrap ``model`` (any ``nn.Module``; a Hugging Face model gets canonical sites).
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from steerlab.interventions import register
 from steerlab.interventions.ops import compute_dtype
+from steerlab.interventions.errors import checked_first, flag
 from steerlab.reft._base import ReftIntervention
 
 __all__ = ["DiReFT"]
@@ -33,6 +34,7 @@ class DiReFT(ReftIntervention):
 
     _arguments = ("rank", "act_fn", "dropout", "dtype", "orthogonal")
 
+    @checked_first(orthogonal=flag("orthogonal"))
     def __init__(
         self,
         site: str,

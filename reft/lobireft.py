@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from steerlab.interventions import register
 from steerlab.interventions.ops import compute_dtype
 from steerlab.reft._base import ReftIntervention
+from steerlab.interventions.errors import checked_first, flag
 
 __all__ = ["LobiReFT"]
 
@@ -27,6 +28,7 @@ class LobiReFT(ReftIntervention):
 
     _arguments = ("rank", "dropout", "dtype", "train_rotation")
 
+    @checked_first(train_rotation=flag("train_rotation"))
     def __init__(self, site: str, *, rank: int, width: int | None = None, dropout: float = 0.0,
                  dtype: torch.dtype | str | None = None, train_rotation: bool = True, **placement):
         self.train_rotation = bool(train_rotation)

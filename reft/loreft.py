@@ -10,7 +10,7 @@ from torch import Tensor
 
 from steerlab.interventions import register, subspace_edit
 from steerlab.interventions.ops import compute_dtype
-from steerlab.interventions.errors import ConfigError, SubspaceSizeError
+from steerlab.interventions.errors import ConfigError, SubspaceSizeError, checked_first, flag
 from steerlab.reft._base import ReftIntervention
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ class LoReFT(ReftIntervention):
 
     _arguments = ("rank", "act_fn", "dropout", "dtype", "train_rotation")
 
+    @checked_first(train_rotation=flag("train_rotation"))
     def __init__(
         self,
         site: str,

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from steerlab.interventions import Attachment, Lab, Prefix, wrap
 from steerlab.interventions.engine import EngineSpec, check_engine
 from steerlab.interventions.prefix import resume_from
-from steerlab.interventions.errors import ConfigError, LifetimeError, NotWrapped, UnitError, Unsupported, checked_first
+from steerlab.interventions.errors import ConfigError, LifetimeError, NotWrapped, UnitError, Unsupported, checked_first, flag
 from steerlab.interventions.ops import check_interventions
 from steerlab.reft._base import ReftIntervention
 from steerlab.reft.config import ReftConfig
@@ -267,6 +267,7 @@ class ReftModel(nn.Module):
             )
 
     @contextmanager
+    @checked_first(decode=flag("decode"))
     def using(self, positions: Int[Tensor, "batch group k"] | Tensor | None = None, *, decode: bool = False) -> Iterator[ReftModel]:
         """``with rm.using(positions):`` the forwards of this call, on this thread, intervene at
         ``positions`` (``[batch, groups, k]``, or ``[batch, k]`` with one group; ``None``: each
@@ -356,6 +357,7 @@ class ReftModel(nn.Module):
             )
         return list(pos.unbind(1))
 
+    @checked_first(decode=flag("decode"), chat_template=flag("chat_template"))
     def generate(self, inputs, *, decode: bool = False, positions=None, chat_template: bool = False, **generate_kwargs):
         """Batched generation; see :func:`steerlab.reft.generation.generate`."""
         from steerlab.reft.generation import generate
@@ -384,6 +386,7 @@ class ReftModel(nn.Module):
         return save_reft_model(self, save_directory, is_main_process=is_main_process, state_dict=state_dict)
 
     @classmethod
+    @checked_first(is_trainable=flag("is_trainable"))
     def from_pretrained(
         cls,
         directory: str | Path,

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from steerlab.interventions import Lab, Positions, fileformat, wrap
-from steerlab.interventions.errors import FileFormatError, SteerlabError
+from steerlab.interventions.errors import FileFormatError, SteerlabError, checked_first, flag
 from steerlab.interventions.fileformat import SavedFile, TensorSpec, field_of
 from steerlab.interventions.serialize import build_intervention, check_interventions, intervention_record
 from steerlab.reft.config import ReftConfig
@@ -168,6 +168,7 @@ def _check_config_matches(config: ReftConfig, records: list[dict], groups: list[
 
 
 # --------------------------------------------------------------------------- loading
+@checked_first(is_trainable=flag("is_trainable"))
 def load_reft_model(directory: str | Path, model: nn.Module, tokenizer=None, *, is_trainable: bool = False,
                     device: str | torch.device | None = None, factory: Callable[..., Any]):
     """A saved ReFT model on ``model`` (see :meth:`ReftModel.from_pretrained`); ``factory`` is the

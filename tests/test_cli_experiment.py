@@ -333,3 +333,16 @@ def test_a_png_that_cannot_be_written_fails_before_any_compute(capsys, monkeypat
     assert code == 1
     assert error_line(err) == ("steerlab: error: PNG export of 'f.png' needs the 'kaleido' package: pip install 'kaleido>=1.0' "
                                "(in a clone of steerlab: pip install -e '.[png]'); or write HTML, which always works")
+
+
+def test_allow_code_given_as_a_string_is_refused(tmp_path):
+    """``allow_code="false"`` would read as True and import the experiment's code: a named error instead."""
+    from steerlab.experiment import Experiment
+    from steerlab.interventions.errors import ConfigError
+
+    path = tmp_path / "e.toml"
+    path.write_text('[model]\nname = "smollm2-135m"\n')
+    with pytest.raises(ConfigError, match="allow_code='false': expected True or False"):
+        Experiment.from_toml(path, allow_code="false")
+    with pytest.raises(ConfigError, match="allow_code='no': expected True or False"):
+        Experiment.from_dict({"model": {"name": "smollm2-135m"}}, allow_code="no")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from steerlab.interventions.ops._base import Intervention, register
+from steerlab.interventions.errors import checked_first, flag
 
 __all__ = ["Collect"]
 
@@ -17,6 +18,7 @@ class Collect(Intervention):
 
     _arguments = ("name", "detach")
 
+    @checked_first(detach=flag("detach"))
     def __init__(self, site: str, *, name: str | None = None, detach: bool = True, **placement):
         super().__init__(site, **placement)
         self.name = name or site

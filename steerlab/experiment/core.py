@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from steerlab.experiment.task import PromptTask, task_from_table
-from steerlab.interventions.errors import ConfigError
+from steerlab.interventions.errors import ConfigError, checked_first, flag
 
 __all__ = ["Experiment", "Step", "StepOutput", "Context", "register_step", "registered_steps", "Plan", "RunResult", "MODEL_KEYS", "TOP_KEYS"]
 
@@ -226,6 +226,7 @@ class Experiment:
 
     # -- construction from a file -------------------------------------------------------------------------------
     @classmethod
+    @checked_first(allow_code=flag("allow_code"))  # allow_code="false" must not read as True
     def from_toml(cls, path: str | Path, *, allow_code: bool = False, output_dir: str | Path | None = None) -> Experiment:
         """Read and check an experiment file (or an old ``steerlab train`` run file)."""
         path = Path(path)
@@ -240,6 +241,7 @@ class Experiment:
                              output_dir=output_dir)
 
     @classmethod
+    @checked_first(allow_code=flag("allow_code"))
     def from_dict(cls, raw: Mapping[str, Any], *, base: str | Path = ".", where: str = "the experiment", name: str = "experiment",
                   allow_code: bool = False, source: str | None = None, output_dir: str | Path | None = None) -> Experiment:
         raw = _upgrade_run_file(dict(raw))
@@ -290,6 +292,7 @@ class Experiment:
             raise ConfigError(f"the model answers only {100 * plan.accuracy:.1f}% of the task's inputs correctly, below "
                               f"min_accuracy = {self.task.min_accuracy}: fix the template or the answers (or lower min_accuracy)")
 
+    @checked_first(overwrite=flag("overwrite"))
     def run(self, out: str | Path | None = None, *, log: Callable[[str], None] = print, overwrite: bool = False) -> RunResult:
         """Execute every step in order; write results, figures, the report and the manifest to ``out``."""
         out = Path(out) if out is not None else self.output_dir

@@ -233,6 +233,12 @@ CASES = [
     C("not_an_intervention", lambda sc: sc.lab.run(sc.base, ["blocks.1.resid_post"]), sl.NotAnIntervention, ("must be Intervention objects; got str",)),
     C("prefix_of_other_inputs", _prefix_mismatch, sl.ShapeMismatch, ("the prefix holds (2, 5) (batch, seq) but base has (2, 7)",)),
     C("bad_position_spec", lambda sc: sl.Zero(SITE, positions="f7+x"), sl.UnitError, ("positions='f7+x': expected a spec like 'f7+l7'",)),
+    # flags: a truthy string must not read as True (bool("false") is True)
+    C("flag_as_string_collect", lambda sc: sc.lab.run(sc.base, [sl.Collect(SITE, detach="false")]), sl.ConfigError,
+      ("detach='false': expected True or False",)),
+    C("flag_as_string_attach", lambda sc: sc.lab.attach(sl.Add(SITE, torch.ones(32)), decode="no"), sl.ConfigError,
+      ("decode='no': expected True or False",)),
+    C("flag_as_string_wrap", lambda sc: sl.wrap(sc.model, freeze="false"), sl.ConfigError, ("freeze='false': expected True or False",)),
 ]
 
 

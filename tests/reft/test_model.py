@@ -308,3 +308,31 @@ def test_corrupt_and_foreign_files_are_rejected(tmp_path):
         with pytest.raises(FileFormatError, match=message):
             reft.ReftModel.from_pretrained(d, m)
         assert _hooks(m) == hooks and _grads(m) == grads, name
+
+
+@pytest.mark.parametrize("make, phrase", [
+    (lambda: reft.LoReFT("blocks.0.resid_post", rank=2, train_rotation="false"), "train_rotation='false'"),
+    (lambda: reft.ConsReFT("blocks.0.resid_post", rank=2, train_rotation="no"), "train_rotation='no'"),
+    (lambda: reft.LobiReFT("blocks.0.resid_post", rank=2, train_rotation=0), "train_rotation=0"),
+    (lambda: reft.DiReFT("blocks.0.resid_post", rank=2, orthogonal="false"), "orthogonal='false'"),
+])
+def test_flags_given_as_strings_are_refused(make, phrase):
+    """``bool("false")`` is True: a flag that is not a bool is a named error, not a silent True."""
+    with pytest.raises(ConfigError, match=f"{phrase}: expected True or False"):
+        make()
+
+
+def test_reft_model_flags_given_as_strings_are_refused(tmp_path):
+    model = tiny_model(LL)
+    rm = reft.get_reft_model(model, reft.ReftConfig(layers=[0], rank=2, positions="l1"))
+    hooks = _hooks(model)
+    with pytest.raises(ConfigError, match="decode='false': expected True or False"):
+        with rm.using(torch.tensor([[[3]], [[2]]]), decode="false"):
+            pass
+    with pytest.raises(ConfigError, match="decode='yes': expected True or False"):
+        rm.generate(_batch(b=2, t=4), decode="yes", max_new_tokens=2)
+    assert _hooks(model) == hooks
+    rm.save_pretrained(tmp_path / "r")
+    rm.unwrap()
+    with pytest.raises(ConfigError, match="is_trainable='false': expected True or False"):
+        reft.ReftModel.from_pretrained(tmp_path / "r", model, is_trainable="false")
