@@ -44,14 +44,14 @@ from torch import Tensor
 
 from steerlab.interventions.attention_pattern import AttentionGeometry
 from steerlab.interventions.attribution_result import AttributionResult
-from steerlab.interventions.errors import BatchMismatch, ConfigError, ShapeMismatch, SiteNotFound, UnitError, checked_first, flag
+from steerlab.interventions.errors import BatchMismatch, ConfigError, SiteNotFound, UnitError, checked_first, flag
 from steerlab.interventions.gradients import Taps, check_metric, logit_window, metric_inputs
 from steerlab.interventions.inputs import Inputs
 from steerlab.interventions.metrics import Metric, as_metric
 from steerlab.interventions.ops import Collect, Interchange, Lambda
 from steerlab.interventions.progress import track
 from steerlab.interventions.sites import ResolvedSite
-from steerlab.interventions.units import MaskInfo, Positions
+from steerlab.interventions.units import MaskInfo
 
 __all__ = ["attribution_patching", "AttributionResult"]
 
@@ -89,10 +89,6 @@ class _Plan:
 
 
 # -- validation -------------------------------------------------------------------------------
-def _lengths(info: MaskInfo) -> list[int]:
-    return list(info.lengths_cpu) if info.lengths_cpu is not None else [int(x) for x in info.lengths.tolist()]
-
-
 def _sites(lab, sites) -> list[ResolvedSite]:
     patterns = [sites] if isinstance(sites, str) else list(sites) if isinstance(sites, (list, tuple)) else None
     if not patterns or not all(isinstance(p, str) for p in patterns):
@@ -141,40 +137,6 @@ def _units(lab, sites: list[ResolvedSite], heads, neurons) -> tuple[list[int] | 
     return None, _int_list("all" if neurons is True else neurons, "neurons", widths.pop())
 
 
-def _slots(positions, base_info: MaskInfo, source_info: MaskInfo) -> list[tuple[int, ...] | None]:
-    """One slot per position (or group of positions patched together): the grammar of ``sweep``."""
-    nb, ns = _lengths(base_info), _lengths(source_info)
-    if positions is None or (isinstance(positions, str) and positions == "all"):
-        if nb != ns:
-            raise ShapeMismatch(
-                f"positions={positions!r} aligns base and source token by token, but their real lengths differ "
-                f"(base {nb}, source {ns}); give positions= explicitly (e.g. [-1] or [0, -2, -1])"
-            )
-        return [None] if positions is None else [(p,) for p in range(max(nb))]
-    if isinstance(positions, str):
-        spec = Positions(positions)
-        if spec.kind != "firstlast":
-            raise UnitError(f"positions={positions!r}: expected 'all', None, a spec like 'l5' or 'f3+l3', or a list")
-        slots: list = [(p,) for p in range(spec.first)] + [(p,) for p in range(-spec.last, 0)]
-    elif isinstance(positions, int) and not isinstance(positions, bool):
-        slots = [(positions,)]
-    elif isinstance(positions, (list, tuple, range)) and positions:
-        slots = []
-        for p in positions:
-            if isinstance(p, int) and not isinstance(p, bool):
-                slots.append((p,))
-            elif isinstance(p, (list, tuple)) and p and all(isinstance(x, int) and not isinstance(x, bool) for x in p):
-                slots.append(tuple(p))
-            else:
-                raise UnitError(f"positions={positions!r}: each entry is a position (int) or a group of positions (list of ints)")
-    else:
-        raise UnitError(f"positions={positions!r}: expected 'all', None, an int, a list of ints (or of groups) or a spec like 'l5'")
-    flat = [p for s in slots for p in s]
-    Positions(flat).validate(base_info, "positions")
-    Positions(flat).validate(source_info, "positions (in the source)")
-    return slots
-
-
 def _plan(lab, base, source, sites, positions, heads, neurons, metric, qk_fix, grad_drop, refine) -> _Plan:
     m = as_metric(metric)
     if getattr(m, "to_base", False):
@@ -197,7 +159,9 @@ def _plan(lab, base, source, sites, positions, heads, neurons, metric, qk_fix, g
     if grad_drop and lab.facts.map.layers_path is None:
         raise ConfigError("grad_drop drops each layer's gradient in turn; this model has no layer list")
     bi, si = b.mask_info(), s.mask_info()
-    slots = _slots(positions, bi, si)
+    from steerlab.interventions.sweeps import position_slots
+
+    slots = position_slots(positions, bi, si)
     return _Plan(rs, slots, hs, ns, b, s, bi, si, m, qk_fix, grad_drop, refine)
 
 
@@ -209,7 +173,7 @@ def _kind(site: ResolvedSite) -> str:
 def _rows(plan: _Plan, device) -> tuple[Tensor, Tensor, Tensor]:
     """Padded rows of every slot's positions ``[batch, slot, k]`` in the base and the source, and
     which of them exist on both sides."""
-    full = max(_lengths(plan.base_info))
+    full = max(plan.base_info.host_lengths())
     table = [list(range(full)) if s is None else list(s) for s in plan.slots]
     k = max(len(r) for r in table)
     p = torch.tensor([r + [_NONE] * (k - len(r)) for r in table], dtype=torch.long, device=device)[None]  # [1, S, k]

@@ -162,10 +162,6 @@ class _Plan:
         return "+".join(self.sites[i].name for i in self.groups[g])
 
 
-def _lengths(info: MaskInfo) -> list[int]:
-    return list(info.lengths_cpu) if info.lengths_cpu is not None else [int(x) for x in info.lengths.tolist()]
-
-
 def _sites(lab, sites) -> tuple[list[ResolvedSite], list[tuple[int, ...]]]:
     """The swept sites (each once) and the configurations' groups of them: a pattern entry
     gives one group per site it names, a list entry one group of every site its patterns name."""
@@ -250,9 +246,10 @@ def _check_base_interventions(ivs: object) -> None:
         raise ConfigError(f"base_interventions={ivs!r:.80}: expected a list of Intervention objects")
 
 
-def _slots(positions, base_info: MaskInfo, source_info: MaskInfo, heads) -> list[tuple[int, ...] | None]:
-    """One slot per swept position (or group of positions patched together)."""
-    nb, ns = _lengths(base_info), _lengths(source_info)
+def position_slots(positions, base_info: MaskInfo, source_info: MaskInfo) -> list[tuple[int, ...] | None]:
+    """One slot per swept position (or group of positions patched together): the ``positions``
+    grammar of :func:`sweep` (and of attribution), checked against both batches' real tokens."""
+    nb, ns = base_info.host_lengths(), source_info.host_lengths()
     if positions is None or (isinstance(positions, str) and positions == "all"):
         if nb != ns:
             raise ShapeMismatch(
@@ -351,7 +348,7 @@ def _plan(lab, base, source, sites, positions, heads, metric, configs_per_forwar
     rs, groups = _sites(lab, sites)
     hs = _heads(lab, rs, heads)
     bi, si = b.mask_info(), s.mask_info()
-    slots = _slots(positions, bi, si, hs)
+    slots = position_slots(positions, bi, si)
     starts = [min(rs[i].layer if rs[i].layer is not None else 0 for i in g) for g in groups]
     ivs = _base_interventions(lab, base_interventions, b.batch)
     blocks = list(lab.layers) if lab.facts.has_layers else []
@@ -361,7 +358,7 @@ def _plan(lab, base, source, sites, positions, heads, metric, configs_per_forwar
 
 def _slot_table(plan: _Plan, device) -> Tensor:
     """``[slot, k]`` real-token positions, padded with a value that is never valid."""
-    full = max(_lengths(plan.base_info))
+    full = max(plan.base_info.host_lengths())
     rows = [list(range(full)) if s is None else list(s) for s in plan.slots]
     k = max(len(r) for r in rows)
     return torch.tensor([r + [_NONE] * (k - len(r)) for r in rows], dtype=torch.long, device=device)
@@ -545,7 +542,7 @@ def _labels(lab, plan: _Plan) -> list[str]:
 
 def slot_labels(tok, base: Inputs, info: MaskInfo, slots: Sequence[Sequence[int] | None]) -> list[str]:
     """One label per slot: the token there in the longest base example (shared by sweeps and attribution)."""
-    lengths = _lengths(info)
+    lengths = info.host_lengths()
     ref = lengths.index(max(lengths))
     ids = base.kwargs.get("input_ids")
     start = int(info.starts[ref])

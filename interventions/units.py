@@ -103,6 +103,10 @@ class MaskInfo:
     def batch(self) -> int:
         return self.starts.shape[0]
 
+    def host_lengths(self) -> list[int]:
+        """Each example's count of real tokens as Python ints (a host sync only when not already known)."""
+        return list(self.lengths_cpu) if self.lengths_cpu is not None else [int(x) for x in self.lengths.tolist()]
+
     @staticmethod
     def from_mask(mask: Tensor | None, batch: int, seq: int, device: torch.device, past: int = 0) -> MaskInfo:
         """``mask`` is ``[batch, past + seq]`` (1 = real token) or ``None`` (no padding)."""
