@@ -51,6 +51,7 @@ from torch import Tensor
 
 from steerlab.interventions import Lab, Subspace
 from steerlab.interventions.errors import ConfigError, DataError, checked_first
+from steerlab.interventions.probe import fit_logistic
 
 __all__ = [
     "token_activations",
@@ -194,22 +195,8 @@ def logistic_regression(x: Float[Tensor, "batch width"], y: Float[Tensor, " batc
     """``(w, b)`` minimising ``mean BCE(x w + b, y) + weight_decay |w|²`` (L-BFGS from zero).
 
     Features are standardised for the optimisation and the solution mapped
-    back, so ``w`` acts on ``x`` itself."""
-    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mu) / sd
-    w = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
-    b = torch.zeros((), dtype=x.dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + weight_decay * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    w_x = (w / sd).detach()
-    return w_x, (b - (mu * w / sd).sum()).detach()
+    back, so ``w`` acts on ``x`` itself (:func:`steerlab.interventions.probe.fit_logistic`)."""
+    return fit_logistic(x, y, weight_decay=weight_decay, max_iter=max_iter).in_input_space()
 
 
 def _last_token(lab: Lab, texts: list[str], site: str, batch_size: int) -> Float[Tensor, "batch d_model"]:

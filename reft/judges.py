@@ -39,6 +39,7 @@ from torch import Tensor
 
 from steerlab.interventions import Lab, fileformat
 from steerlab.interventions.errors import ConfigError, DataError, FileFormatError
+from steerlab.interventions.probe import fit_logistic
 
 __all__ = ["JUDGE_FLOOR", "Judge", "JudgeCheck", "VaderJudge", "LanguageJudge", "ProbeJudge", "EnsembleJudge", "mean_pooled", "KIND"]
 
@@ -166,25 +167,6 @@ def mean_pooled(lab: Lab, texts: Sequence[str], site: str, *, batch_size: int = 
     return torch.cat(rows) if rows else torch.zeros(0, 0)
 
 
-def _logistic(x: Tensor, y: Tensor, weight_decay: float, max_iter: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Standardised L2 logistic regression (L-BFGS from zero, float64): ``(w, b, mean, std)``."""
-    x, y = x.double(), y.double()
-    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mu) / sd
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + weight_decay * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach().float(), b.detach().float(), mu.float(), sd.float()
-
-
 @dataclass
 class ProbeJudge(Judge):
     """``σ(w · (x − μ) / σ + b)`` with ``x`` a text's pooled activation at ``site`` of ``lab``'s model
@@ -210,7 +192,8 @@ class ProbeJudge(Judge):
         if len(texts) != len(labels) or len(set(labels)) != 2 or any(y not in (0, 1) for y in labels):
             raise DataError(f"ProbeJudge.train needs 0/1 labels of both classes, one per text; got {len(labels)} labels for {len(texts)} texts")
         x = mean_pooled(lab, texts, site, batch_size=batch_size, pooling=pooling, template=template)
-        w, b, mu, sd = _logistic(x, torch.tensor(list(labels)), weight_decay, max_iter)
+        fit = fit_logistic(x.double(), torch.tensor(list(labels), dtype=torch.float64), weight_decay=weight_decay, max_iter=max_iter)
+        w, b, mu, sd = fit.w.float(), fit.b.float(), fit.mean.float(), fit.std.float()
         return cls(lab, lab.resolve(site).name, w, b, mu, sd, name, {"n_train": len(texts), "weight_decay": weight_decay}, pooling, template)
 
     def logits(self, texts: Sequence[str]) -> Float[Tensor, " batch"]:
