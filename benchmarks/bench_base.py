@@ -91,7 +91,7 @@ def steering_rows(lab, model, inp, bench: Bench, engines: list[str]) -> list[tup
         for i in range(n)
     ]
     one = [sl.Add(f"blocks.{n // 2}.resid_post", torch.randn(d, generator=g).to(dev, dt), positions=-1)]
-    kw = {"use_cache": False} if lab.facts.is_hf else {}
+    kw = {"use_cache": False} if getattr(lab, "facts", lab).is_hf else {}  # before the redesign Lab held the facts
 
     def plain():
         return model(**inp, **kw)
@@ -115,13 +115,73 @@ def steering_rows(lab, model, inp, bench: Bench, engines: list[str]) -> list[tup
             (f"rank-4 subspace edit on all {n} layers ÷ plain{tag}", f"das_all{tag}", "plain", target, "LoReFT-shaped"),
             (f"Add on 1 layer, last token ÷ plain{tag}", f"add_one{tag}", "plain", target, ""),
         ]
+    rows += _steady_rows(lab, model, inp, bench, kw, {"add_all": adds, "das_all": das})
     return rows
+
+
+def _steady_rows(lab, model, inp, bench: Bench, kw: dict, graphs: dict) -> list[tuple]:
+    """The same edits without a per-call plan: attached for the whole benchmark (each on its own copy
+    of the model, so the other cases stay plain) and, where the library has it, ``lab.prepare`` (validated
+    and compiled once, each call binds its inputs)."""
+    import copy
+
+    rows = []
+    n = lab.n_layers
+    label = {"add_all": f"Add on all {n} layers, f3+l3", "das_all": f"rank-4 subspace edit on all {n} layers"}
+    # the floors of any hook-based edit, in plain torch: a hook that does nothing, and a hook that adds
+    # each layer's vector at the same positions (clone + index add; no library)
+    for kind in ("noop", "add"):
+        twin = _hooked_twin(model, inp, kind, [iv.vector for iv in graphs["add_all"]])
+        bench.add(f"floor {kind}", lambda twin=twin: twin(**inp, **kw))
+    rows.append((f"floor: a no-op hook on all {n} layers ÷ plain", "floor noop", "plain", None, "plain torch"))
+    rows.append((f"floor: plain-torch Add on all {n} layers, f3+l3 ÷ plain", "floor add", "plain", None, "plain torch"))
+    for key, ivs in graphs.items():
+        twin = copy.deepcopy(model)
+        sl.wrap(twin).attach(copy.deepcopy(ivs))  # stays attached: the twin serves only this case
+
+        def attached(twin=twin):
+            return twin(**inp, **kw)
+
+        bench.add(f"{key} attached", attached)
+        rows.append((f"{label[key]}, attached ÷ plain", f"{key} attached", "plain", 1.05, "hooks installed once"))
+        if key == "add_all":
+            rows.append((f"{label[key]}, attached ÷ the plain-torch Add", f"{key} attached", "floor add", None, "library overhead"))
+        prepared = getattr(getattr(lab, "prepare", None), "__annotations__", {}).get("return") in ("PreparedRun",)
+        if prepared:
+            run = lab.prepare(ivs)
+            bench.add(f"{key} prepared", lambda run=run: run(inp, **kw))
+            rows.append((f"{label[key]}, lab.prepare ÷ plain", f"{key} prepared", "plain", 1.05, "compiled once"))
+    return rows
+
+
+def _hooked_twin(model, inp: dict, kind: str, vectors: list):
+    """A copy of ``model`` with a plain-torch forward hook on every decoder layer: ``noop`` returns
+    nothing; ``add`` adds ``vectors[i]`` at each example's first 3 and last 3 real tokens."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    mask = inp["attention_mask"].bool()
+    real = [torch.nonzero(m).flatten() for m in mask]
+    idx = torch.stack([torch.cat([r[:3], r[-3:]]) for r in real]).to(mask.device)  # [batch, 6]
+    rows = torch.arange(idx.shape[0], device=idx.device)[:, None]
+    for i, layer in enumerate(twin.model.layers):
+        if kind == "noop":
+            layer.register_forward_hook(lambda mod, args, out: None)
+            continue
+
+        def add(mod, args, out, v=vectors[i]):
+            h = (out[0] if isinstance(out, tuple) else out).clone()
+            h[rows, idx] += v
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        layer.register_forward_hook(add)
+    return twin
 
 
 def interchange_rows(lab, model, inp, bench: Bench, engines: list[str]) -> list[tuple]:
     n = lab.n_layers
     src = _other(inp)
-    kw = {"use_cache": False} if lab.facts.is_hf else {}
+    kw = {"use_cache": False} if getattr(lab, "facts", lab).is_hf else {}  # before the redesign Lab held the facts
 
     def two_plain():
         model(**src, **kw)
