@@ -173,6 +173,7 @@ def _sites(lab: Lab, sites: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+# long in its signature and docstring only (every DAS option is a keyword); the body is under 30 lines
 @checked_first(train=_check_train)
 def search(
     lab: Lab,

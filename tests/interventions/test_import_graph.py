@@ -254,3 +254,21 @@ def test_layer_rules(layer, forbidden):
 def test_viz_does_not_import_the_top_level_package():
     bad = [f"{i.source}:{i.line} imports {i.target}" for i in IMPORTS if _layer(i.source) == "steerlab.viz" and _layer(i.target) == "steerlab"]
     assert not bad, "\n".join(bad)
+
+
+def test_functions_are_at_most_60_lines_unless_a_comment_says_why():
+    """Issue 10's rule: a function longer than 60 lines (signature, docstring and body) carries a
+    comment on the line(s) just above it saying why."""
+    long = []
+    for folder in PACKAGES:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            lines = path.read_text().splitlines()
+            for node in ast.walk(ast.parse("\n".join(lines))):
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                if node.end_lineno - node.lineno + 1 <= 60:
+                    continue
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                if not lines[first - 2].lstrip().startswith("#"):
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "\n".join(long)
