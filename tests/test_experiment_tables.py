@@ -251,17 +251,16 @@ def test_validate_prints_the_plan_of_both_tables(tmp_path, capsys):
 
 
 def test_the_drawn_pair_is_patchs_pair_with_equal_token_counts(smollm):
-    from steerlab.experiment.steps.attribution import draw_pair
-    from steerlab.experiment.steps.patch import _pair
+    from steerlab.experiment.steps._common import draw_pair
 
     _, tok = smollm
     task = Experiment.from_dict(tomllib.loads(TASK + "[attribution]\n")).task
     for seed in range(4):
-        b, s = draw_pair(task, tok, seed)
+        b, s = draw_pair(task, seed, "[attribution]", tokenizer=tok)
         assert sum(b[v] != s[v] for v in b) == 1 and task.causal_model.run(b)["PRONOUN"] != task.causal_model.run(s)["PRONOUN"]
         enc = task.encoder(tok)
         assert len(tok(enc.text(b))["input_ids"]) == len(tok(enc.text(s))["input_ids"])
-        assert (b, s) == _pair(task, seed)  # these names are one token each: every pair qualifies, so [patch]'s pair is kept
+        assert (b, s) == draw_pair(task, seed, "[patch]")  # [patch] draws without the length filter; these names are one token each: every pair qualifies, so [patch]'s pair is kept
 
 
 @pytest.mark.parametrize("table, message", [

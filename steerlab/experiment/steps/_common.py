@@ -1,7 +1,9 @@
-"""Key checks shared by the step tables."""
+"""Key checks shared by the step tables, and the base/source pair that [patch] and [attribution] share."""
 
 from __future__ import annotations
 
+import json
+import random
 from typing import Any
 
 from steerlab.interventions.errors import ConfigError
@@ -59,3 +61,56 @@ def sites(table: dict, where: str, default: str | None = None) -> list[str]:
     if not items or not all(isinstance(s, str) and s for s in items):
         raise ConfigError(f"{where}.sites = {value!r}: expected a site name, a pattern or a list of them")
     return items
+
+
+# -- the base/source pair of [patch] and [attribution] -------------------------------------------------------------
+def answer(task, setting: dict) -> Any:
+    """The causal model's output for one setting of the task's inputs."""
+    return task.causal_model.run(setting)[task.output]
+
+
+def pair_table(table: dict, ctx, where: str, why: str) -> tuple[dict | None, dict | None]:
+    """The step's ``base`` and ``source`` tables (both or neither), each checked by the causal model;
+    refused when their answers are equal (``why`` says what that would spoil)."""
+    pair = {}
+    for key in ("base", "source"):
+        if key in table:
+            if not isinstance(table[key], dict):
+                raise ConfigError(f"{where}.{key}: expected a table of input values, e.g. {{ NAME = \"John\" }}")
+            try:
+                ctx.task.causal_model.check_input(table[key])
+            except Exception as e:  # noqa: BLE001 - the causal model's own message names the bad value
+                raise ConfigError(f"{where}.{key}: {e}") from None
+        pair[key] = table.get(key)
+    if (pair["base"] is None) != (pair["source"] is None):
+        raise ConfigError(f"{where}: give both base and source, or neither (then a pair is drawn from the task)")
+    if pair["base"] is not None and answer(ctx.task, pair["base"]) == answer(ctx.task, pair["source"]):
+        raise ConfigError(f"{where}: base and source have the same answer {answer(ctx.task, pair['base'])!r}; {why}")
+    return pair["base"], pair["source"]
+
+
+def draw_pair(task, seed: int, step: str, tokenizer=None) -> tuple[dict, dict]:
+    """The first base/source pair, in a seeded shuffle of the task's inputs, that differ in one variable and
+    have different answers; with ``tokenizer``, also prompts of equal token counts (position-wise patching)."""
+    rng = random.Random(seed)
+    inputs = task.inputs(limit=2048, seed=seed)
+    rng.shuffle(inputs)
+    enc = None if tokenizer is None else task.encoder(tokenizer)
+    length: dict[str, int] = {}
+
+    def n(x: dict) -> int:
+        key = json.dumps(x, sort_keys=True, default=str)
+        if key not in length:
+            length[key] = len(tokenizer(enc.text(x))["input_ids"])
+        return length[key]
+
+    def same_length(b: dict, s: dict) -> bool:
+        return enc is None or n(b) == n(s)
+
+    for b in inputs:
+        for s in inputs:
+            if answer(task, b) != answer(task, s) and sum(b[v] != s[v] for v in b) == 1 and same_length(b, s):
+                return b, s
+    lengths = ", prompts of equal token counts" if tokenizer is not None else ""
+    raise ConfigError(f"{step}: no base/source pair of inputs differing in one variable, with different answers{lengths}; "
+                      "give base and source")

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from dataclasses import dataclass
 from typing import Any
 
 from steerlab.experiment.core import Context, Step, StepOutput, register_step
-from steerlab.experiment.steps._common import boolean, int_list, positive_int
+from steerlab.experiment.steps._common import answer, boolean, draw_pair, int_list, pair_table, positive_int
 from steerlab.experiment.steps._figures import save_figures
 from steerlab.interventions.errors import ConfigError
 
@@ -123,24 +122,6 @@ def _units(table: dict, where: str) -> tuple[Any, Any]:
     return heads, neurons
 
 
-def _pair_table(table: dict, ctx: Context, where: str) -> tuple[dict | None, dict | None]:
-    pair = {}
-    for key in ("base", "source"):
-        if key in table:
-            if not isinstance(table[key], dict):
-                raise ConfigError(f"{where}.{key}: expected a table of input values, e.g. {{ NAME = \"John\" }}")
-            try:
-                ctx.task.causal_model.check_input(table[key])
-            except Exception as e:  # noqa: BLE001 - the causal model's own message names the bad value
-                raise ConfigError(f"{where}.{key}: {e}") from None
-        pair[key] = table.get(key)
-    if (pair["base"] is None) != (pair["source"] is None):
-        raise ConfigError(f"{where}: give both base and source, or neither (then a pair is drawn from the task)")
-    if pair["base"] is not None and _answer(ctx.task, pair["base"]) == _answer(ctx.task, pair["source"]):
-        raise ConfigError(f"{where}: base and source have the same answer {_answer(ctx.task, pair['base'])!r}; the metric would not move")
-    return pair["base"], pair["source"]
-
-
 def parse(table: dict, ctx: Context) -> AttributionConfig:
     where = f"{ctx.experiment.where} [attribution]"
     metric = table.get("metric", "logit_diff")
@@ -167,7 +148,7 @@ def parse(table: dict, ctx: Context) -> AttributionConfig:
     subspace = boolean(table, "subspace", has_das, where)
     if subspace and not has_das:
         raise ConfigError(f"{where}.subspace = true attributes the subspace of the file's [das] step; add a [das] table")
-    base, source = _pair_table(table, ctx, where)
+    base, source = pair_table(table, ctx, where, "the metric would not move")
     return AttributionConfig(
         sites=_sites(table, where), positions=_positions(table, where), heads=heads, neurons=neurons, metric=metric, tokens=tokens,
         base=base, source=source, qk_fix=boolean(table, "qk_fix", False, where), grad_drop=boolean(table, "grad_drop", False, where),
@@ -189,37 +170,11 @@ def plan(c: AttributionConfig) -> str:
 
 
 # -- the pair and the metric ----------------------------------------------------------------------------------
-def _answer(task, setting):
-    return task.causal_model.run(setting)[task.output]
-
-
-def draw_pair(task, tokenizer, seed: int) -> tuple[dict, dict]:
-    """``[patch]``'s draw (same order), keeping pairs whose prompts have equal token counts."""
-    rng = random.Random(seed)
-    inputs = task.inputs(limit=2048, seed=seed)
-    rng.shuffle(inputs)
-    enc = task.encoder(tokenizer)
-    length = {}
-
-    def n(s: dict) -> int:
-        key = json.dumps(s, sort_keys=True, default=str)
-        if key not in length:
-            length[key] = len(tokenizer(enc.text(s))["input_ids"])
-        return length[key]
-
-    for b in inputs:
-        for s in inputs:
-            if _answer(task, b) != _answer(task, s) and sum(b[v] != s[v] for v in b) == 1 and n(b) == n(s):
-                return b, s
-    raise ConfigError("[attribution]: no pair of inputs differing in one variable, with different answers and prompts of equal "
-                      "token counts; give base and source")
-
-
 def metric_of(c: AttributionConfig, task, base: dict, source: dict):
     """The step's metric (steerlab.interventions.metrics) with its tokens."""
     from steerlab.interventions import metrics
 
-    tokens = c.tokens or [task.answers[_answer(task, source)], task.answers[_answer(task, base)]]
+    tokens = c.tokens or [task.answers[answer(task, source)], task.answers[answer(task, base)]]
     if c.metric == "logit_diff":
         return metrics.logit_diff(tokens[0], tokens[1])
     return getattr(metrics, c.metric)(tokens[0])
@@ -240,7 +195,7 @@ def run(c: AttributionConfig, ctx: Context) -> StepOutput:
     from steerlab.viz import Pre
 
     lab, task = ctx.lab, ctx.task
-    base, source = (c.base, c.source) if c.base else draw_pair(task, lab.tokenizer, ctx.seed)
+    base, source = (c.base, c.source) if c.base else draw_pair(task, ctx.seed, "[attribution]", tokenizer=lab.tokenizer)
     enc = task.encoder(lab.tokenizer)
     b_text, s_text = enc.text(base), enc.text(source)
     metric = metric_of(c, task, base, source)

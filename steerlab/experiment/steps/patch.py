@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any
 
 from steerlab.experiment.core import Context, Step, StepOutput, register_step
-from steerlab.experiment.steps._common import boolean, sites
+from steerlab.experiment.steps._common import answer, boolean, draw_pair, pair_table, sites
 from steerlab.interventions.errors import ConfigError
 
 KEYS = {
@@ -36,37 +35,8 @@ def parse(table: dict, ctx: Context) -> PatchConfig:
         pos = None
     elif not (isinstance(pos, str) or (isinstance(pos, list) and all(isinstance(p, int) and not isinstance(p, bool) for p in pos))):
         raise ConfigError(f"{where}.positions = {pos!r}: expected \"all\", \"none\", a spec such as \"l3\", or a list of integers")
-    pair = {}
-    for key in ("base", "source"):
-        if key in table:
-            if not isinstance(table[key], dict):
-                raise ConfigError(f"{where}.{key}: expected a table of input values, e.g. {{ NAME = \"John\" }}")
-            try:
-                ctx.task.causal_model.check_input(table[key])
-            except Exception as e:
-                raise ConfigError(f"{where}.{key}: {e}") from None
-        pair[key] = table.get(key)
-    if (pair["base"] is None) != (pair["source"] is None):
-        raise ConfigError(f"{where}: give both base and source, or neither (then a pair is drawn from the task)")
-    if pair["base"] is not None and _answer(ctx.task, pair["base"]) == _answer(ctx.task, pair["source"]):
-        raise ConfigError(f"{where}: base and source have the same answer {_answer(ctx.task, pair['base'])!r}; patching would show nothing")
-    return PatchConfig(sites(table, where, "blocks.*.resid_post"), pos, pair["base"], pair["source"], boolean(table, "normalised", True, where))
-
-
-def _answer(task, setting):
-    return task.causal_model.run(setting)[task.output]
-
-
-def _pair(task, seed: int) -> tuple[dict, dict]:
-    """A base and a source of equal prompt length whose answers differ (so position-wise patching lines up)."""
-    rng = random.Random(seed)
-    inputs = task.inputs(limit=2048, seed=seed)
-    rng.shuffle(inputs)
-    for b in inputs:
-        for s in inputs:
-            if _answer(task, b) != _answer(task, s) and sum(b[v] != s[v] for v in b) == 1:
-                return b, s
-    raise ConfigError("[patch]: no base/source pair of inputs differing in one variable has different answers; give base and source")
+    base, source = pair_table(table, ctx, where, "patching would show nothing")
+    return PatchConfig(sites(table, where, "blocks.*.resid_post"), pos, base, source, boolean(table, "normalised", True, where))
 
 
 def plan(c: PatchConfig) -> str:
@@ -79,9 +49,9 @@ def run(c: PatchConfig, ctx: Context) -> StepOutput:
     from steerlab.viz import patching_heatmap, save_html
 
     task = ctx.task
-    base, source = (c.base, c.source) if c.base else _pair(task, ctx.seed)
+    base, source = (c.base, c.source) if c.base else draw_pair(task, ctx.seed, "[patch]")
     enc = task.encoder(ctx.lab.tokenizer)
-    good, bad = task.answers[_answer(task, source)], task.answers[_answer(task, base)]
+    good, bad = task.answers[answer(task, source)], task.answers[answer(task, base)]
     result = sweep(ctx.lab, enc.text(base), enc.text(source), metric=metrics.logit_diff(good, bad), sites=c.sites, positions=c.positions)
     folder = ctx.out / "patch"
     result.save(folder / "result", fingerprint=ctx.lab.fingerprint())
