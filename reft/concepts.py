@@ -167,7 +167,7 @@ def _short(texts: Sequence[str], lo: int = 4, hi: int = 40) -> list[str]:
 
 def sentiment() -> Concept:
     """Positive sentiment (Pang & Lee: positive vs negative movie-review sentences)."""
-    from steerlab.data import polarity
+    from steerlab.reft.corpora import polarity
 
     data = polarity()
     pos = _short([t for t, y in zip(data.texts, data.labels) if y == 1])
@@ -183,8 +183,8 @@ def sentiment() -> Concept:
 
 def french() -> Concept:
     """Output in French (French sentences vs English snippets)."""
-    from steerlab.data import french as french_sentences
-    from steerlab.data import snippets
+    from steerlab.reft.corpora import french as french_sentences
+    from steerlab.reft.corpora import snippets
 
     pos = _short(french_sentences())
     neg = _short([t for d in ("tweets", "nyt") for _, t in snippets(d)])
@@ -202,7 +202,7 @@ def french() -> Concept:
 
 def movies() -> Concept:
     """Talking about films (Rotten Tomatoes snippets vs other domains' snippets)."""
-    from steerlab.data import snippets
+    from steerlab.reft.corpora import snippets
 
     pos = _short([t for _, t in snippets("movies")])
     neg = _short([t for d in ("amazon", "nyt", "tweets") for _, t in snippets(d)])

@@ -233,7 +233,7 @@ class ProbeJudge(Judge):
         the model's fingerprint name the cache entry, so another model or other
         data get their own.
         """
-        from steerlab.cache import cache_dir
+        from steerlab.interventions.cachedir import cache_dir
 
         digest = hashlib.sha256(json.dumps({"key": key, "site": site, "model": lab.fingerprint()}, sort_keys=True).encode()).hexdigest()[:16]
         folder = cache_dir("judges", f"{key.get('name', 'probe')}-{digest}")
@@ -289,7 +289,7 @@ def _short(texts, hi: int = 25) -> list[str]:
 
 def language_judge(language: str = "fr", *, n: int = 300) -> tuple[Judge, list[JudgeCheck]]:
     """py3langid for ``"fr"``, checked on held-out French sentences vs English snippets (short ones too)."""
-    from steerlab.data import french, snippets
+    from steerlab.reft.corpora import french, snippets
 
     if language != "fr":
         raise ConfigError(f"the shipped language judge checks French; got {language!r} (build LanguageJudge({language!r}) and check it yourself)")
@@ -302,7 +302,7 @@ def language_judge(language: str = "fr", *, n: int = 300) -> tuple[Judge, list[J
 
 def topic_judge(embedder: Lab, *, n_train: int = 1500, n_check: int = 300) -> tuple[Judge, list[JudgeCheck]]:
     """Films vs other topics: a MiniLM probe on Rotten Tomatoes snippets vs Amazon, NYT and tweet snippets."""
-    from steerlab.data import snippets
+    from steerlab.reft.corpora import snippets
 
     movies = _short([t for _, t in snippets("movies")])
     other = _short([t for d in ("amazon", "nyt", "tweets") for _, t in snippets(d)])
@@ -346,7 +346,7 @@ def sentiment_judge(lab: Lab, *, layer: int = SENTIMENT_LAYER, n_train: int = 80
     Pang & Lee sentences, 0.860 on strongly rated tweets and 0.827 on product-review snippets; averaged
     with VADER half and half it fell to 0.767 on Pang & Lee (0.947 on tweets), so VADER is left out.
     """
-    from steerlab.data import polarity, snippets
+    from steerlab.reft.corpora import polarity, snippets
 
     data = polarity()
     pos = [t for t, y in zip(data.texts, data.labels) if y == 1]

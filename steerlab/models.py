@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from steerlab.cache import cache_dir, fill_once
+from steerlab.interventions.cachedir import cache_dir, fill_once
 from steerlab.interventions.errors import ConfigError, SteerlabError
 from steerlab.interventions.progress import bar
 
