@@ -18,6 +18,11 @@ import jaxtyping
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+#: under pytest-xdist (the README's test command runs ``-n 2``) each worker gets one core: one torch
+#: thread per worker, and the same for the notebooks and CLI subprocesses the tests start
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CHECKED_PACKAGES = ("steerlab",)
 
@@ -57,6 +62,9 @@ if TYPECHECK:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if XDIST_WORKER:
+    torch.set_num_threads(1)
 
 from tests.archs import ARCHS, tiny_model  # noqa: E402
 
