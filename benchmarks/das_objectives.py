@@ -76,11 +76,12 @@ def boundless_equality(args) -> list[dict]:
     train = task.counterfactuals(args.n_train // 2, intervene="WX", seed=args.seed)
     test = task.counterfactuals(args.n_test // 2, split="test", intervene="WX", seed=args.seed + 1)
     rows = []
+    penalty = {} if args.boundary_penalty is None else {"boundary_penalty": args.boundary_penalty}
     for layer in args.he_layers:
         for name, v in BOUNDLESS.items():
             t0 = time.perf_counter()
             r = BoundlessDAS(lab, site=task.site(layer), epochs=args.epochs, batch_size=64, lr=0.01, seed=args.seed,
-                             boundary_penalty=args.boundary_penalty, controls=False, **v).fit(train, test)
+                             controls=False, **v, **penalty).fit(train, test)
             secs = time.perf_counter() - t0
             print(f"  hierarchical equality  L{layer} WX    {name:<40} IIA {r.iia['all'].value:.3f} ± {r.iia['all'].se:.3f}  "
                   f"size {r.sizes['WX']:>2} of 16  {secs:6.1f}s", flush=True)
@@ -142,7 +143,7 @@ def main() -> None:
     ap.add_argument("--lm-n", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--mlp-n-train", type=int, default=300_000)
-    ap.add_argument("--boundary-penalty", type=float, default=1.0)
+    ap.add_argument("--boundary-penalty", type=float, default=None, help="default: BoundlessDAS's own")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
