@@ -63,3 +63,27 @@ def deep_llama(device: torch.device | str, dtype: torch.dtype):
         intermediate_size=128, vocab_size=512, max_position_embeddings=256, pad_token_id=0,
     )
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+
+
+#: the prompt pair the patching benchmarks (bench_sweep, bench_atp) share on SmolLM2
+PATCH_BASE, PATCH_SOURCE = "The Eiffel Tower is in the city of", "The Colosseum is in the city of"
+
+
+def patching_deep(device: torch.device | str, dtype: torch.dtype):
+    """``(lab, base, source, metric)`` on the narrow deep LLaMA: 2 + 2 random prompts of 12 tokens."""
+    import steerlab as sl
+
+    model = deep_llama(device, dtype)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 500, (4, 12), generator=g).to(device)
+    return sl.wrap(model), {"input_ids": ids[:2]}, {"input_ids": ids[2:]}, sl.metrics.logit_diff(5, 7)
+
+
+def patching_smollm(device: torch.device | str, dtype: torch.dtype):
+    """``(lab, base, source, metric)`` on SmolLM2-135M: one prompt pair of 9 tokens, the answers' logit difference."""
+    import steerlab as sl
+
+    model, tok, note = smollm(device, dtype)
+    print(f"SmolLM2-135M: {note}", flush=True)
+    return sl.wrap(model, tok), PATCH_BASE, PATCH_SOURCE, sl.metrics.logit_diff(" Rome", " Paris")
+

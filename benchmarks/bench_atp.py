@@ -46,22 +46,7 @@ import steerlab as sl  # noqa: E402
 from steerlab.interventions.gradients import logit_window, metric_inputs  # noqa: E402
 from steerlab.interventions.inputs import Inputs  # noqa: E402
 
-BASE = "The Eiffel Tower is in the city of"
-SOURCE = "The Colosseum is in the city of"
-
-
-def deep_llama(device, dtype):
-    model = _models.deep_llama(device, dtype)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 500, (4, 12), generator=g).to(device)
-    return sl.wrap(model), {"input_ids": ids[:2]}, {"input_ids": ids[2:]}, sl.metrics.logit_diff(5, 7)
-
-
-def smollm(device, dtype):
-    """SmolLM2-135M (real, or its shape with random weights on a machine without the package: ``_models``)."""
-    model, tok, note = _models.smollm(device, dtype)
-    print(f"SmolLM2-135M: {note}")
-    return sl.wrap(model, tok), BASE, SOURCE, sl.metrics.logit_diff(" Rome", " Paris")
+deep_llama, smollm = _models.patching_deep, _models.patching_smollm  # (lab, base, source, metric) loaders
 
 
 @contextmanager

@@ -41,24 +41,7 @@ from _timing import Bench, Row, print_table  # noqa: E402
 import steerlab as sl  # noqa: E402
 from steerlab.interventions.inputs import Inputs  # noqa: E402
 
-BASE = "The Eiffel Tower is in the city of"
-SOURCE = "The Colosseum is in the city of"
-
-
-def deep_llama(device, dtype):
-    """The narrow deep LLaMA (``_models``); 2 prompts of 12 tokens."""
-    model = _models.deep_llama(device, dtype)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 500, (4, 12), generator=g).to(device)
-    base, source = {"input_ids": ids[:2]}, {"input_ids": ids[2:]}
-    return sl.wrap(model), base, source, sl.metrics.logit_diff(5, 7)
-
-
-def smollm(device, dtype):
-    """SmolLM2-135M; one prompt pair of 9 tokens (a 30 × 9 sweep)."""
-    model, tok, note = _models.smollm(device, dtype)
-    print(f"SmolLM2-135M: {note}", flush=True)
-    return sl.wrap(model, tok), BASE, SOURCE, sl.metrics.logit_diff(" Rome", " Paris")
+deep_llama, smollm = _models.patching_deep, _models.patching_smollm  # (lab, base, source, metric) loaders
 
 
 def bench_model(name: str, loader, args) -> None:
