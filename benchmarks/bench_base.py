@@ -127,6 +127,7 @@ def _steady_rows(lab, model, inp, bench: Bench, kw: dict, graphs: dict) -> list[
 
     rows = []
     n = lab.n_layers
+    prepared = hasattr(sl, "PreparedRun")  # lab.prepare(ivs) -> PreparedRun came with the redesign
     label = {"add_all": f"Add on all {n} layers, f3+l3", "das_all": f"rank-4 subspace edit on all {n} layers"}
     # the floors of any hook-based edit, in plain torch: a hook that does nothing, and a hook that adds
     # each layer's vector at the same positions (clone + index add; no library)
@@ -146,7 +147,6 @@ def _steady_rows(lab, model, inp, bench: Bench, kw: dict, graphs: dict) -> list[
         rows.append((f"{label[key]}, attached ÷ plain", f"{key} attached", "plain", 1.05, "hooks installed once"))
         if key == "add_all":
             rows.append((f"{label[key]}, attached ÷ the plain-torch Add", f"{key} attached", "floor add", None, "library overhead"))
-        prepared = getattr(getattr(lab, "prepare", None), "__annotations__", {}).get("return") in ("PreparedRun",)
         if prepared:
             run = lab.prepare(ivs)
             bench.add(f"{key} prepared", lambda run=run: run(inp, **kw))

@@ -51,6 +51,7 @@ from steerlab.interventions.metrics import Metric, as_metric
 from steerlab.interventions.ops import Collect, Interchange, Lambda
 from steerlab.interventions.progress import track
 from steerlab.interventions.sites import ResolvedSite
+from steerlab.interventions.sweeps import position_slots, slot_labels, sweep
 from steerlab.interventions.units import MaskInfo
 
 __all__ = ["attribution_patching", "AttributionResult"]
@@ -159,8 +160,6 @@ def _plan(lab, base, source, sites, positions, heads, neurons, metric, qk_fix, g
     if grad_drop and lab.facts.map.layers_path is None:
         raise ConfigError("grad_drop drops each layer's gradient in turn; this model has no layer list")
     bi, si = b.mask_info(), s.mask_info()
-    from steerlab.interventions.sweeps import position_slots
-
     slots = position_slots(positions, bi, si)
     return _Plan(rs, slots, hs, ns, b, s, bi, si, m, qk_fix, grad_drop, refine)
 
@@ -340,8 +339,6 @@ def _run(lab, plan: _Plan, progress: bool | None):
 # -- refinement ---------------------------------------------------------------------------------------
 def _refine(lab, plan: _Plan, result: AttributionResult, k: int, progress: bool | None) -> None:
     """Patch the top-``k`` cells exactly; fills ``result.exact`` (NaN elsewhere)."""
-    from steerlab.interventions.sweeps import sweep
-
     cells = result.top_cells(k)
     exact = torch.full(result.per_example.shape, math.nan)
     by_site: dict[int, set] = {}
@@ -375,8 +372,6 @@ def _refine(lab, plan: _Plan, result: AttributionResult, k: int, progress: bool 
 # -- labels ---------------------------------------------------------------------------------------------
 def _labels(lab, plan: _Plan) -> list[str]:
     """One label per slot, as a sweep labels it."""
-    from steerlab.interventions.sweeps import slot_labels
-
     return slot_labels(lab.tokenizer, plan.base, plan.base_info, plan.slots)
 
 

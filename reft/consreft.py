@@ -7,8 +7,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from steerlab.interventions import register, subspace_edit
-from steerlab.reft._base import ReftIntervention
 from steerlab.interventions.errors import checked_first, flag
+from steerlab.reft._base import ReftIntervention
 
 __all__ = ["ConsReFT"]
 

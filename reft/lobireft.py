@@ -8,8 +8,8 @@ from torch import Tensor, nn
 
 from steerlab.interventions import register
 from steerlab.interventions.ops import compute_dtype
-from steerlab.reft._base import ReftIntervention
 from steerlab.interventions.errors import checked_first, flag
+from steerlab.reft._base import ReftIntervention
 
 __all__ = ["LobiReFT"]
 

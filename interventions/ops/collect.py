@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from steerlab.interventions.ops._base import Intervention, register
 from steerlab.interventions.errors import checked_first, flag
+from steerlab.interventions.ops._base import Intervention, register
 
 __all__ = ["Collect"]
 
